@@ -1,0 +1,199 @@
+"""GPT-2 in one readable file. Parameter names match Hugging Face's GPT2LMHeadModel."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class KVCache(nn.Module):
+    """Static, preallocated key/value cache for one attention layer.
+
+    Holds (B, H, max_len, D) buffers; `update` writes new keys/values at `start` and returns
+    views of everything up to the write's end, so decoding never re-allocates or concatenates.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape                                              # (B, T, C)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)             # (B, H, T, D)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(start, k, v)                           # (B, H, start+T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            # no padding: plain causal attention (a single new token may see every cached key)
+            is_causal = T > 1
+            if is_causal and k.size(2) != T:
+                raise ValueError("multi-token steps on a non-empty cache need an explicit mask")
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None, start=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. `model(idx)` maps token ids (B, T) to logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight               # tied
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count with the tied head counted once (optionally without wpe/wte)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def forward(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
+                start: int = 0) -> torch.Tensor:
+        """Logits for every position.
+
+        idx:    (B, T) token ids.
+        pos:    (B, T) or (T,) position ids; default start..start+T-1.
+        mask:   boolean attention mask broadcastable to (B, H, T, start+T), True = may attend;
+                default causal. Used for left-padded batches.
+        caches: one KVCache per layer for incremental decoding; `start` is the write offset.
+        returns (B, T, vocab_size)
+        """
+        B, T = idx.shape
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                                 f"({self.config.block_size})")
+            pos = torch.arange(start, start + T, device=idx.device)         # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, start, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, start)
+        return self.lm_head(self.transformer.ln_f(x))                    # (B, T, V)
+
+    def new_caches(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> list[KVCache]:
+        """Preallocated KV caches for `generate`-style decoding (one per layer)."""
+        c = self.config
+        return [KVCache(batch_size, c.n_head, max_len, c.head_dim, dtype or self.dtype, self.device)
+                for _ in range(c.n_layer)]
+
+    # --- checkpoints and generation live in their own modules; thin methods here -------------
+    @classmethod
+    def from_pretrained(cls, src, *, dtype: Optional[torch.dtype] = None, device=None, **kw) -> "GPT":
+        """Load from a preset name, an HF directory/file, an OpenAI TF checkpoint, or our own dir."""
+        from .checkpoint import load_model
+        return load_model(src, dtype=dtype, device=device, **kw)
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+        from .checkpoint import save_model
+        save_model(self, out_dir)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int = 64, **kw) -> torch.Tensor:
+        """(B, T) prompt ids -> (B, T + n) ids. See minigpt.generate.generate for options."""
+        from .generate import generate
+        return generate(self, idx, max_new_tokens=max_new_tokens, **kw)
+
+    def stream(self, idx: torch.Tensor, max_new_tokens: int = 64, **kw):
+        """Yield new token ids one by one for a single prompt (1, T). See minigpt.generate.stream."""
+        from .generate import stream
+        return stream(self, idx, max_new_tokens=max_new_tokens, **kw)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy. logits (B, T, V), targets (B, T) already shifted."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index)
