@@ -138,7 +138,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits for every position.
 
         idx:    (B, T) token ids.
@@ -146,8 +146,18 @@ class GPT(nn.Module):
         mask:   boolean attention mask broadcastable to (B, H, T, start+T), True = may attend;
                 default causal. Used for left-padded batches.
         caches: one KVCache per layer for incremental decoding; `start` is the write offset.
-        returns (B, T, vocab_size)
+        last_only: compute logits for the last position only (what decoding needs).
+        returns (B, T, vocab_size), or (B, 1, vocab_size) with last_only
         """
+        x = self.hidden_states(idx, pos=pos, mask=mask, caches=caches, start=start)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]                                                # (B, 1, C)
+        return self.lm_head(x)                                           # (B, T, V)
+
+    def hidden_states(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
+                      start: int = 0) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, n_embd): everything but the head (see forward)."""
         B, T = idx.shape
         if pos is None:
             if start + T > self.config.block_size:
@@ -161,7 +171,7 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, start, use_reentrant=False)
             else:
                 x = block(x, mask, cache, start)
-        return self.lm_head(self.transformer.ln_f(x))                    # (B, T, V)
+        return self.transformer.ln_f(x)
 
     def new_caches(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> list[KVCache]:
         """Preallocated KV caches for `generate`-style decoding (one per layer)."""

@@ -1,0 +1,352 @@
+"""Decoding: KV-cache generation, sampling, eos/stop handling, streaming.
+
+One prefill forward over the prompt fills a static, preallocated KV cache (`GPT.new_caches`);
+then every step feeds a single token. Nothing is concatenated or re-allocated per token.
+
+    generate(model, idx, 64, temperature=0.8, top_p=0.95)   # (B, T) -> (B, T + n) ids
+    for tok in stream(model, idx, 64): ...                   # ids one by one, batch 1
+    for piece in stream_text(model, tok, ids, 256): ...      # text pieces for a chat UI
+
+Sampling order (as in Hugging Face): repetition penalty -> temperature -> top-k -> top-p.
+temperature 0 means greedy (argmax after the repetition penalty; top-k/top-p are then moot).
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["generate", "stream", "stream_text", "sample_next", "apply_repetition_penalty",
+           "DEFAULT_STOP"]
+
+# Turn markers of the instruction/chat templates: stream_text stops before any of them.
+DEFAULT_STOP = ("### Instruction:", "### Input:", "### Response:", "### Human:", "### Assistant:")
+
+EosArg = Union[int, Sequence[int], None]
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL / Hugging Face repetition penalty: for tokens already seen, divide positive logits
+    by `penalty` and multiply negative ones by it.
+
+    logits: (B, V). seen: (B, V) bool mask of seen tokens, or (B, N) token ids (duplicates fine).
+    Returns a new (B, V) tensor.
+    """
+    if penalty == 1.0:
+        return logits
+    if seen.dtype == torch.bool:
+        return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    score = logits.gather(1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def _top_p_drop(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True where a token (probabilities sorted descending) falls outside the nucleus. As in HF:
+    a token is dropped when the mass of the tokens ranked above it is >= top_p; the top one
+    always stays."""
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    drop[:, 0] = False
+    return drop
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest top-k (k = 64, 256, ...) of `probs` (B, V) that holds mass >= top_p in every
+    row, hence the whole nucleus: exact, and far cheaper than sorting 50k logits."""
+    k, V = 64, probs.size(-1)
+    while True:
+        vals, ids = probs.topk(min(k, V), dim=-1)                         # (B, k), descending
+        if k >= V or bool((vals.sum(dim=-1) >= top_p).all()):
+            return vals, ids
+        k *= 4
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+                seen: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick the next token for every row. logits (B, V) -> token ids (B,).
+
+    seen: tokens to penalise when repetition_penalty != 1 (see apply_repetition_penalty).
+    temperature <= 0 is greedy. top_k / top_p (nucleus) restrict sampling, in that order, as
+    HF's warpers do; top_k=1 is greedy. generator: a torch.Generator for reproducible sampling.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    use_top_p = top_p is not None and top_p < 1.0
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, ids = logits.topk(top_k, dim=-1)                            # (B, k), descending
+        probs = vals.softmax(dim=-1)
+    elif use_top_p:
+        probs, ids = _nucleus_candidates(logits.softmax(dim=-1), top_p)
+    else:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    if use_top_p:
+        probs = probs.masked_fill(_top_p_drop(probs, top_p), 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)             # (B, 1), index into ids
+    return ids.gather(1, choice).squeeze(1)
+
+
+# --- the decoding loop ------------------------------------------------------------------------
+
+def _check_lengths(model, T: int, max_new_tokens: int) -> None:
+    block = model.config.block_size
+    if T > block:
+        raise ValueError(f"prompt of {T} tokens is longer than the model's context length "
+                         f"(block_size={block}); truncate the prompt")
+    if T + max_new_tokens > block:
+        raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = "
+                         f"{T + max_new_tokens} exceeds the model's context length (block_size={block}); "
+                         f"shorten the prompt or lower max_new_tokens to {block - T}")
+
+
+def _token_bytes(tokenizer, t: int) -> bytes:
+    if hasattr(tokenizer, "decode_single_token_bytes"):               # tiktoken
+        return tokenizer.decode_single_token_bytes(t)
+    return tokenizer.decode([t]).encode("utf-8")
+
+
+def _eos_list(eos_token_id: EosArg) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(e) for e in eos_token_id]
+
+
+def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  repetition_penalty: float = 1.0, eos_token_id: EosArg = None,
+                  stop: Union[str, Sequence[str], None] = None, tokenizer=None,
+                  attention_mask: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = 50256,
+                  generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step, until max_new_tokens or all rows finish.
+
+    Rows that have finished (eos or stop string) get pad_token_id. Computation runs under
+    torch.inference_mode(), entered per step, so nothing leaks to the caller between steps.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if T == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_lengths(model, T, max_new_tokens)
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if stops and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer=...)")
+    if max_new_tokens == 0:
+        return
+    eos = _eos_list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    device = model.device
+    idx = idx.to(device)
+
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded:
+        am = attention_mask.to(device).bool()
+        if am.shape != idx.shape:
+            raise ValueError(f"attention_mask shape {tuple(am.shape)} != idx shape {tuple(idx.shape)}")
+        if not bool(am[:, -1].all()) or bool((am[:, :-1] & ~am[:, 1:]).any()):
+            raise ValueError("attention_mask must be left-padded: zeros (padding) first, then ones")
+    stop_bytes = [s.encode("utf-8") for s in stops]
+    keep = max((len(s) for s in stop_bytes), default=1) - 1
+    tails = [b""] * B
+    eos_t = torch.tensor(eos, device=device) if eos else None
+
+    with torch.inference_mode(), _eval_mode(model):
+        caches = model.new_caches(B, T + max_new_tokens)
+        if padded:
+            pos = (am.long().cumsum(-1) - 1).clamp_(min=0)                       # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+            eye = torch.eye(T, dtype=torch.bool, device=device)
+            # pad queries attend to themselves only, so no row of the mask is empty (no NaN)
+            prefill_mask = (causal & am[:, None, None, :]) | eye                # (B, 1, T, T)
+            logits = model(idx, pos=pos, mask=prefill_mask, caches=caches, last_only=True)
+            key_mask = torch.ones(B, 1, 1, T + max_new_tokens, dtype=torch.bool, device=device)
+            key_mask[:, 0, 0, :T] = am                                           # static, (B, 1, 1, T+n)
+            step_pos = pos[:, -1:].clone()                                       # (B, 1)
+        else:
+            logits = model(idx, caches=caches, last_only=True)
+        seen = None
+        if repetition_penalty != 1.0:
+            V = logits.size(-1)
+            real = torch.where(am, idx, V) if padded else idx                   # pads -> dummy column
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, real, True)
+            seen = seen[:, :V]
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, generator=generator)
+
+    for step in range(max_new_tokens):
+        with torch.inference_mode(), _eval_mode(model):
+            if step > 0:
+                start = T + step - 1
+                if padded:
+                    step_pos += 1
+                    logits = model(nxt[:, None], pos=step_pos, mask=key_mask[..., :start + 1],
+                                   caches=caches, start=start)
+                else:
+                    logits = model(nxt[:, None], caches=caches, start=start)
+            nxt = sample_next(logits[:, -1], seen=seen, **sampling)            # (B,)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            alive = unfinished.tolist() if stop_bytes else None
+            out = torch.where(unfinished, nxt, pad_token_id)                    # finished rows: pad
+            if eos_t is not None:
+                unfinished &= ~torch.isin(nxt, eos_t)
+            if stop_bytes:
+                for b, t in enumerate(out.tolist()):
+                    if alive[b]:
+                        buf = tails[b] + _token_bytes(tokenizer, t)
+                        if any(s in buf for s in stop_bytes):
+                            unfinished[b] = False
+                        tails[b] = buf[max(len(buf) - keep, 0):] if keep else b""
+            done = not bool(unfinished.any())
+        yield out
+        if done:
+            return
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Run in eval mode (no dropout), restoring training mode afterwards."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+# --- public entry points ----------------------------------------------------------------------
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             repetition_penalty: float = 1.0, eos_token_id: EosArg = None,
+             stop: Union[str, Sequence[str], None] = None, tokenizer=None,
+             attention_mask: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = 50256,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Continue prompts. idx (B, T) LongTensor -> (B, T + n) LongTensor, n <= max_new_tokens.
+
+    temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
+    top_k, top_p: keep the k most likely tokens / the nucleus of mass top_p before sampling.
+    repetition_penalty: CTRL/HF penalty (> 1 discourages tokens already in prompt + output;
+        padding is not counted).
+    eos_token_id: int or list; a row that emits it is finished: the eos token is kept, and the
+        row gets pad_token_id for the remaining steps (as in Hugging Face). pad_token_id=None uses
+        the first eos id (or 0).
+    stop: string(s); needs `tokenizer` (tiktoken or anything with decode). A row is finished once
+        its decoded new text contains a stop string; the token completing it is kept (callers
+        that want clean text can cut at the string, or use stream_text, which never shows it).
+    attention_mask: (B, T) with 1 = real token, 0 = padding. Padding must be on the LEFT.
+        Positions are counted from each row's first real token and padding is never attended
+        to, so every row comes out as if its prompt were decoded alone.
+    generator: torch.Generator for reproducible sampling.
+
+    Length: generation stops early when every row is finished, so n < max_new_tokens is possible
+    only if all rows hit eos or a stop string; otherwise n == max_new_tokens.
+    Raises ValueError if T + max_new_tokens exceeds model.config.block_size (no silent
+    truncation or sliding window), including a prompt that alone is longer than the context.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    out = torch.empty(B, T + max(max_new_tokens, 0), dtype=torch.long, device=idx.device)
+    n = 0
+    for tok in _decode_steps(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty,
+                             eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer,
+                             attention_mask=attention_mask, pad_token_id=pad_token_id,
+                             generator=generator):
+        out[:, T + n] = tok
+        n += 1
+    out[:, :T] = idx
+    return out[:, :T + n]
+
+
+def stream(model, idx: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 64,
+           **kw) -> Iterator[int]:
+    """Yield new token ids one at a time for one prompt: idx (1, T), (T,) or a list of ids.
+
+    Takes the keyword arguments of `generate` (except attention_mask) and yields exactly the new
+    tokens `generate` would append: an eos token is yielded, then the stream ends; likewise after
+    the token that completes a stop string. Closing the iterator early is fine.
+    """
+    if not isinstance(idx, torch.Tensor):
+        idx = torch.tensor(list(idx), dtype=torch.long)
+    if idx.dim() == 1:
+        idx = idx[None]
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"stream decodes one prompt (1, T) at a time, got shape {tuple(idx.shape)}")
+    _check_lengths(model, idx.size(1), max_new_tokens)                # raise now, not at first next()
+    return (int(tok) for tok in _decode_steps(model, idx, max_new_tokens, **kw))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def stream_text(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int = 256, *,
+                stop: Union[str, Sequence[str], None] = DEFAULT_STOP, eos_token_id: EosArg = 50256,
+                **sampling) -> Iterator[str]:
+    """Yield the continuation of `prompt_ids` as text pieces, as soon as they are safe to show.
+
+    - multi-byte UTF-8 characters split across tokens are held until complete (no U+FFFD
+      halves; genuinely invalid bytes still decode to U+FFFD);
+    - text that could be the beginning of a stop string is held back until it is clearly not;
+      when a stop string appears, the text before it is yielded and the stream ends, so the
+      stop marker itself is never yielded (default: the template turn markers, DEFAULT_STOP);
+    - ends at eos (default 50256, not shown) or after max_new_tokens.
+    Sampling keywords are those of `generate`. Closing the generator (e.g. on Ctrl-C) stops
+    decoding cleanly.
+    """
+    stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+    tokens = stream(model, prompt_ids, max_new_tokens, eos_token_id=eos_token_id, **sampling)
+    return _text_pieces(tokens, tokenizer, stops, set(_eos_list(eos_token_id)))
+
+
+def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: set) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    with contextlib.closing(tokens):
+        for t in tokens:
+            if t in eos:
+                break
+            pending += decoder.decode(_token_bytes(tokenizer, t))
+            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut:
+                    yield pending[:cut]
+                return
+            ready = len(pending) - _held_back(pending, stops)
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
+    pending += decoder.decode(b"", final=True)
+    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        pending = pending[:cut]
+    if pending:
+        yield pending

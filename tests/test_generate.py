@@ -1,0 +1,355 @@
+"""Decoding tests. Reference: transformers' GPT2LMHeadModel on identical random weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minigpt import GPT, GPTConfig, get_tokenizer
+from minigpt.generate import (apply_repetition_penalty, generate, sample_next, stream,
+                              stream_text, _top_p_drop)
+
+transformers = pytest.importorskip("transformers")
+
+V = 50257
+EOT = 50256
+TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=128)
+
+
+def hf_to_minigpt(hf) -> dict:
+    """HF GPT2LMHeadModel state dict -> minigpt keys (Conv1D (in, out) -> Linear (out, in))."""
+    sd = {}
+    for k, v in hf.state_dict().items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        sd[k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k] = v
+    return sd
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(hf, minigpt) tiny GPT-2s with the same weights, re-initialised N(0, 0.2): far from
+    uniform, strongly nonlinear, so greedy paths are sensitive to any numerical slip."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(n_layer=TINY["n_layer"], n_head=TINY["n_head"],
+                                     n_embd=TINY["n_embd"], n_positions=TINY["block_size"],
+                                     vocab_size=V)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    m = GPT(GPTConfig(**TINY)).eval()
+    missing, unexpected = m.load_state_dict(hf_to_minigpt(hf), strict=False)
+    assert not unexpected and not [k for k in missing if k != "lm_head.weight"]
+    return hf, m
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP stalls badly on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V - 1, (n,), generator=g) for n in lengths]
+
+
+def left_pad(seqs, pad=EOT):
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, T - len(s):] = s
+        mask[i, T - len(s):] = 1
+    return idx, mask
+
+
+def hf_generate(hf, idx, mask=None, **kw):
+    mask = torch.ones_like(idx) if mask is None else mask
+    with torch.no_grad():
+        return hf.generate(idx, attention_mask=mask, pad_token_id=EOT, **kw)
+
+
+# --- parity with transformers ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 5, 17])
+def test_greedy_matches_hf_batch1(models, n):
+    hf, m = models
+    idx = prompts([n], seed=n)[0][None]
+    ours = generate(m, idx, 24)
+    ref = hf_generate(hf, idx, do_sample=False, max_new_tokens=24)
+    assert ours.shape == (1, n + 24)
+    assert torch.equal(ours, ref)
+    assert len(set(ours[0, n:].tolist())) >= 3, "greedy output is trivially constant"
+
+
+def test_greedy_matches_hf_left_padded_batch(models):
+    hf, m = models
+    idx, mask = left_pad(prompts([3, 11, 7, 1]))
+    ours = generate(m, idx, 20, attention_mask=mask)
+    ref = hf_generate(hf, idx, mask, do_sample=False, max_new_tokens=20)
+    assert torch.equal(ours, ref)
+
+
+def test_repetition_penalty_generate_matches_hf(models):
+    hf, m = models
+    idx = prompts([6], seed=3)[0][None]
+    ours = generate(m, idx, 24, repetition_penalty=1.8)
+    ref = hf_generate(hf, idx, do_sample=False, max_new_tokens=24, repetition_penalty=1.8)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, generate(m, idx, 24))          # the penalty changed something
+
+
+def test_eos_matches_hf(models):
+    hf, m = models
+    idx, mask = left_pad(prompts([4, 9]))
+    free = generate(m, idx, 16, attention_mask=mask)
+    eos = int(free[0, idx.size(1) + 3])                         # row 0 hits it at step 3
+    ours = generate(m, idx, 16, attention_mask=mask, eos_token_id=eos)
+    ref = hf_generate(hf, idx, mask, do_sample=False, max_new_tokens=16, eos_token_id=eos)
+    assert torch.equal(ours, ref)
+    T = idx.size(1)
+    first = (free[0, T:] == eos).nonzero()[0].item()
+    assert ours[0, T + first] == eos and (ours[0, T + first + 1:] == EOT).all()
+
+
+# --- KV cache ---------------------------------------------------------------------------------
+
+def test_kv_cache_matches_naive_loop(models):
+    _, m = models
+    idx = prompts([9], seed=4)[0][None]
+    seq = idx.clone()
+    with torch.no_grad():
+        for _ in range(20):                                       # no cache: full re-run per token
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(m, idx, 20), seq)
+
+    # logits of the cached steps equal the full forward's logits at every position
+    with torch.no_grad():
+        full = m(seq)
+        caches = m.new_caches(1, seq.size(1))
+        steps = [m(seq[:, :9], caches=caches, last_only=True)[:, -1]]
+        for t in range(9, seq.size(1)):
+            steps.append(m(seq[:, t:t + 1], caches=caches, start=t)[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 8:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_rows_equal_alone(models):
+    _, m = models
+    seqs = prompts([2, 13, 6], seed=5)
+    # pad with a token the short row would pick next: if padding counted as "seen" by the
+    # repetition penalty, that row would change
+    pad = int(generate(m, seqs[0][None], 1)[0, -1])
+    idx, mask = left_pad(seqs, pad=pad)
+    for kw in (dict(), dict(repetition_penalty=1.5)):
+        batch = generate(m, idx, 18, attention_mask=mask, **kw)
+        for i, s in enumerate(seqs):
+            alone = generate(m, s[None], 18, **kw)
+            assert torch.equal(batch[i, idx.size(1):], alone[0, len(s):]), (i, kw)
+
+
+def test_static_cache_is_not_reallocated(models, monkeypatch):
+    _, m = models
+    from minigpt import model as model_mod
+    made = []
+    orig = model_mod.KVCache.__init__
+
+    def counting_init(self, *a, **k):
+        made.append(1)
+        orig(self, *a, **k)
+    monkeypatch.setattr(model_mod.KVCache, "__init__", counting_init)
+    generate(m, prompts([5])[0][None], 30)
+    assert len(made) == m.config.n_layer                         # one cache per layer, once
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_top_k1_and_tiny_top_p_equal_greedy(models):
+    _, m = models
+    idx = prompts([7], seed=6)[0][None]
+    greedy = generate(m, idx, 16)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(m, idx, 16, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(generate(m, idx, 16, temperature=1.0, top_p=1e-6, generator=g), greedy)
+    assert torch.equal(generate(m, idx, 16, temperature=0.7, top_k=40, top_p=1e-6, generator=g),
+                       greedy)
+
+
+def test_seeded_sampling_reproducible(models):
+    _, m = models
+    idx, mask = left_pad(prompts([5, 8], seed=7))
+    kw = dict(temperature=1.3, top_k=200, top_p=0.95, attention_mask=mask)
+    a = generate(m, idx, 24, generator=torch.Generator().manual_seed(123), **kw)
+    b = generate(m, idx, 24, generator=torch.Generator().manual_seed(123), **kw)
+    c = generate(m, idx, 24, generator=torch.Generator().manual_seed(124), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, generate(m, idx, 24, attention_mask=mask))   # it did sample
+
+
+def test_repetition_penalty_matches_hf_processor():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 100, generator=g) * 3
+    ids = torch.randint(0, 100, (3, 30), generator=g)               # with duplicates
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, ids, 1.7), ref, rtol=0, atol=0)
+    seen = torch.zeros(3, 100, dtype=torch.bool).scatter_(1, ids, True)
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.7), ref, rtol=0, atol=0)
+    assert torch.equal(sample_next(logits, repetition_penalty=1.7, seen=seen), ref.argmax(-1))
+    assert not torch.equal(ref, logits)
+
+
+def test_top_p_and_top_k_support_match_hf_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 60, generator=g) * 2
+    for top_p in (0.3, 0.8, 0.95):
+        ref = TopPLogitsWarper(top_p)(None, logits.clone())
+        probs, ids = logits.softmax(-1).sort(-1, descending=True)
+        drop = _top_p_drop(probs, top_p)
+        assert torch.equal(drop.scatter(1, ids, drop), torch.isinf(ref)), top_p
+        gen = torch.Generator().manual_seed(3)                      # top-p alone: sampled support
+        draws = torch.stack([sample_next(logits, temperature=1.0, top_p=top_p, generator=gen)
+                             for _ in range(300)], 1)
+        for row in range(2):
+            _assert_draws_fill_support(draws[row], ref[row])
+    # sampled tokens stay inside HF's top-k + top-p support, and cover it
+    ref = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, logits.clone()))
+    gen = torch.Generator().manual_seed(2)
+    draws = torch.stack([sample_next(logits, temperature=1.0, top_k=10, top_p=0.8, generator=gen)
+                         for _ in range(400)], 1)
+    for row in range(2):
+        _assert_draws_fill_support(draws[row], ref[row])
+
+
+def _assert_draws_fill_support(draws, ref_logits):
+    """Every draw lies in the reference's support; every likely (>= 3%) supported token shows up."""
+    support = set(torch.isfinite(ref_logits).nonzero().flatten().tolist())
+    likely = set((ref_logits.softmax(-1) >= 0.03).nonzero().flatten().tolist())
+    drawn = set(draws.tolist())
+    assert drawn <= support and likely <= drawn, (drawn, support)
+
+
+# --- eos, stop strings, streaming -----------------------------------------------------------
+
+def test_eos_stops_early_batch1(models):
+    _, m = models
+    idx = prompts([6], seed=8)[0][None]
+    free = generate(m, idx, 20)
+    eos = int(free[0, 6 + 4])
+    first = (free[0, 6:] == eos).nonzero()[0].item()
+    out = generate(m, idx, 20, eos_token_id=[12345, eos])
+    assert torch.equal(out, free[:, :6 + first + 1])             # ends with eos, shorter output
+    assert list(stream(m, idx, 20, eos_token_id=eos)) == free[0, 6:6 + first + 1].tolist()
+
+
+def test_stream_yields_generate_tokens(models):
+    _, m = models
+    idx = prompts([5], seed=9)[0][None]
+    assert list(stream(m, idx, 20)) == generate(m, idx, 20)[0, 5:].tolist()
+    kw = dict(temperature=0.9, top_k=50, repetition_penalty=1.2)
+    a = list(stream(m, idx[0].tolist(), 20, generator=torch.Generator().manual_seed(5), **kw))
+    b = generate(m, idx, 20, generator=torch.Generator().manual_seed(5), **kw)[0, 5:].tolist()
+    assert a == b
+
+
+def test_too_long_raises(models):
+    _, m = models
+    with pytest.raises(ValueError, match=r"longer than the model's context length \(block_size=128\)"):
+        generate(m, torch.zeros(1, 129, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"100 tokens \+ max_new_tokens=40 = 140 exceeds .*block_size=128"):
+        generate(m, torch.zeros(1, 100, dtype=torch.long), 40)
+    with pytest.raises(ValueError, match="context length"):
+        stream(m, [0] * 100, 40)                                 # raised at call, not first next()
+    assert generate(m, torch.zeros(1, 100, dtype=torch.long), 28).shape == (1, 128)
+
+
+def test_output_is_a_normal_tensor(models):
+    _, m = models
+    out = generate(m, prompts([4])[0][None], 3)
+    assert not out.is_inference() and not torch.is_inference_mode_enabled()
+
+
+class Scripted(nn.Module):
+    """Test double with GPT's decoding interface that emits a fixed token script."""
+
+    def __init__(self, script, block_size=256):
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size)
+        self.script = list(script)
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.prompt_len = 0
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def new_caches(self, batch_size, max_len):
+        return [None]
+
+    def forward(self, idx, *, pos=None, mask=None, caches=None, start=0, last_only=False):
+        if start == 0:
+            self.prompt_len = idx.size(1)
+        k = start + idx.size(1) - self.prompt_len                 # how many tokens produced so far
+        logits = torch.zeros(idx.size(0), 1, V)
+        logits[:, :, self.script[min(k, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def test_stream_text_multibyte_and_stop_marker():
+    tok = get_tokenizer()
+    text = "Olá 😀 ñ 日本語 done.\n### Human: more"
+    script = tok.encode(text)
+    pieces_bytes = [tok.decode_single_token_bytes(t) for t in script]
+    assert any(_not_utf8(b) for b in pieces_bytes), "the test needs a character split across tokens"
+    assert len(tok.encode("\n### Human:")) > 1                    # marker spans several tokens
+    pieces = list(stream_text(Scripted(script), tok, [0, 1, 2], 60))
+    assert "".join(pieces) == "Olá 😀 ñ 日本語 done.\n"
+    assert len(pieces) > 3                                       # streamed, not one lump
+    assert all("\ufffd" not in p and "#" not in p for p in pieces)
+
+
+def test_stream_text_eos_holdback_release_and_close():
+    tok = get_tokenizer()
+    # '#'s that never become a marker must still come out; eos ends the stream
+    script = tok.encode("a ## b ### Hum c") + [EOT] + tok.encode("never")
+    assert "".join(stream_text(Scripted(script), tok, [0], 60)) == "a ## b ### Hum c"
+    # the whole stop marker at the very end of the budget is still withheld
+    script = tok.encode("ok ### Instruction:")
+    assert "".join(stream_text(Scripted(script), tok, [0], len(script))) == "ok "
+    # interrupting: close() after the first piece, cleanly, with no inference mode leaking out
+    it = stream_text(Scripted(tok.encode("one two three four five six")), tok, [0], 30)
+    first = next(it)
+    assert first and not torch.is_inference_mode_enabled()
+    it.close()
+    assert next(it, None) is None
+
+
+def test_generate_stop_strings():
+    tok = get_tokenizer()
+    script = tok.encode("alpha beta STOP gamma delta")
+    out = generate(Scripted(script), torch.zeros(1, 2, dtype=torch.long), 20, stop=["STOP", "zzz"],
+                   tokenizer=tok)
+    new = out[0, 2:].tolist()
+    assert tok.decode(new).endswith("STOP") and new == script[:len(new)]
+    script = tok.encode("hello world and more")                   # stop spans two tokens
+    out = generate(Scripted(script), torch.zeros(1, 1, dtype=torch.long), 20, stop="hello wo",
+                   tokenizer=tok)
+    assert out[0, 1:].tolist() == tok.encode("hello world")
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(Scripted(script), torch.zeros(1, 2, dtype=torch.long), 5, stop="x")
+
+
+def _not_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
