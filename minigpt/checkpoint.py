@@ -717,7 +717,8 @@ def load_checkpoint(src: PathLike, *, n_head: Optional[int] = None, need_config:
     if path is None:
         raise CheckpointError(f"unsupported checkpoint source of type {type(src).__name__}")
     if not path.exists():
-        if isinstance(src, str) and src in PRESETS:
+        if isinstance(src, str) and src.removeprefix("openai-community/") in PRESETS:
+            src = src.removeprefix("openai-community/")
             d = download_preset(src, cache, allowed=download)   # returns at once when cached
             return load_checkpoint(d, n_head=n_head, need_config=need_config)
         if Path(f"{path}.index").is_file():                         # a TF checkpoint prefix
@@ -782,10 +783,11 @@ def _load_tf(src: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 # Building the model strictly from a state dict
 # ================================================================================================
 def model_from_state_dict(cfg: GPTConfig, sd: dict, *, dtype: Optional[torch.dtype] = None,
-                          device=None, origin: str = "checkpoint"):
+                          device=None, origin: str = "checkpoint", consume: bool = False):
     """A GPT with every parameter taken from `sd` (minigpt layout); strict about keys and shapes.
 
-    Floating tensors are cast to `dtype` (default float32); the model is in eval mode.
+    Floating tensors are cast to `dtype` (default float32), moved to `device` and made contiguous;
+    the model is in eval mode. consume=True pops tensors from `sd` as it goes (lower peak memory).
     """
     from .model import GPT
 
@@ -810,13 +812,12 @@ def model_from_state_dict(cfg: GPTConfig, sd: dict, *, dtype: Optional[torch.dty
             raise CheckpointError(f"{origin}: tensor {k} has shape {list(t.shape)} but the config "
                                   f"(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}, "
                                   f"block_size={cfg.block_size}) needs {list(ref.shape)}")
-        if t.is_floating_point():
-            t = t.to(dtype=dtype)
-        else:
+        if not t.is_floating_point():
             raise CheckpointError(f"{origin}: tensor {k} has non-floating dtype {t.dtype}")
-        if device is not None:
-            t = t.to(device)
-        new_sd[k] = t
+        if consume:
+            del sd[k]
+        new_sd[k] = t.to(device=device, dtype=dtype).contiguous()
+        del t
     new_sd["lm_head.weight"] = new_sd["transformer.wte.weight"]
     model.load_state_dict(new_sd, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight          # keep the tie after assign
@@ -836,7 +837,7 @@ def load_model(src, *, dtype: Optional[torch.dtype] = None, device=None, n_head:
     download:  allow downloading a missing preset.
     """
     cfg, sd = load_checkpoint(src, n_head=n_head, cache=cache_dir, download=download)
-    return model_from_state_dict(cfg, sd, dtype=dtype, device=device, origin=str(src))
+    return model_from_state_dict(cfg, sd, dtype=dtype, device=device, origin=str(src), consume=True)
 
 
 # ================================================================================================

@@ -65,7 +65,7 @@ def test_hf_safetensors_dir_parity(tiny_hf, tiny_dir, no_network):
     assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size) == (2, 4, 64, 50257, 64)
     assert not model.training
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
     idx = _ids(50257)
     assert _diff(model, tiny_hf, idx) < TOL
     # the model is a real function of the weights: logits are far from trivial
@@ -408,6 +408,7 @@ def test_preset_from_cache(tiny_hf, tiny_dir, tmp_path, monkeypatch, no_network)
     assert ckpt.cache_dir() == tmp_path and ckpt.is_preset_cached("gpt2")
     model = GPT.from_pretrained("gpt2")
     assert _diff(model, tiny_hf, _ids(50257)) < TOL
+    assert GPT.from_pretrained("openai-community/gpt2").config.n_layer == 2
 
 
 def test_preset_offline_error(tmp_path, monkeypatch, no_network):
@@ -519,3 +520,19 @@ def test_main_info(tiny_dir, tmp_path, monkeypatch, capsys):
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("gpt2 "))
     assert "cached" in line
     assert "not cached" in next(ln for ln in out.splitlines() if ln.strip().startswith("gpt2-xl"))
+
+
+def test_sharded_safetensors_dir(tiny_hf, tiny_dir, tmp_path):
+    sd = load_file(tiny_dir / "model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for fname, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / fname)
+        weight_map.update({k: fname for k in ks})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(tiny_dir / "config.json", tmp_path)
+    assert _diff(GPT.from_pretrained(tmp_path), tiny_hf, _ids(50257)) < TOL
+    mg = ckpt.load_state_dict_any(tmp_path)
+    assert mg["transformer.h.0.attn.c_attn.weight"].shape == (192, 64)
