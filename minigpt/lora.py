@@ -33,6 +33,7 @@ adapter_config.json and adapter_model.safetensors with keys
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
-    "lora_layers", "lora_parameters", "lora_state_dict", "load_lora_state_dict",
+    "lora_layers", "lora_parameters", "lora_disabled", "lora_state_dict", "load_lora_state_dict",
     "save_adapter", "load_adapter", "read_adapter_config", "count_parameters",
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "KNOWN_TARGETS",
 ]
@@ -204,6 +205,22 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """{module name: LoRALinear} for every LoRA layer in the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Context manager: run the model as its base (LoRA updates skipped; merged layers unaffected)."""
+    layers = list(lora_layers(model).values())
+    if any(m.merged for m in layers):
+        raise ValueError("cannot disable merged LoRA layers; unmerge_lora(model) first")
+    prev = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(layers, prev):
+            m.enabled = e
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -502,8 +519,13 @@ def _parse_adapter_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict
 def _pattern_value(pattern: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module by suffix or regex."""
     for key, val in (pattern or {}).items():
-        if _name_matches(module, key) or re.fullmatch(rf"(.*\.)?{key}", module):
+        if _name_matches(module, key):
             return val
+        try:
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return val
+        except re.error:
+            pass
     return default
 
 

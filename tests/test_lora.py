@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, lm_loss
 from minigpt.instruct import Collator
-from minigpt.lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_layers,
+from minigpt.lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,
                           lora_state_dict, merge_and_unload, merge_lora, read_adapter_config,
                           remove_lora, save_adapter, unmerge_lora)
 
@@ -239,6 +239,19 @@ def test_remove_without_merge_restores_base():
     assert m.lm_head.weight is m.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(m(x), base)
+
+
+def test_lora_disabled_context():
+    m = tiny_gpt()
+    x = ids()
+    with torch.no_grad():
+        base = m(x)
+        add_lora(m, targets=("c_attn", "c_fc"))
+        randomize_lora(m)
+        adapted = m(x)
+        with lora_disabled(m):
+            assert torch.equal(m(x), base)
+        assert torch.equal(m(x), adapted)
 
 
 def test_lm_head_lora_keeps_tie_and_refuses_merge():
