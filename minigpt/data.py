@@ -1,0 +1,160 @@
+"""Token datasets for pretraining, plus the instruction-data API (re-exported from instruct.py).
+
+Pretraining text is tokenised once into uint16 memmaps (`train.bin`, `val.bin`) with a small JSON
+manifest, cached so later runs start instantly. Batches are a pure function of (seed, step, rank),
+which is what makes resumed runs repeat an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .tokenizer import get_tokenizer
+
+EMBEDDED_CORPUS = "shakespeare"
+
+
+from .instruct import *  # noqa: F401,F403  (instruction formats, templates, collator)
+from .instruct import DataError
+
+
+def embedded_corpus_text() -> str:
+    """The packaged public-domain corpus: Shakespeare's works (about 5 MB)."""
+    raw = resources.files("minigpt").joinpath("assets/shakespeare.txt.gz").read_bytes()
+    return gzip.decompress(raw).decode("utf-8")
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: folder contains no .txt files")
+        return files
+    return [path]
+
+
+def _fingerprint(data: Optional[str]) -> str:
+    """Cache key for a data source: its name, sizes and modification times."""
+    if data is None:
+        return EMBEDDED_CORPUS + "-" + hashlib.sha1(
+            resources.files("minigpt").joinpath("assets/shakespeare.txt.gz").read_bytes()).hexdigest()[:12]
+    p = Path(data)
+    h = hashlib.sha1(str(p.resolve()).encode())
+    for f in _text_files(p) if p.suffix != ".bin" else [p]:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return p.stem + "-" + h.hexdigest()[:12]
+
+
+def _write_tokens(path: Path, ids: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp")
+    ids.astype(np.uint16).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def _tokenize_texts(texts, desc: str) -> np.ndarray:
+    """Tokenise an iterable of (name, text) documents, separated by <|endoftext|>."""
+    tok = get_tokenizer()
+    chunks = []
+    for name, text in tqdm(texts, desc=desc, unit="file", leave=False):
+        # encode in paragraph-sized pieces so the progress bar and memory stay smooth
+        pieces = text.split("\n\n")
+        ids = tok.encode_ordinary_batch([p + "\n\n" for p in pieces[:-1]] + pieces[-1:], num_threads=2)
+        for x in ids:
+            chunks.append(np.asarray(x, dtype=np.uint16))
+        chunks.append(np.asarray([tok.eot_token], dtype=np.uint16))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
+
+
+def prepare_data(data: Optional[str], cache_dir: str | os.PathLike, val_fraction: float = 0.05) -> Path:
+    """Tokenise `data` once into `cache_dir/<key>/{train,val}.bin`; returns that folder.
+
+    data: None for the embedded corpus, a .txt file, a folder of .txt files, or a pre-tokenised
+    uint16 .bin file (its last `val_fraction` becomes the validation split).
+    """
+    if data is not None:
+        p = Path(data)
+        if not p.exists():
+            raise DataError(f"{data}: no such file or folder")
+        if p.is_file() and p.stat().st_size == 0:
+            raise DataError(f"{data}: file is empty")
+    if not 0.0 < val_fraction < 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    out = Path(cache_dir) / _fingerprint(data)
+    if (out / "meta.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    if data is not None and Path(data).suffix == ".bin":
+        if Path(data).stat().st_size % 2:
+            raise DataError(f"{data}: not a uint16 token file (odd byte count)")
+        ids = np.fromfile(data, dtype=np.uint16)
+        if ids.size and int(ids.max()) >= 50257:
+            raise DataError(f"{data}: token id {int(ids.max())} is outside GPT-2's vocabulary")
+    else:
+        if data is None:
+            docs = [(EMBEDDED_CORPUS, embedded_corpus_text())]
+        else:
+            docs = []
+            for f in _text_files(Path(data)):
+                try:
+                    docs.append((str(f), f.read_text(encoding="utf-8")))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        ids = _tokenize_texts(docs, desc="tokenising")
+    n_val = max(1, int(len(ids) * val_fraction))
+    if len(ids) - n_val < 2 or n_val < 2:
+        raise DataError(f"{data}: only {len(ids)} tokens, too few to train on")
+    _write_tokens(out / "train.bin", ids[:-n_val])
+    _write_tokens(out / "val.bin", ids[-n_val:])
+    meta = {"source": data or EMBEDDED_CORPUS, "train_tokens": int(len(ids) - n_val), "val_tokens": int(n_val)}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    return out
+
+
+@dataclass
+class TokenDataset:
+    """Random fixed-length windows from a uint16 token file."""
+
+    path: Path
+    block_size: int
+
+    def __post_init__(self):
+        self.tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        if len(self.tokens) <= self.block_size + 1:
+            raise DataError(f"{self.path}: {len(self.tokens)} tokens, fewer than block_size+1 "
+                            f"({self.block_size + 1}); lower --block-size")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, micro: int = 0):
+        """Deterministic batch for (seed, step, rank, micro): x, y LongTensors (B, T)."""
+        g = np.random.default_rng([seed, step, rank, micro])
+        starts = g.integers(0, len(self.tokens) - self.block_size - 1, size=batch_size)
+        idx = starts[:, None] + np.arange(self.block_size + 1)[None, :]
+        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))   # (B, T+1)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def sequential(self, batch_size: int, max_batches: Optional[int] = None):
+        """Non-overlapping windows in order (for evaluation): yields x, y (B, T)."""
+        T = self.block_size
+        n = (len(self.tokens) - 1) // T
+        if max_batches is not None:
+            n = min(n, max_batches * batch_size)
+        for b0 in range(0, n, batch_size):
+            rows = range(b0, min(n, b0 + batch_size))
+            chunk = torch.from_numpy(np.stack([self.tokens[r * T: r * T + T + 1] for r in rows]).astype(np.int64))
+            yield chunk[:, :-1], chunk[:, 1:]
+
