@@ -40,6 +40,7 @@ class TrainArgs:
     grad_clip: float = field(1.0, "max gradient norm (0 = off)")
     eval_interval: int = field(250, "steps between evaluations and checkpoints")
     eval_batches: int = field(20, "validation batches per evaluation")
+    save_interval: Optional[int] = field(None, "steps between checkpoints (default: eval interval)")
     log_interval: int = field(10, "steps between metric records")
     keep_last: int = field(2, "checkpoints to keep")
     precision: str = field("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
@@ -65,7 +66,7 @@ def train(args: TrainArgs) -> dict:
     from minigpt.data import TokenDataset, prepare_data
     from minigpt.evaluate import evaluate_bpb, evaluate_loss
     from minigpt.tokenizer import get_tokenizer
-    from minigpt.trainer import Trainer, TrainConfig, latest_checkpoint
+    from minigpt.trainer import Trainer, TrainConfig, latest_checkpoint, resolve_device, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +82,9 @@ def train(args: TrainArgs) -> dict:
         out_dir=args.out_dir, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval, log_interval=args.log_interval, keep_last=args.keep_last,
+        eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval, keep_last=args.keep_last,
         precision=args.precision, compile=args.compile, seed=args.seed, device=args.device)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))   # fail fast, before any work
     if args.resume and latest_checkpoint(args.out_dir) is None:
         raise CLIError(f"--resume: no checkpoint found in {args.out_dir}/checkpoints")
 
