@@ -17,10 +17,11 @@ import contextlib
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["generate", "stream", "stream_text", "sample_next", "apply_repetition_penalty",
-           "DEFAULT_STOP"]
+           "prepare_for_decoding", "DecodeLinear", "DEFAULT_STOP"]
 
 # Turn markers of the instruction/chat templates: stream_text stops before any of them.
 DEFAULT_STOP = ("### Instruction:", "### Input:", "### Response:", "### Human:", "### Assistant:")
@@ -350,3 +351,94 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
         pending = pending[:cut]
     if pending:
         yield pending
+
+
+# --- fast decoding weights ----------------------------------------------------------------------
+#
+# Decoding one token reads every weight once, so on a CPU the time per token is the weights' bytes
+# divided by the memory bandwidth that the matmul kernel achieves for a (1, in) x (in, out) product.
+# Measured on 2 AVX-512 cores (GPT-2 124M, all Linear layers + tied head, one token):
+#   fp32 F.linear 43 ms | fp32 (in, out) addmm 29 ms | fp32 oneDNN-prepacked 24 ms
+#   bf16 F.linear 25 ms | int8 _weight_int8pack_mm 14 ms | fp16 F.linear 8-10 ms
+# Byte ceilings for 124M (~124M weights read per token, the head being 39M of them):
+#   fp32 497 MB, fp16/bf16 249 MB, int8 124 MB per token.
+
+DECODE_MODES = ("fp32", "fp16", "bf16", "int8")
+
+
+class DecodeLinear(nn.Module):
+    """Inference-only stand-in for nn.Linear that stores its weight in the form decoding reads
+    fastest. Activations stay fp32 (the residual stream, LayerNorms, attention and KV cache are
+    untouched); only the weights change, and each product is cast back to the input's dtype.
+
+    fp32: oneDNN-prepacked weight (exact fp32 maths, ~1.8x the bandwidth of F.linear);
+          falls back to an (in, out) copy and addmm where oneDNN packing is unavailable.
+    fp16 / bf16: weight in half precision (out, in); inputs cast to it for the product.
+    int8: symmetric per-output-channel int8 weight with bf16 scales (round to nearest),
+          torch._weight_int8pack_mm on bf16 inputs.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str):
+        super().__init__()
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+        self.mode, self.out_features, self.in_features = mode, weight.size(0), weight.size(1)
+        weight = weight.detach().float()
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.kind = mode
+        if mode == "fp32":
+            try:
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+                self.kind = "mkldnn"
+            except (RuntimeError, AttributeError):
+                self.weight = weight.t().contiguous()                      # (in, out)
+                self.kind = "addmm"
+        elif mode in ("fp16", "bf16"):
+            dt = torch.float16 if mode == "fp16" else torch.bfloat16
+            self.weight = weight.to(dt).contiguous()                       # (out, in)
+            self.bias = None if bias is None else self.bias.to(dt)
+        else:
+            scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0       # (out,)
+            self.weight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:               # (..., in) -> (..., out)
+        kind = self.kind
+        if kind == "mkldnn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if kind == "addmm":
+            y = x.reshape(-1, self.in_features) @ self.weight
+            return (y if self.bias is None else y.add_(self.bias)).view(*x.shape[:-1], -1)
+        if kind == "int8":
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                          self.weight, self.scale).view(*x.shape[:-1], -1)
+            return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)  # fp32 + bf16
+        if kind == "fp16" and x.numel() > 8 * self.in_features:
+            # many rows (prefill): fp16 GEMMs cost about one GEMV per row on CPUs without native
+            # fp16 units; fp16 -> fp32 is exact, so widen the weight and use the fp32 GEMM
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def prepare_for_decoding(model, mode: str = "fp16"):
+    """Swap every nn.Linear of `model` (and the tied head) for a DecodeLinear, in place.
+
+    mode: "fp32" (same maths, prepacked: ~1.5x faster decoding), "fp16" (fastest here, ~4-5x
+    transformers' fp32 on CPU), "bf16", or "int8" (weight-only, per-channel scales).
+    Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
+    has no trainable Linear weights and should not be saved (keep the original or reload it).
+    Embeddings, LayerNorms, attention and the KV cache stay in fp32.
+    """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, lin in targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], DecodeLinear(lin.weight, lin.bias, mode))
+    model.eval()
+    model.requires_grad_(False)
+    return model

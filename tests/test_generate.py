@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.generate import (apply_repetition_penalty, generate, sample_next, stream,
-                              stream_text, _top_p_drop)
+import copy
+
+from minigpt.generate import (DecodeLinear, apply_repetition_penalty, generate, prepare_for_decoding,
+                              sample_next, stream, stream_text, _top_p_drop)
 
 transformers = pytest.importorskip("transformers")
 
@@ -353,3 +355,65 @@ def _not_utf8(b: bytes) -> bool:
         return False
     except UnicodeDecodeError:
         return True
+
+
+# --- prepare_for_decoding -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared(models):
+    _, m = models
+    return {mode: prepare_for_decoding(copy.deepcopy(m), mode) for mode in ("fp32", "fp16", "bf16", "int8")}
+
+
+def test_prepared_fp32_is_exact(models, prepared):
+    _, m = models
+    fast = prepared["fp32"]
+    assert all(not isinstance(x, nn.Linear) for x in fast.modules())
+    idx, mask = left_pad(prompts([3, 10], seed=11))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), m(idx), rtol=1e-5, atol=1e-4)
+    assert torch.equal(generate(fast, idx, 20, attention_mask=mask), generate(m, idx, 20, attention_mask=mask))
+
+
+def test_prepared_fp32_fallback_without_onednn(models, monkeypatch):
+    _, m = models
+
+    def unavailable(*a, **k):
+        raise RuntimeError("no oneDNN")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unavailable)
+    fast = prepare_for_decoding(copy.deepcopy(m), "fp32")
+    assert {x.kind for x in fast.modules() if isinstance(x, DecodeLinear)} == {"addmm"}
+    idx = prompts([6], seed=12)[0][None]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), m(idx), rtol=1e-5, atol=1e-4)
+    assert torch.equal(generate(fast, idx, 16), generate(m, idx, 16))
+
+
+@pytest.mark.parametrize("mode,tol", [("fp16", 2e-3), ("bf16", 2e-2), ("int8", 3e-2)])
+def test_prepared_reduced_precision_is_close(models, prepared, mode, tol):
+    _, m = models
+    fast = prepared[mode]
+    idx = prompts([20], seed=13)[0][None]                         # 20 rows: fp16's prefill path
+    with torch.no_grad():
+        ref, got = m(idx), fast(idx)
+        one = torch.cat([fast(idx[:, :t + 1])[:, -1:] for t in range(3)], 1)   # 1-row path
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() < tol * scale
+    assert (one - ref[:, :3]).abs().max() < tol * scale
+    assert got.dtype == torch.float32
+    # decoding works and mostly agrees with fp32 greedy on this sharp (std 0.2) model
+    out = generate(fast, idx, 16)[0, 20:]
+    assert (out == generate(m, idx, 16)[0, 20:]).float().mean() >= 0.5
+
+
+def test_decode_linear_int8_quantisation():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    q = DecodeLinear(w, b, "int8")
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
+    deq = q.weight.float() * q.scale.float()[:, None]
+    assert (deq - w).abs().max() <= (w.abs().amax(1) / 127).max() * 0.51 + 1e-2  # half a step (+bf16 scale)
+    x = torch.randn(5, 32, generator=g)
+    torch.testing.assert_close(q(x), x @ w.t() + b, rtol=0.05, atol=0.1)
+    with pytest.raises(ValueError, match="mode"):
+        DecodeLinear(w, b, "fp8")
