@@ -1,0 +1,572 @@
+"""Multi-turn chat on top of the KV-cache decoder: `ChatSession` (library) and model discovery.
+
+    from minigpt.chat import ChatSession, load_chat_model
+    loaded = load_chat_model("out-finetune")            # or a preset, HF dir, --adapter, ...
+    chat = ChatSession(loaded.model, template=loaded.template, system="Be brief.",
+                       temperature=0.0, max_new_tokens=64)
+    for piece in chat.reply_stream("What is 2 + 2?"):    # text pieces, as soon as they are safe
+        print(piece, end="", flush=True)
+    chat.reply("And 3 + 3?")                             # the same, returned as one string
+    chat.set("temperature", "0.5"); chat.reset(); chat.save("talk.json")
+
+Prompts are built with the template the model was tuned with (`Template.prompt_ids`, exactly the
+token stream training saw: each earlier answer is followed by EOS). Every reply is decoded from a
+fresh prefill of the whole prompt (minigpt.generate.stream_text), so no KV state survives between
+turns and an interrupted reply can never leave a stale cache behind.
+
+Context policy: the prompt may use block_size - max_new_tokens tokens. When the conversation does
+not fit, whole turns are dropped from the oldest (they stay in `turns` and in saved transcripts,
+only the prompt omits them). When the newest user message alone does not fit, its END is kept, cut
+at a token boundary that starts a UTF-8 character; the history keeps the shortened text (what the
+model saw). If even the system prompt leaves no room, it is left out of that turn's prompt.
+
+Interruptions: closing `reply_stream` early (or a KeyboardInterrupt while decoding) records the
+partial answer as that turn's reply, flagged `interrupted`, when it holds any text; an interrupted
+reply without text drops the user's message too, as if it had not been sent.
+
+Model sources (`load_chat_model`, `find_latest_run`):
+* `--model` = any GPT.from_pretrained source (preset, HF dir, OpenAI TF checkpoint, train.py out/);
+* `--adapter` = a LoRA adapter dir (minigpt's or PEFT's); its base is `--model`, else the
+  adapter's base_model_name_or_path;
+* a finetune output dir (adapter_config.json, or full weights, plus a metadata json naming the
+  template) given as either; the template is read from the metadata;
+* nothing: the newest run under out-finetune/, else out/ (train.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .instruct import DEFAULT_TEMPLATE, Template, get_template
+
+__all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
+           "find_latest_run", "read_run_metadata", "is_adapter_dir", "is_model_dir",
+           "DEFAULT_FINETUNE_DIR", "DEFAULT_TRAIN_DIR", "NO_MODEL_MESSAGE"]
+
+DEFAULT_FINETUNE_DIR = "out-finetune"
+DEFAULT_TRAIN_DIR = "out"
+NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.py` (writes out-finetune/), "
+                    "pretrain one with `python train.py` (writes out/), or pass --model gpt2 "
+                    "(or any checkpoint directory)")
+TRANSCRIPT_FORMAT = "minigpt-chat-transcript"
+
+
+class ChatError(ValueError):
+    """A user-facing chat problem (bad setting, prompt cannot fit, ...): one-line message."""
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass
+class ChatSettings:
+    """Sampling settings of a session. temperature 0 = greedy; top_k None/0 = off; top_p 1 = off;
+    seed None = torch's global RNG (otherwise a generator seeded once and on every change)."""
+
+    temperature: float = 0.7
+    top_k: Optional[int] = None
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: Optional[int] = None
+
+    NAMES = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_OFF = ("none", "off", "null", "")
+
+
+def _parse_number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            v = int(s, 10) if kind is int else float(s)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ChatError(f"{name} must be {what}, got {value!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ChatError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    elif kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ChatError(f"{name} must be an integer, got {value!r}")
+        v = int(value)
+    else:
+        v = kind(value)
+    if kind is float and not math.isfinite(v):
+        raise ChatError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def validate_setting(name: str, value: Any, block_size: Optional[int] = None) -> Any:
+    """Parse and check one setting (value may be a string, as typed after /set). Returns the
+    normalised value; raises ChatError with a one-line reason."""
+    name = name.strip().lower().replace("-", "_")
+    if name not in ChatSettings.NAMES:
+        raise ChatError(f"unknown setting {name!r}; settings: {', '.join(ChatSettings.NAMES)}")
+    if isinstance(value, str) and value.strip().lower() in _OFF or value is None:
+        if name == "top_k":
+            return None
+        if name == "top_p":
+            return 1.0
+        if name == "seed":
+            return None
+        raise ChatError(f"{name} needs a value")
+    if name == "temperature":
+        v = _parse_number(name, value, float)
+        if v < 0:
+            raise ChatError(f"temperature must be >= 0 (0 = greedy), got {v:g}")
+        return v
+    if name == "top_k":
+        v = _parse_number(name, value, int)
+        if v < 0:
+            raise ChatError(f"top_k must be >= 0 (0 or 'none' = off), got {v}")
+        return v or None
+    if name == "top_p":
+        v = _parse_number(name, value, float)
+        if not 0.0 < v <= 1.0:
+            raise ChatError(f"top_p must be in (0, 1] (1 = off), got {v:g}")
+        return v
+    if name == "repetition_penalty":
+        v = _parse_number(name, value, float)
+        if v <= 0:
+            raise ChatError(f"repetition_penalty must be > 0 (1 = off), got {v:g}")
+        return v
+    if name == "max_new_tokens":
+        v = _parse_number(name, value, int)
+        if v < 1:
+            raise ChatError(f"max_new_tokens must be >= 1, got {v}")
+        if block_size is not None and v >= block_size:
+            raise ChatError(f"max_new_tokens must be below the model's context of {block_size} tokens "
+                            f"(the prompt needs room too), got {v}")
+        return v
+    v = _parse_number(name, value, int)                                   # seed
+    if not 0 <= v < 2 ** 63:
+        raise ChatError(f"seed must be in [0, 2**63), got {v}")
+    return v
+
+
+# --- the session ------------------------------------------------------------------------------
+
+@dataclass
+class PromptInfo:
+    """How the last prompt was built."""
+
+    ids: list[int]
+    turns_used: int              # earlier turns included in the prompt
+    turns_dropped: int           # earlier turns left out (oldest first) to fit the context
+    user_tokens: int             # tokens of the newest user message as typed
+    user_kept_tokens: int        # ... as used (< user_tokens when its start was cut)
+    system_dropped: bool         # the system prompt did not fit and was left out
+    budget: int                  # tokens available to the prompt (block_size - max_new_tokens)
+
+    @property
+    def user_truncated(self) -> bool:
+        return self.user_kept_tokens < self.user_tokens
+
+
+class ChatSession:
+    """A conversation with a GPT: history, template, system prompt, sampling settings, context
+    truncation, streaming replies and transcripts. See the module docstring for the policies.
+
+    model:     a minigpt GPT (eval mode is used for decoding).
+    template:  name or Template (alpaca, human-assistant, chat); its stop_strings end a reply.
+    system:    optional system prompt.
+    stop:      extra user stop strings (never shown; the reply ends before them).
+    on_notice: callable(str) for notices (history dropped, message cut); default: collected in
+               `self.notices` only.
+    **settings: ChatSettings fields (temperature, top_k, top_p, repetition_penalty,
+               max_new_tokens, seed), validated.
+    """
+
+    def __init__(self, model, tokenizer=None, template: Union[str, Template, None] = DEFAULT_TEMPLATE,
+                 system: Optional[str] = None, stop: Sequence[str] = (),
+                 on_notice: Optional[Callable[[str], None]] = None, **settings):
+        from .tokenizer import get_tokenizer
+
+        self.model = model
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.template = get_template(template)
+        self.system = system or None
+        self.user_stops = [s for s in stop if s]
+        self.on_notice = on_notice
+        self.notices: list[str] = []
+        self.turns: list[dict] = []
+        self.last_prompt: Optional[PromptInfo] = None
+        self.settings = ChatSettings()
+        if "max_new_tokens" not in settings or settings["max_new_tokens"] is None:
+            settings["max_new_tokens"] = min(ChatSettings.max_new_tokens, self.block_size // 2)
+        for k, v in settings.items():
+            self.set(k, v)
+        self._reset_generator()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return int(self.model.config.block_size)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(getattr(self.tokenizer, "eot_token", 50256))
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Template turn markers + user stops: the reply ends before the first of them."""
+        out = []
+        for s in list(self.template.stop_strings) + self.user_stops:
+            if s not in out:
+                out.append(s)
+        return out
+
+    # -- state ---------------------------------------------------------------------------------
+    def _notice(self, msg: str) -> None:
+        self.notices.append(msg)
+        if self.on_notice is not None:
+            self.on_notice(msg)
+
+    def _reset_generator(self) -> None:
+        seed = self.settings.seed
+        if seed is None:
+            self.generator = None
+        else:
+            dev = getattr(self.model, "device", torch.device("cpu"))
+            self.generator = torch.Generator(device=dev).manual_seed(seed)
+
+    def set(self, name: str, value: Any) -> Any:
+        """Change one setting (value may be a string); returns the stored value. Raises ChatError."""
+        key = name.strip().lower().replace("-", "_")
+        v = validate_setting(key, value, self.block_size)
+        setattr(self.settings, key, v)
+        if key == "seed" and hasattr(self, "generator"):
+            self._reset_generator()
+        return v
+
+    def set_system(self, text: Optional[str]) -> None:
+        self.system = (text or "").strip() or None
+
+    def reset(self) -> None:
+        """Forget the conversation (settings and system prompt stay)."""
+        self.turns.clear()
+        self.last_prompt = None
+
+    def messages(self, turns: Optional[Sequence[dict]] = None) -> list[dict]:
+        """History as role/content messages."""
+        out = []
+        for t in self.turns if turns is None else turns:
+            out.append({"role": "user", "content": t["user"]})
+            out.append({"role": "assistant", "content": t["assistant"]})
+        return out
+
+    # -- prompts -------------------------------------------------------------------------------
+    def _ids(self, turns: Sequence[dict], user: str, system: Optional[str]) -> list[int]:
+        msgs = self.messages(turns) + [{"role": "user", "content": user}]
+        return self.template.prompt_ids(msgs, self.tokenizer, system)
+
+    def _tail_text(self, toks: list[int], keep: int) -> str:
+        """Text of the last `keep` tokens, starting at a token that begins a UTF-8 character."""
+        start = max(len(toks) - keep, 0)
+        while start < len(toks):
+            b = self.tokenizer.decode_single_token_bytes(toks[start]) if hasattr(
+                self.tokenizer, "decode_single_token_bytes") else b"a"
+            if b and (b[0] & 0xC0) != 0x80:                                   # not a continuation byte
+                break
+            start += 1
+        return self.tokenizer.decode(toks[start:]).lstrip()
+
+    def build_prompt(self, user_text: str) -> tuple[list[int], PromptInfo, str]:
+        """(prompt ids, info, user text as used) for the next reply; applies the context policy."""
+        max_new = self.settings.max_new_tokens
+        budget = self.block_size - max_new
+        if budget < 1:
+            raise ChatError(f"max_new_tokens={max_new} leaves no room for the prompt in the model's "
+                            f"context of {self.block_size} tokens; lower it with /set max_new_tokens N")
+        system = self.system
+        user_toks = self.tokenizer.encode_ordinary(user_text)
+        ids = self._ids([], user_text, system)
+        system_dropped = False
+        kept = len(user_toks)
+        if len(ids) > budget:                                   # the newest message alone is too long
+            overhead = len(self._ids([], "", system))
+            if system and overhead >= budget:
+                system, system_dropped = None, True
+                overhead = len(self._ids([], "", None))
+            keep = budget - overhead
+            if keep < 1:
+                raise ChatError(f"the prompt template alone needs {overhead} tokens but only {budget} fit "
+                                f"(context {self.block_size} - max_new_tokens {max_new}); lower "
+                                f"max_new_tokens with /set max_new_tokens N")
+            while True:
+                user_text = self._tail_text(user_toks, keep)
+                ids = self._ids([], user_text, system)
+                if len(ids) <= budget or keep <= 1:
+                    break
+                keep = max(1, keep - (len(ids) - budget))
+            if len(ids) > budget:
+                raise ChatError(f"your message does not fit in the context ({budget} prompt tokens)")
+            kept = len(self.tokenizer.encode_ordinary(user_text))
+            info = PromptInfo(ids, 0, len(self.turns), len(user_toks), kept, system_dropped, budget)
+            return ids, info, user_text
+        used = 0
+        for j in range(1, len(self.turns) + 1):                 # keep the most recent turns that fit
+            cand = self._ids(self.turns[-j:], user_text, system)
+            if len(cand) > budget:
+                break
+            ids, used = cand, j
+        info = PromptInfo(ids, used, len(self.turns) - used, len(user_toks), kept, False, budget)
+        return ids, info, user_text
+
+    # -- replies -------------------------------------------------------------------------------
+    def reply_stream(self, user_text: str) -> Iterator[str]:
+        """Send a user message; yield the reply as text pieces while it is decoded.
+
+        The reply ends at EOS, at the template's next turn marker or a user stop string (none of
+        which is ever yielded), or after max_new_tokens. Leading and trailing whitespace is not
+        yielded, so "".join(pieces) == the stored reply. The turn is added to `turns` when the
+        stream ends; see the module docstring for interruptions. Raises ChatError (before the
+        first piece) when the message is empty or cannot fit.
+        """
+        from .generate import stream_text
+
+        if not isinstance(user_text, str) or not user_text.strip():
+            raise ChatError("empty message")
+        user_text = user_text.strip()
+        prev = self.last_prompt
+        ids, info, used_text = self.build_prompt(user_text)
+        if info.user_truncated:
+            self._notice(f"your message is {info.user_tokens:,} tokens, more than the {info.budget} the "
+                         f"prompt may use (context {self.block_size} - max_new_tokens "
+                         f"{self.settings.max_new_tokens}); kept its last {info.user_kept_tokens:,} tokens")
+        if info.system_dropped:
+            self._notice("the system prompt does not fit next to your message; left out of this turn")
+        if info.turns_dropped and (prev is None or info.turns_dropped > prev.turns_dropped
+                                   or info.user_truncated):
+            n = info.turns_dropped
+            self._notice(f"context full: the oldest {n} turn{'s' if n != 1 else ''} left out of the prompt")
+        self.last_prompt = info
+        s = self.settings
+        pieces = stream_text(self.model, self.tokenizer, ids, s.max_new_tokens, stop=self.stop_strings,
+                             eos_token_id=self.eos_token_id, temperature=s.temperature, top_k=s.top_k,
+                             top_p=s.top_p if s.top_p < 1.0 else None,
+                             repetition_penalty=s.repetition_penalty, generator=self.generator)
+        return self._record(pieces, used_text, user_text)
+
+    def _record(self, pieces: Iterator[str], used_text: str, typed: str) -> Iterator[str]:
+        parts: list[str] = []
+        held = ""
+        finished = False
+        try:
+            for piece in pieces:
+                if not parts and not held:
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                text = held + piece
+                body = text.rstrip()
+                held = text[len(body):]
+                if body:
+                    parts.append(body)
+                    yield body
+            finished = True
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()
+            reply = "".join(parts)
+            if finished or reply:
+                turn = {"user": used_text, "assistant": reply}
+                if used_text != typed:
+                    turn["user_truncated_from_chars"] = len(typed)
+                if not finished:
+                    turn["interrupted"] = True
+                self.turns.append(turn)
+
+    def reply(self, user_text: str) -> str:
+        """reply_stream, collected into one string."""
+        return "".join(self.reply_stream(user_text))
+
+    # -- transcripts ---------------------------------------------------------------------------
+    def to_dict(self, **extra) -> dict:
+        return {"format": TRANSCRIPT_FORMAT, "version": 1,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **extra,
+                "template": self.template.name, "system": self.system,
+                "settings": self.settings.to_dict(), "stop": list(self.user_stops),
+                "block_size": self.block_size,
+                "turns": [dict(t) for t in self.turns]}
+
+    def save(self, path: Union[str, os.PathLike], **extra) -> Path:
+        """Write the transcript (settings, system, turns, + `extra` fields) as JSON; returns the path."""
+        p = Path(path).expanduser()
+        data = self.to_dict(**extra)
+        tmp = p.with_name(f".{p.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return p
+
+
+# --- finding and loading models ---------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.ckpt.index")
+_NOT_METADATA = {ADAPTER_CONFIG, "config.json", "hparams.json", "generation_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json"}
+
+
+def is_adapter_dir(d: Union[str, os.PathLike]) -> bool:
+    return (Path(d) / ADAPTER_CONFIG).is_file()
+
+
+def is_model_dir(d: Union[str, os.PathLike]) -> bool:
+    p = Path(d)
+    return any((p / f).is_file() for f in _MODEL_FILES) or any(p.glob("model-*.safetensors"))
+
+
+def _is_run_dir(d: Path) -> bool:
+    return d.is_dir() and (is_adapter_dir(d) or is_model_dir(d))
+
+
+def _find_key(obj: Any, keys: Sequence[str], depth: int = 2) -> Optional[Any]:
+    if not isinstance(obj, dict):
+        return None
+    for k in keys:
+        if isinstance(obj.get(k), str) and obj[k]:
+            return obj[k]
+    if depth:
+        for v in obj.values():
+            r = _find_key(v, keys, depth - 1)
+            if r is not None:
+                return r
+    return None
+
+
+def read_run_metadata(d: Union[str, os.PathLike]) -> dict:
+    """{"template": name or None, "base": base source or None, "kind": ... or None, "file": ...}
+    from the json files of a run dir (run.json first, then any other non-config json)."""
+    p = Path(d)
+    files = sorted((f for f in p.glob("*.json") if f.name not in _NOT_METADATA),
+                   key=lambda f: (f.name != "run.json", f.name))
+    out: dict = {"template": None, "base": None, "kind": None, "file": None}
+    for f in files:
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(obj, dict):
+            continue
+        for key, names in (("template", ("template", "prompt_template", "template_name")),
+                           ("base", ("base_model", "base", "base_model_name_or_path", "init_from")),
+                           ("kind", ("kind",))):
+            if out[key] is None:
+                out[key] = _find_key(obj, names)
+                if out[key] is not None and out["file"] is None:
+                    out["file"] = str(f)
+    return out
+
+
+def find_latest_run(finetune_dir: Union[str, os.PathLike] = DEFAULT_FINETUNE_DIR,
+                    train_dir: Union[str, os.PathLike] = DEFAULT_TRAIN_DIR) -> Optional[Path]:
+    """The newest finetune output (finetune_dir itself or its newest run subdirectory), else the
+    newest train.py output likewise; None when there is neither."""
+    for root in (Path(finetune_dir), Path(train_dir)):
+        if not root.is_dir():
+            continue
+        if _is_run_dir(root):
+            return root
+        runs = [c for c in root.iterdir() if _is_run_dir(c)]
+        if runs:
+            return max(runs, key=lambda c: max(f.stat().st_mtime for f in c.iterdir() if f.is_file()))
+    return None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    template: Optional[str]      # from the finetune metadata (None when unknown)
+    source: str                  # human-readable description
+    adapter: Optional[str] = None
+
+
+def _resolve_base(base: str, adapter_dir: Path) -> str:
+    """An adapter's base source: as written, else relative to the adapter dir / its parent."""
+    if Path(base).expanduser().exists():
+        return base
+    for root in (adapter_dir, adapter_dir.parent):
+        cand = root / base
+        if cand.exists():
+            return str(cand)
+    return base
+
+
+def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
+                    device: Union[str, torch.device, None] = None,
+                    finetune_dir: Union[str, os.PathLike] = DEFAULT_FINETUNE_DIR,
+                    train_dir: Union[str, os.PathLike] = DEFAULT_TRAIN_DIR,
+                    merge: bool = True) -> LoadedModel:
+    """Load what chat.py should talk to (see the module docstring). LoRA adapters are merged into
+    the weights for fast decoding (exactly what merge_lora gives) unless merge=False or the adapter
+    touches the tied lm_head. Raises ChatError / CheckpointError / FileNotFoundError, one line each."""
+    from .checkpoint import CheckpointError
+    from .lora import load_adapter, merge_and_unload, read_adapter_config
+    from .model import GPT
+
+    template = None
+    if model is None and adapter is None:
+        latest = find_latest_run(finetune_dir, train_dir)
+        if latest is None:
+            raise ChatError(NO_MODEL_MESSAGE)
+        model = str(latest)
+    if model is not None and Path(model).is_dir() and is_adapter_dir(model) and not is_model_dir(model):
+        if adapter is not None:
+            raise ChatError(f"--model {model} is a LoRA adapter directory; pass the base model as --model "
+                            f"and the adapter as --adapter")
+        model, adapter = None, model                           # a finetune (adapter) output dir
+    base = model
+    if adapter is not None:
+        ad = Path(adapter).expanduser()
+        if not ad.is_dir():
+            raise ChatError(f"--adapter {adapter}: directory not found")
+        cfg = read_adapter_config(ad)
+        meta = read_run_metadata(ad)
+        template = meta["template"]
+        if base is None:
+            base = cfg.get("base_model_name_or_path") or meta["base"]
+            if not base:
+                raise ChatError(f"{ad / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+                                f"pass it with --model")
+            base = _resolve_base(str(base), ad)
+    elif base is not None and Path(base).is_dir():
+        template = read_run_metadata(base)["template"]
+    try:
+        m = GPT.from_pretrained(base, device=device)
+    except CheckpointError as e:
+        if adapter is not None and model is None:
+            raise ChatError(f"cannot load the base model {base!r} named by {adapter}: {e}") from None
+        raise
+    source = str(base)
+    if adapter is not None:
+        load_adapter(m, adapter)
+        if device is not None:
+            m.to(device)
+        if merge:
+            try:
+                m = merge_and_unload(m)
+            except ValueError:                                  # LoRA on the tied lm_head: keep as is
+                pass
+        source = f"{base} + adapter {adapter}"
+    m.eval()
+    m.requires_grad_(False)
+    return LoadedModel(m, template, source, adapter)
