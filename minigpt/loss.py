@@ -30,15 +30,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s in range(0, h.size(0), chunk):
             hs, ys, vs = h[s:s + chunk].to(dtype), y[s:s + chunk], valid[s:s + chunk]
-            logits = (hs @ wc.t()).float()                              # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                       # (n,)
-            tgt = logits.gather(1, ys.clamp(min=0)[:, None])[:, 0]
-            total += ((lse - tgt) * vs).sum()
+            logp = torch.log_softmax(hs @ wc.t(), dim=-1, dtype=torch.float32)   # (n, V)
+            rows = torch.arange(len(ys), device=h.device)
+            total -= (logp[rows, ys.clamp(min=0)] * vs).sum()
             if need_grad:
-                p = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
-                p[torch.arange(len(ys), device=p.device), ys.clamp(min=0)] -= 1.0
-                p.mul_(vs[:, None])
-                p = p.to(dtype)
+                p = torch.exp(logp, out=torch.empty_like(logp, dtype=dtype))    # softmax (n, V)
+                p[rows, ys.clamp(min=0)] -= 1.0                                 # - onehot
+                if not bool(vs.all()):
+                    p[~vs] = 0
                 if grad_h is not None:
                     grad_h[s:s + chunk] = p @ wc
                 if grad_w is not None:
