@@ -108,24 +108,27 @@ def _say(session, text: str, con: _Console) -> None:
     """One user turn: stream the reply; Ctrl-C stops it and returns to the prompt."""
     from minigpt.chat import ChatError
 
-    try:
-        it = session.reply_stream(text)
-    except ChatError as e:
-        con.warn(str(e))
-        return
+    it = None
     wrote = False
     try:
+        it = session.reply_stream(text)
         for piece in it:
             con.reply_piece(piece)
             wrote = True
+    except ChatError as e:
+        con.warn(str(e))
+        return
     except KeyboardInterrupt:
-        it.close()
+        if it is not None:
+            it.close()                                   # records the partial reply (if any)
         if wrote:
             sys.stdout.write("\n")
         con.warn("interrupted" + ("; partial reply kept" if wrote else ""))
         return
     sys.stdout.write("\n")
     if con.interactive:
+        if not wrote:
+            con.warn("empty reply: the model ended its answer at once")
         sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -193,6 +196,8 @@ def chat(args: ChatArgs) -> int:
 
     interactive = args.prompt is None and sys.stdin.isatty()
     con = _Console(interactive)
+    if not interactive and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")            # undecodable input bytes: U+FFFD, not a crash
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as e:

@@ -24,13 +24,14 @@ Interruptions: closing `reply_stream` early (or a KeyboardInterrupt while decodi
 partial answer as that turn's reply, flagged `interrupted`, when it holds any text; an interrupted
 reply without text drops the user's message too, as if it had not been sent.
 
-Model sources (`load_chat_model`, `find_latest_run`):
+Model sources (`load_chat_model`, `find_latest_run`; built on minigpt.runs):
 * `--model` = any GPT.from_pretrained source (preset, HF dir, OpenAI TF checkpoint, train.py out/);
-* `--adapter` = a LoRA adapter dir (minigpt's or PEFT's); its base is `--model`, else the
-  adapter's base_model_name_or_path;
-* a finetune output dir (adapter_config.json, or full weights, plus a metadata json naming the
-  template) given as either; the template is read from the metadata;
-* nothing: the newest run under out-finetune/, else out/ (train.py).
+* `--adapter` = a LoRA adapter dir (minigpt's or PEFT's); its base is `--model`, else the base the
+  adapter records (minigpt_finetune.json, else adapter_config.json's base_model_name_or_path);
+* a finetune.py output dir (LoRA adapter or full weights + minigpt_finetune.json) given as either;
+  the template is read from its metadata;
+* nothing: the newest finetune.py output (./out-finetune, ...), else the newest train.py output
+  (./out, ...).
 """
 from __future__ import annotations
 
@@ -48,11 +49,8 @@ import torch
 from .instruct import DEFAULT_TEMPLATE, Template, get_template
 
 __all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
-           "find_latest_run", "read_run_metadata", "is_adapter_dir", "is_model_dir",
-           "DEFAULT_FINETUNE_DIR", "DEFAULT_TRAIN_DIR", "NO_MODEL_MESSAGE"]
+           "find_latest_run", "validate_setting", "NO_MODEL_MESSAGE"]
 
-DEFAULT_FINETUNE_DIR = "out-finetune"
-DEFAULT_TRAIN_DIR = "out"
 NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.py` (writes out-finetune/), "
                     "pretrain one with `python train.py` (writes out/), or pass --model gpt2 "
                     "(or any checkpoint directory)")
@@ -419,154 +417,72 @@ class ChatSession:
 
 
 # --- finding and loading models ---------------------------------------------------------------
+# Run discovery and finetune loading live in minigpt.runs (shared with finetune.py); this adds
+# chat's precedence (finetune before pretrain, --model / --adapter combinations) on top.
 
-ADAPTER_CONFIG = "adapter_config.json"
-_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.ckpt.index")
-_NOT_METADATA = {ADAPTER_CONFIG, "config.json", "hparams.json", "generation_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json"}
-
-
-def is_adapter_dir(d: Union[str, os.PathLike]) -> bool:
-    return (Path(d) / ADAPTER_CONFIG).is_file()
-
-
-def is_model_dir(d: Union[str, os.PathLike]) -> bool:
-    p = Path(d)
-    return any((p / f).is_file() for f in _MODEL_FILES) or any(p.glob("model-*.safetensors"))
-
-
-def _is_run_dir(d: Path) -> bool:
-    return d.is_dir() and (is_adapter_dir(d) or is_model_dir(d))
-
-
-def _find_key(obj: Any, keys: Sequence[str], depth: int = 2) -> Optional[Any]:
-    if not isinstance(obj, dict):
-        return None
-    for k in keys:
-        if isinstance(obj.get(k), str) and obj[k]:
-            return obj[k]
-    if depth:
-        for v in obj.values():
-            r = _find_key(v, keys, depth - 1)
-            if r is not None:
-                return r
-    return None
-
-
-def read_run_metadata(d: Union[str, os.PathLike]) -> dict:
-    """{"template": name or None, "base": base source or None, "kind": ... or None, "file": ...}
-    from the json files of a run dir (run.json first, then any other non-config json)."""
-    p = Path(d)
-    files = sorted((f for f in p.glob("*.json") if f.name not in _NOT_METADATA),
-                   key=lambda f: (f.name != "run.json", f.name))
-    out: dict = {"template": None, "base": None, "kind": None, "file": None}
-    for f in files:
-        try:
-            obj = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(obj, dict):
-            continue
-        for key, names in (("template", ("template", "prompt_template", "template_name")),
-                           ("base", ("base_model", "base", "base_model_name_or_path", "init_from")),
-                           ("kind", ("kind",))):
-            if out[key] is None:
-                out[key] = _find_key(obj, names)
-                if out[key] is not None and out["file"] is None:
-                    out["file"] = str(f)
-    return out
-
-
-def find_latest_run(finetune_dir: Union[str, os.PathLike] = DEFAULT_FINETUNE_DIR,
-                    train_dir: Union[str, os.PathLike] = DEFAULT_TRAIN_DIR) -> Optional[Path]:
-    """The newest finetune output (finetune_dir itself or its newest run subdirectory), else the
-    newest train.py output likewise; None when there is neither."""
-    for root in (Path(finetune_dir), Path(train_dir)):
-        if not root.is_dir():
-            continue
-        if _is_run_dir(root):
-            return root
-        runs = [c for c in root.iterdir() if _is_run_dir(c)]
-        if runs:
-            return max(runs, key=lambda c: max(f.stat().st_mtime for f in c.iterdir() if f.is_file()))
-    return None
+def find_latest_run(root: Union[str, os.PathLike] = ".") -> Optional[Path]:
+    """The newest finetune.py output among `root` and its subdirectories (e.g. ./out-finetune),
+    else the newest train.py output (e.g. ./out); None when there is neither."""
+    from . import runs
+    return runs.find_latest_run("finetune", root) or runs.find_latest_run("pretrain", root)
 
 
 @dataclass
 class LoadedModel:
     model: Any
-    template: Optional[str]      # from the finetune metadata (None when unknown)
+    template: Optional[str]      # the template the model was tuned with (None when unknown)
     source: str                  # human-readable description
     adapter: Optional[str] = None
 
 
-def _resolve_base(base: str, adapter_dir: Path) -> str:
-    """An adapter's base source: as written, else relative to the adapter dir / its parent."""
-    if Path(base).expanduser().exists():
-        return base
-    for root in (adapter_dir, adapter_dir.parent):
-        cand = root / base
-        if cand.exists():
-            return str(cand)
-    return base
+def _is_finetune_dir(d: Path) -> bool:
+    from . import runs
+    return d.is_dir() and ((d / "adapter_config.json").is_file() or runs.read_finetune_meta(d) is not None)
 
 
 def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
-                    device: Union[str, torch.device, None] = None,
-                    finetune_dir: Union[str, os.PathLike] = DEFAULT_FINETUNE_DIR,
-                    train_dir: Union[str, os.PathLike] = DEFAULT_TRAIN_DIR,
+                    device: Union[str, torch.device, None] = None, root: Union[str, os.PathLike] = ".",
                     merge: bool = True) -> LoadedModel:
-    """Load what chat.py should talk to (see the module docstring). LoRA adapters are merged into
-    the weights for fast decoding (exactly what merge_lora gives) unless merge=False or the adapter
-    touches the tied lm_head. Raises ChatError / CheckpointError / FileNotFoundError, one line each."""
-    from .checkpoint import CheckpointError
-    from .lora import load_adapter, merge_and_unload, read_adapter_config
+    """Load what chat.py should talk to.
+
+    model:   any GPT.from_pretrained source, or a finetune.py output dir (LoRA or full).
+    adapter: a LoRA adapter / finetune output dir applied to `model` (default base: the one the
+             adapter records).
+    neither: the newest finetune output under `root`, else the newest train.py output.
+    LoRA adapters are merged into the weights for fast decoding (exactly what merge_lora gives)
+    unless merge=False or the adapter touches the tied lm_head. Raises ChatError /
+    CheckpointError / FileNotFoundError / ValueError with one-line messages.
+    """
+    from . import runs
+    from .lora import lora_layers, merge_and_unload
     from .model import GPT
 
-    template = None
     if model is None and adapter is None:
-        latest = find_latest_run(finetune_dir, train_dir)
+        latest = find_latest_run(root)
         if latest is None:
             raise ChatError(NO_MODEL_MESSAGE)
         model = str(latest)
-    if model is not None and Path(model).is_dir() and is_adapter_dir(model) and not is_model_dir(model):
-        if adapter is not None:
-            raise ChatError(f"--model {model} is a LoRA adapter directory; pass the base model as --model "
-                            f"and the adapter as --adapter")
-        model, adapter = None, model                           # a finetune (adapter) output dir
-    base = model
-    if adapter is not None:
+    if adapter is None and model is not None and _is_finetune_dir(Path(model).expanduser()):
+        model, adapter = None, model                          # a finetune output dir as --model
+    if adapter is None:
+        m = GPT.from_pretrained(model, device=device)
+        template, source = None, str(model)
+    else:
         ad = Path(adapter).expanduser()
         if not ad.is_dir():
-            raise ChatError(f"--adapter {adapter}: directory not found")
-        cfg = read_adapter_config(ad)
-        meta = read_run_metadata(ad)
-        template = meta["template"]
-        if base is None:
-            base = cfg.get("base_model_name_or_path") or meta["base"]
-            if not base:
-                raise ChatError(f"{ad / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
-                                f"pass it with --model")
-            base = _resolve_base(str(base), ad)
-    elif base is not None and Path(base).is_dir():
-        template = read_run_metadata(base)["template"]
-    try:
-        m = GPT.from_pretrained(base, device=device)
-    except CheckpointError as e:
-        if adapter is not None and model is None:
-            raise ChatError(f"cannot load the base model {base!r} named by {adapter}: {e}") from None
-        raise
-    source = str(base)
-    if adapter is not None:
-        load_adapter(m, adapter)
-        if device is not None:
-            m.to(device)
-        if merge:
+            raise ChatError(f"adapter directory {adapter} not found")
+        m, template = runs.load_finetuned(ad, base=model, device=device)
+        meta = runs.read_finetune_meta(ad) or {}
+        if not meta.get("template"):
+            template = None                                   # runs says alpaca when it cannot know
+        source = f"{model} + {adapter}" if model is not None else str(adapter)
+        if merge and lora_layers(m):
             try:
                 m = merge_and_unload(m)
-            except ValueError:                                  # LoRA on the tied lm_head: keep as is
+            except ValueError:                                # LoRA on the tied lm_head: keep as is
                 pass
-        source = f"{base} + adapter {adapter}"
+    if device is not None:
+        m.to(device)
     m.eval()
     m.requires_grad_(False)
     return LoadedModel(m, template, source, adapter)

@@ -275,25 +275,31 @@ def test_adapter_changes_replies_and_equals_merged(model_dir, model, adapter_set
 def test_finetune_dir_template_from_metadata_and_default_discovery(tmp_path, model_dir, adapter_setup,
                                                                    monkeypatch, capsys):
     import shutil
+
+    from minigpt.runs import FINETUNE_META
     ad, merged = adapter_setup
-    run = tmp_path / "out-finetune"
+    run = tmp_path / "out-finetune"                              # what finetune.py writes (LoRA)
     shutil.copytree(ad, run)
-    (run / "run.json").write_text(json.dumps({"kind": "finetune", "template": "human-assistant"}))
+    (run / "run.json").write_text(json.dumps({"kind": "finetune"}))
+    (run / FINETUNE_META).write_text(json.dumps({"kind": "finetune", "method": "lora", "base": str(model_dir),
+                                                 "template": "human-assistant"}))
     msgs = [user("hello")]
     want = expected_reply(merged, msgs, template="human-assistant") + "\n"
     rc, out, err = run_chat(["--model", str(run), *GREEDY], "hello\n", monkeypatch, capsys)
     assert rc == 0 and out == want, err
     rc, out, _ = run_chat(["--model", str(run), "--template", "chat", *GREEDY], "hello\n", monkeypatch, capsys)
     assert out == expected_reply(merged, msgs, template="chat") + "\n"
-    # no --model: the newest finetune output wins over out/
+    # no --model: the newest finetune output wins over train.py's out/
     monkeypatch.chdir(tmp_path)
     shutil.copytree(model_dir, tmp_path / "out")
+    (tmp_path / "out" / "run.json").write_text(json.dumps({"kind": "pretrain"}))
     assert find_latest_run() == Path("out-finetune")
     rc, out, _ = run_chat(GREEDY, "hello\n", monkeypatch, capsys)
     assert rc == 0 and out == want
     shutil.rmtree(run)
     assert find_latest_run() == Path("out")
-    assert load_chat_model().template is None
+    loaded = load_chat_model()
+    assert loaded.template is None and loaded.adapter is None
 
 
 # --- the library: truncation, interruption -----------------------------------------------------
