@@ -45,12 +45,16 @@ def parse_args(cls: type[T], argv: Optional[Sequence[str]], description: str = "
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif typing.get_origin(tp) in (list, tuple):
-            p.add_argument(flag, nargs="+", type=typing.get_args(tp)[0], default=default, help=help_)
+            p.add_argument(flag, nargs="+", action="extend", type=typing.get_args(tp)[0], default=None,
+                           help=help_ + " (repeatable)")
         else:
             choices = f.metadata.get("choices")
             p.add_argument(flag, type=tp, default=default, help=help_, choices=choices,
                            metavar=f.metadata.get("metavar"))
     ns = p.parse_args(argv)
+    for f in dataclasses.fields(cls):  # list flags start empty so that repeating them adds up
+        if getattr(ns, f.name) is None and typing.get_origin(_base_type(hints[f.name])) in (list, tuple):
+            setattr(ns, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
     try:
         return cls(**vars(ns))
     except (ValueError, TypeError) as e:
