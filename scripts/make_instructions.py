@@ -47,7 +47,7 @@ SUPPORT = [
      "checkpoint folder or a folder saved by minigpt."),
     (["How do I fine-tune GPT-2 on instructions?", "How can I instruction-tune a model?",
       "What is the command for LoRA fine-tuning?"],
-     "Run `python finetune.py --lora --model gpt2 --out-dir out-lora`. Without `--data` it uses the "
+     "Run `python finetune.py --lora --base gpt2 --out-dir out-lora`. Without `--data` it uses the "
      "instruction set embedded in minigpt; pass `--data my_data.jsonl` to use your own. With `--lora` only "
      "the small adapter matrices are trained and the result is saved as an adapter in `--out-dir`."),
     (["What does the --lora flag do?", "Why would I use --lora when fine-tuning?"],
@@ -154,10 +154,11 @@ SUPPORT = [
      "Yes, launch train.py with torchrun, for example `torchrun --nproc_per_node 4 train.py --model gpt2`. "
      "Each process trains on its own share of the batches."),
     (["Where are checkpoints written?", "What is in the output folder?"],
-     "Everything goes to `--out-dir` (default `out`): the checkpoints, a metrics log and the final model. "
+     "Everything goes to `--out-dir` (default `out` for train.py, `out-finetune` for finetune.py): the "
+     "checkpoints, a metrics log and the final model. "
      "For LoRA runs the final adapter is saved there as adapter_config.json and adapter_model.safetensors."),
     (["How do I use my own instruction data?", "Can I fine-tune on my own JSONL file?"],
-     "Yes: `python finetune.py --lora --model gpt2 --data my_data.jsonl --out-dir out-mine`. Each line "
+     "Yes: `python finetune.py --lora --base gpt2 --data my_data.jsonl --out-dir out-mine`. Each line "
      "needs either `instruction`/`output` (and optionally `input`) or a `messages` list."),
     (["How do I stop chat.py?", "How do I leave the chat?"],
      "Press Ctrl-D, or Ctrl-C while nothing is being generated. Ctrl-C during an answer stops that answer."),
@@ -170,7 +171,7 @@ SUPPORT = [
      "check that your data's responses are not truncated, and make sure chat uses the same prompt template "
      "as fine-tuning."),
     (["Can I fine-tune all weights instead of LoRA?", "How do I do a full fine-tune?"],
-     "Leave out `--lora`: `python finetune.py --model gpt2 --data my_data.jsonl`. All weights are then "
+     "Leave out `--lora`: `python finetune.py --base gpt2 --data my_data.jsonl`. All weights are then "
      "trained, which needs much more memory, and the result is saved as a full model folder."),
     (["What learning rate should I use for LoRA?", "Which learning rate works for fine-tuning?"],
      "LoRA usually tolerates a higher learning rate than full fine-tuning; something around 1e-4 to 3e-4 is "
@@ -183,7 +184,8 @@ SUPPORT = [
      "tests to check that minigpt's models and adapters match theirs."),
     (["What is gradient checkpointing and how do I turn it on?", "How can I save activation memory?"],
      "Gradient checkpointing recomputes each block's activations during the backward pass instead of "
-     "storing them, trading compute for memory. In Python set `model.gradient_checkpointing = True` before training."),
+     "storing them, trading compute for memory. Pass `--gradient-checkpointing` to finetune.py, or in Python set "
+     "`model.gradient_checkpointing = True` before training."),
     (["What is LoRA?", "Explain LoRA briefly."],
      "LoRA keeps a weight W frozen and learns a low-rank update: the layer computes W x plus B A x times "
      "alpha / r, where A has r rows and B has r columns. B starts at zero, so training starts from the "
