@@ -276,3 +276,7 @@ def test_default_base(tmp_path, monkeypatch, capsys, base):
     assert ft._default_base() == "out"
     (out / "run.json").write_text(json.dumps({"kind": "finetune"}))
     assert find_latest_run("pretrain") is None
+    # a cached gpt2 wins over local runs
+    import minigpt.checkpoint
+    monkeypatch.setattr(minigpt.checkpoint, "is_preset_cached", lambda name, cache=None: name == "gpt2")
+    assert ft._default_base() == "gpt2"
