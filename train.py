@@ -50,6 +50,7 @@ class TrainArgs:
     threads: Optional[int] = field(None, "CPU threads for torch (default: all cores)")
     seed: int = field(1337, "random seed (init and data order)")
     resume: bool = field(False, "continue from the newest checkpoint in --out-dir")
+    overwrite: bool = field(False, "start over in an --out-dir that holds an earlier run")
     eval_text: Optional[str] = field(None, "also report bits per byte on this held-out text file")
     samples: int = field(3, "text samples printed at the end")
     sample_tokens: int = field(80, "tokens per sample")
@@ -66,7 +67,7 @@ def train(args: TrainArgs) -> dict:
     from minigpt.data import TokenDataset, prepare_data
     from minigpt.evaluate import evaluate_bpb, evaluate_loss
     from minigpt.tokenizer import get_tokenizer
-    from minigpt.trainer import Trainer, TrainConfig, latest_checkpoint, resolve_device, resolve_precision
+    from minigpt.trainer import Trainer, TrainConfig, claim_out_dir, resolve_device, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +86,7 @@ def train(args: TrainArgs) -> dict:
         eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval, keep_last=args.keep_last,
         precision=args.precision, compile=args.compile, seed=args.seed, device=args.device)
     resolve_precision(cfg.precision, resolve_device(cfg.device))   # fail fast, before any work
-    if args.resume and latest_checkpoint(args.out_dir) is None:
-        raise CLIError(f"--resume: no checkpoint found in {args.out_dir}/checkpoints")
+    claim_out_dir(args.out_dir, args.resume, args.overwrite)
 
     torch.manual_seed(args.seed)
     if args.init_from:
@@ -110,9 +110,7 @@ def train(args: TrainArgs) -> dict:
 
     def evaluate(m):
         r = evaluate_loss(m, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast())
-        out = {"val_loss": r["loss"], "val_bpb": evaluate_bpb(
-            m, tokens=val_ds.tokens[: args.eval_batches * args.batch_size * block + 1].tolist(),
-            block_size=block, batch_size=args.batch_size)["bpb"]}
+        out = {"val_loss": r["loss"], "val_bpb": r["bpb"]}
         if eval_text is not None:
             out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
         return out

@@ -12,14 +12,15 @@ from .tokenizer import get_tokenizer
 
 @torch.no_grad()
 def evaluate_loss(model, batches: Iterable, device=None, autocast=None) -> dict:
-    """Token-weighted mean next-token loss (nats) and accuracy over (x, y) batches.
+    """Token-weighted mean next-token loss (nats), accuracy and bits per byte over (x, y) batches.
 
-    Positions where y == -100 are ignored. Returns {"loss", "acc", "tokens"}.
+    Positions where y == -100 are ignored. Returns {"loss", "acc", "bpb", "tokens"}.
     """
+    tok = get_tokenizer()
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    total, correct, n = 0.0, 0, 0
+    total, correct, n, nbytes = 0.0, 0, 0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
@@ -28,10 +29,11 @@ def evaluate_loss(model, batches: Iterable, device=None, autocast=None) -> dict:
         total += F.cross_entropy(logits.float()[keep], y[keep], reduction="sum").item()
         correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
         n += int(keep.sum())
+        nbytes += len(tok.decode_bytes(y[keep].tolist()))
     model.train(was_training)
     if n == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "tokens": 0}
-    return {"loss": total / n, "acc": correct / n, "tokens": n}
+        return {"loss": float("nan"), "acc": float("nan"), "bpb": float("nan"), "tokens": 0}
+    return {"loss": total / n, "acc": correct / n, "bpb": total / math.log(2) / max(1, nbytes), "tokens": n}
 
 
 @torch.no_grad()

@@ -184,6 +184,23 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
 
+def claim_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Check that a run may start in out_dir: --resume needs a checkpoint; a fresh run refuses to
+    mix with an earlier run's checkpoints unless `overwrite`, which deletes them first."""
+    ckpt = latest_checkpoint(out_dir)
+    if resume:
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint found in {out_dir}/{CKPT_DIR}")
+        return
+    if ckpt is not None and not overwrite:
+        raise ValueError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                         f"continue it, --overwrite to start over, or another --out-dir")
+    if overwrite:
+        shutil.rmtree(Path(out_dir) / CKPT_DIR, ignore_errors=True)
+        shutil.rmtree(Path(out_dir) / "best", ignore_errors=True)
+        (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
+
+
 class Trainer:
     """Runs `cfg.max_steps` optimizer steps on `model`.
 

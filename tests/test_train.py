@@ -64,6 +64,10 @@ def test_train_end_to_end(tmp_path, corpus, capsys):
     assert (out / "best" / "model.safetensors").exists()
     printed = capsys.readouterr().out
     assert "saved model to" in printed and "samples:" in printed
+    # a second fresh run into the same folder refuses to mix with the first one's checkpoints
+    assert train.main(["--data", str(corpus), "--out-dir", str(out), "--max-steps", "2", *TINY]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step-0000040").exists()
 
 
 def test_resume_after_kill_is_exact(tmp_path, corpus):
