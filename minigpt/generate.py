@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -360,8 +360,9 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
 # Measured on 2 AVX-512 cores (GPT-2 124M, all Linear layers + tied head, one token):
 #   fp32 F.linear 43 ms | fp32 (in, out) addmm 29 ms | fp32 oneDNN-prepacked 24 ms
 #   bf16 F.linear 25 ms | int8 _weight_int8pack_mm 14 ms | fp16 F.linear 8-10 ms
-# Byte ceilings for 124M (~124M weights read per token, the head being 39M of them):
-#   fp32 497 MB, fp16/bf16 249 MB, int8 124 MB per token.
+# Bytes read per token for GPT-2 124M: 123.5M Linear + head weights (the head is 38.6M of them):
+#   fp32 494 MB, fp16/bf16 247 MB, int8 124 MB (+ the KV cache: 74 KB per cached position in fp32).
+# So the ceiling is bandwidth / bytes: e.g. 20 GB/s -> 40 tok/s in fp32, 30 GB/s -> 120 tok/s in fp16.
 
 DECODE_MODES = ("fp32", "fp16", "bf16", "int8")
 
@@ -431,11 +432,20 @@ def prepare_for_decoding(model, mode: str = "fp16"):
     transformers' fp32 on CPU), "bf16", or "int8" (weight-only, per-channel scales).
     Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
     has no trainable Linear weights and should not be saved (keep the original or reload it).
-    Embeddings, LayerNorms, attention and the KV cache stay in fp32.
+    Embeddings, LayerNorms, attention and the KV cache stay in fp32. Call it after moving the
+    model to its device, and after merge_lora if it has LoRA adapters.
     """
     if mode not in DECODE_MODES:
         raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    targets = []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A"):                                       # minigpt.lora.LoRALinear
+            if not getattr(mod, "merged", False):
+                raise ValueError(f"{name} carries an unmerged LoRA adapter: call "
+                                 f"minigpt.lora.merge_lora(model) before prepare_for_decoding")
+            targets.append((name, mod))
+        elif isinstance(mod, nn.Linear):
+            targets.append((name, mod))
     for name, lin in targets:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], DecodeLinear(lin.weight, lin.bias, mode))

@@ -417,3 +417,22 @@ def test_decode_linear_int8_quantisation():
     torch.testing.assert_close(q(x), x @ w.t() + b, rtol=0.05, atol=0.1)
     with pytest.raises(ValueError, match="mode"):
         DecodeLinear(w, b, "fp8")
+
+
+def test_prepare_after_merged_lora(models):
+    lora = pytest.importorskip("minigpt.lora")
+    _, m = models
+    m = copy.deepcopy(m)
+    lora.add_lora(m, r=4, alpha=8, targets=("c_attn",))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)                                  # a non-trivial adapter
+    with pytest.raises(ValueError, match="merge_lora"):
+        prepare_for_decoding(copy.deepcopy(m), "fp32")
+    lora.merge_lora(m)
+    idx = prompts([7], seed=14)[0][None]
+    with torch.no_grad():
+        ref = m(idx)
+        fast = prepare_for_decoding(m, "fp32")
+        torch.testing.assert_close(fast(idx), ref, rtol=1e-5, atol=1e-4)
