@@ -383,8 +383,12 @@ def test_interactive_pty_session(scripted_dir):
     env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1")
     def controlling_tty():                                       # so that Ctrl-C becomes SIGINT
         import fcntl
+        import signal
         import termios
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # a parent started in the background (nohup, `cmd &`) hands down an ignored SIGINT, and
+        # Python only installs its KeyboardInterrupt handler when SIGINT is not ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model", str(scripted_dir), *GREEDY],
                             stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, close_fds=True,
