@@ -59,7 +59,7 @@ class FinetuneArgs:
     log_interval: int = field(10, "steps between metric records")
     keep_last: int = field(2, "checkpoints to keep")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
-    precision: str = field("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
+    precision: str = field("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
                            choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = field(False, "torch.compile the model")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
@@ -105,6 +105,8 @@ def _check_args(args: FinetuneArgs) -> None:
         raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not args.lr > 0:
         raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be a positive integer, got {args.threads}")
     for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "keep_last"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -134,8 +136,9 @@ def _prepare_out_dir(args: FinetuneArgs, base_path, clear: bool = True) -> None:
 
     from minigpt.cli import CLIError
     from minigpt.runs import read_finetune_meta, read_run_info
-    from minigpt.trainer import latest_checkpoint
+    from minigpt.trainer import check_out_dir, latest_checkpoint
 
+    check_out_dir(args.out_dir)
     out = Path(args.out_dir)
     if base_path is not None and out.resolve() == Path(base_path).resolve():
         raise CLIError(f"--out-dir {args.out_dir} is the base model's folder; choose another --out-dir")

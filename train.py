@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from minigpt.cli import field, parse_args, run_main
@@ -29,21 +30,21 @@ class TrainArgs:
     n_embd: int = field(256, "embedding width")
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability")
-    max_steps: int = field(1000, "optimizer steps")
+    max_steps: int = field(200, "optimizer steps")
     batch_size: int = field(16, "sequences per micro-batch")
     grad_accum: int = field(1, "micro-batches per optimizer step")
     lr: float = field(2e-3, "peak learning rate")
     min_lr: Optional[float] = field(None, "final learning rate (default lr/10)")
-    warmup_steps: int = field(50, "linear warmup steps")
+    warmup_steps: int = field(20, "linear warmup steps")
     schedule: str = field("cosine", "learning-rate decay", choices=["cosine", "linear", "constant"])
     weight_decay: float = field(0.1, "AdamW weight decay (matrices only)")
     grad_clip: float = field(1.0, "max gradient norm (0 = off)")
-    eval_interval: int = field(250, "steps between evaluations and checkpoints")
-    eval_batches: int = field(20, "validation batches per evaluation")
+    eval_interval: int = field(100, "steps between evaluations and checkpoints")
+    eval_batches: int = field(10, "validation batches per evaluation")
     save_interval: Optional[int] = field(None, "steps between checkpoints (default: eval interval)")
     log_interval: int = field(10, "steps between metric records")
     keep_last: int = field(2, "checkpoints to keep")
-    precision: str = field("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
+    precision: str = field("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
                            choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = field(False, "torch.compile the model")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
@@ -69,6 +70,8 @@ def train(args: TrainArgs) -> dict:
     from minigpt.tokenizer import get_tokenizer
     from minigpt.trainer import Trainer, TrainConfig, claim_out_dir, resolve_device, resolve_precision
 
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be a positive integer, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model and args.init_from:
@@ -79,6 +82,8 @@ def train(args: TrainArgs) -> dict:
             eval_text = open(args.eval_text, encoding="utf-8").read()
         except OSError as e:
             raise CLIError(f"--eval-text {args.eval_text}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise CLIError(f"--eval-text {args.eval_text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     cfg = TrainConfig(
         out_dir=args.out_dir, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
@@ -86,6 +91,9 @@ def train(args: TrainArgs) -> dict:
         eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval, keep_last=args.keep_last,
         precision=args.precision, compile=args.compile, seed=args.seed, device=args.device)
     resolve_precision(cfg.precision, resolve_device(cfg.device))   # fail fast, before any work
+    if args.init_from and Path(args.init_from).expanduser().resolve() == Path(args.out_dir).resolve():
+        raise CLIError(f"--out-dir {args.out_dir} is the --init-from model's folder; training would "
+                       "overwrite those weights: choose another --out-dir")
     claim_out_dir(args.out_dir, args.resume, args.overwrite)
 
     torch.manual_seed(args.seed)
@@ -119,7 +127,14 @@ def train(args: TrainArgs) -> dict:
         m.save_pretrained(d)
 
     def load(m, d):
-        m.load_state_dict(GPT.from_pretrained(d).state_dict())
+        saved = GPT.from_pretrained(d)
+        shape = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+        if [getattr(saved.config, k) for k in shape] != [getattr(m.config, k) for k in shape]:
+            have = ", ".join(f"{k}={getattr(saved.config, k)}" for k in shape)
+            want = ", ".join(f"{k}={getattr(m.config, k)}" for k in shape)
+            raise CLIError(f"--resume: checkpoint {d} holds a model with {have} but this run builds "
+                           f"{want}; resume with the original run's model flags")
+        m.load_state_dict(saved.state_dict())
 
     n = model.num_params()
     trainer = Trainer(model, cfg, get_batch, evaluate, save, load,
@@ -138,7 +153,8 @@ def train(args: TrainArgs) -> dict:
             print("\nsamples:")
         for i in range(args.samples):
             start = torch.tensor([[tok.eot_token]], device=trainer.device)
-            out = model.generate(start, max_new_tokens=args.sample_tokens, temperature=0.8, top_k=200,
+            n_new = min(args.sample_tokens, model.config.block_size - 1)   # a sample never fails the run
+            out = model.generate(start, max_new_tokens=n_new, temperature=0.8, top_k=200,
                                  generator=gen)
             print("-" * 40 + "\n" + tok.decode(out[0, 1:].tolist()).strip())
         print("-" * 40)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .loss import CausalLMLoss
 
 CKPT_DIR = "checkpoints"
@@ -62,6 +63,8 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip >= 0, "eval_interval": self.eval_interval > 0,
             "log_interval": self.log_interval > 0, "keep_last": self.keep_last >= 1,
+            "save_interval": self.save_interval is None or self.save_interval >= 0,
+            "min_lr": self.min_lr is None or (self.min_lr >= 0 and math.isfinite(self.min_lr)),
         }
         for name, ok in checks.items():
             if not ok:
@@ -91,14 +94,27 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r} (auto, cpu, cuda or cuda:N)") from None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast is a
+    clear speed-up; elsewhere it is emulated and slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA (fp16 where bf16 is missing), bf16 on CPUs with native bf16, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 training needs CUDA; on CPU use --precision bf16 or fp32")
     return precision
@@ -175,6 +191,15 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _metric_step(line: str) -> Optional[int]:
+    """The step of one metrics.jsonl line; None for a blank or torn line (e.g. after a crash)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     """The newest complete checkpoint folder in out_dir/checkpoints (folders appear atomically)."""
     root = Path(out_dir) / CKPT_DIR
@@ -184,9 +209,22 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Fail early, with a one-line reason, when out_dir cannot be a folder we write into (it or an
+    ancestor is a regular file, or the nearest existing folder is not writable). Creates nothing."""
+    q = Path(out_dir).absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise ValueError(f"cannot use --out-dir {out_dir}: {q} is a file, not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot use --out-dir {out_dir}: {q} is not writable")
+
+
 def claim_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
     """Check that a run may start in out_dir: --resume needs a checkpoint; a fresh run refuses to
     mix with an earlier run's checkpoints unless `overwrite`, which deletes them first."""
+    check_out_dir(out_dir)
     ckpt = latest_checkpoint(out_dir)
     if resume:
         if ckpt is None:
@@ -278,16 +316,23 @@ class Trainer:
         final = root / f"step-{self.step:07d}"
         tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.save_weights(self.model, tmp)
-        state = {
-            "step": self.step, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": self._rng_state(), "config": asdict(self.cfg),
-        }
-        torch.save(state, tmp / STATE_FILE)
-        for f in tmp.iterdir():  # make the data durable before the rename publishes it
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            tmp.mkdir()
+            self.save_weights(self.model, tmp)
+            state = {
+                "step": self.step, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": self._rng_state(), "config": asdict(self.cfg),
+            }
+            torch.save(state, tmp / STATE_FILE)
+            for f in tmp.iterdir():  # make the data durable before the rename publishes it
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException as e:  # e.g. disk full: drop the half-written folder, keep the old ones
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"could not write checkpoint {final.name} ({e.strerror or e}); "
+                                       f"the previous checkpoints in {root} are intact") from e
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -306,7 +351,12 @@ class Trainer:
         if ckpt is None:
             return False
         self.load_weights(self.model, ckpt)
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({msg}); delete "
+                                  f"{ckpt} to resume from the checkpoint before it") from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -317,7 +367,7 @@ class Trainer:
             mpath = self.out_dir / METRICS_FILE
             if mpath.exists():
                 keep = [ln for ln in mpath.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+                        if _metric_step(ln) is not None and _metric_step(ln) <= self.step]
                 mpath.write_text("".join(ln + "\n" for ln in keep))
         self._log(f"resumed from {ckpt} at step {self.step}")
         return True
@@ -413,13 +463,13 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_json(self.out_dir / "run.json", {"train": asdict(cfg), **self.run_info})
-        if resume:
+        if resume:       # first: a checkpoint that does not fit this run must leave the folder as it was
             self.resume()
         elif self.is_main and (self.out_dir / METRICS_FILE).exists():
             (self.out_dir / METRICS_FILE).unlink()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_json(self.out_dir / "run.json", {"train": asdict(cfg), **self.run_info})
         save_every = cfg.save_interval or cfg.eval_interval
         tokens_per_step = None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step",

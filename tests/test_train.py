@@ -18,7 +18,7 @@ from minigpt.trainer import TrainConfig, lr_at
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
         "--eval-batches", "2", "--samples", "0", "--threads", "1", "--log-interval", "1", "--lr", "3e-3",
-        "--warmup-steps", "5"]
+        "--warmup-steps", "5", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
