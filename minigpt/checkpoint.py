@@ -614,7 +614,7 @@ def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:   # pickle.UnpicklingError for anything but plain tensors/containers
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
             raise CheckpointError(f"{path}: refused to load: the file holds Python objects other than "
                                   f"tensors and weights_only=True loading rejected it ({msg[:200]})") from e
@@ -630,9 +630,12 @@ def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _hf_weight_files(d: Path) -> list[Path]:

@@ -252,6 +252,8 @@ def load_records(path, format: str = "auto") -> list[dict]:
     empty dataset, FileNotFoundError if the file is missing.
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"instruction data {str(p)!r} is a folder; pass a .json, .jsonl or .txt file")
     if not p.is_file():
         raise FileNotFoundError(f"instruction data {str(p)!r} not found")
     name = str(p)

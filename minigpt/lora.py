@@ -479,12 +479,20 @@ def read_adapter_config(adapter_dir) -> dict:
 def _read_adapter_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     st, bin_ = d / ADAPTER_WEIGHTS_NAME, d / ADAPTER_BIN_NAME
     if st.is_file():
-        from safetensors import safe_open
-        with safe_open(str(st), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, OSError, RuntimeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{st}: unreadable adapter weights (truncated or corrupted?): {msg}") from e
     if bin_.is_file():
-        return torch.load(bin_, map_location="cpu", weights_only=True), {}
+        from .checkpoint import CheckpointError, read_tensors
+        try:                                 # weights_only loading; refuses pickled code
+            return read_tensors(bin_), {}
+        except CheckpointError as e:
+            raise ValueError(str(e)) from e
     raise FileNotFoundError(f"{st} not found: adapter directory has no weights "
                             f"({ADAPTER_WEIGHTS_NAME} or {ADAPTER_BIN_NAME})")
 
