@@ -365,6 +365,8 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
 # So the ceiling is bandwidth / bytes: e.g. 20 GB/s -> 40 tok/s in fp32, 30 GB/s -> 120 tok/s in fp16.
 
 DECODE_MODES = ("fp32", "fp16", "bf16", "int8")
+_COMPUTE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                  "int8": torch.bfloat16}
 
 
 class DecodeLinear(nn.Module):
@@ -374,7 +376,8 @@ class DecodeLinear(nn.Module):
 
     fp32: oneDNN-prepacked weight (exact fp32 maths, ~1.8x the bandwidth of F.linear);
           falls back to an (in, out) copy and addmm where oneDNN packing is unavailable.
-    fp16 / bf16: weight in half precision (out, in); inputs cast to it for the product.
+    bf16: oneDNN-prepacked bf16 weight (plain (out, in) F.linear as the fallback), bf16 inputs.
+    fp16: weight in fp16 (out, in), F.linear on fp16 inputs (torch's fp16 GEMV, fp32 accumulation).
     int8: symmetric per-output-channel int8 weight with bf16 scales (round to nearest),
           torch._weight_int8pack_mm on bf16 inputs.
     """
@@ -387,26 +390,31 @@ class DecodeLinear(nn.Module):
         weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach().float().clone()
         self.kind = mode
-        if mode == "fp32":
-            try:
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+        if mode in ("fp32", "bf16"):
+            dt = torch.float32 if mode == "fp32" else torch.bfloat16
+            self.bias = None if bias is None else self.bias.to(dt)
+            try:                                                           # oneDNN's blocked layout
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dt).contiguous(), 1)
                 self.kind = "mkldnn"
             except (RuntimeError, AttributeError):
-                self.weight = weight.t().contiguous()                      # (in, out)
-                self.kind = "addmm"
-        elif mode in ("fp16", "bf16"):
-            dt = torch.float16 if mode == "fp16" else torch.bfloat16
-            self.weight = weight.to(dt).contiguous()                       # (out, in)
-            self.bias = None if bias is None else self.bias.to(dt)
+                if mode == "fp32":
+                    self.weight, self.kind = weight.t().contiguous(), "addmm"      # (in, out)
+                else:
+                    self.weight = weight.to(dt).contiguous()                        # (out, in)
+        elif mode == "fp16":
+            self.weight = weight.half().contiguous()                       # (out, in)
+            self.bias = None if bias is None else self.bias.half()
         else:
             scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0       # (out,)
             self.weight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
+        self.dtype = _COMPUTE_DTYPE[mode]                                  # what inputs are cast to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:               # (..., in) -> (..., out)
         kind = self.kind
         if kind == "mkldnn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+            return y.to(x.dtype)
         if kind == "addmm":
             y = x.reshape(-1, self.in_features) @ self.weight
             return (y if self.bias is None else y.add_(self.bias)).view(*x.shape[:-1], -1)
@@ -419,7 +427,7 @@ class DecodeLinear(nn.Module):
             # fp16 units; fp16 -> fp32 is exact, so widen the weight and use the fp32 GEMM
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

@@ -387,6 +387,11 @@ def test_prepared_fp32_fallback_without_onednn(models, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(fast(idx), m(idx), rtol=1e-5, atol=1e-4)
     assert torch.equal(generate(fast, idx, 16), generate(m, idx, 16))
+    slow_bf16 = prepare_for_decoding(copy.deepcopy(m), "bf16")
+    assert {x.kind for x in slow_bf16.modules() if isinstance(x, DecodeLinear)} == {"bf16"}
+    with torch.no_grad():
+        ref = m(idx)
+        assert (slow_bf16(idx) - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
 @pytest.mark.parametrize("mode,tol", [("fp16", 2e-3), ("bf16", 2e-2), ("int8", 3e-2)])
