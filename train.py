@@ -123,6 +123,16 @@ def train(args: TrainArgs) -> dict:
             out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
         return out
 
+    tok = get_tokenizer()
+
+    def sample(m, n_tokens=None, seed=None) -> str:
+        """A short sample from <|endoftext|>; its own generator keeps the global RNG untouched."""
+        dev = next(m.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(args.seed if seed is None else seed)
+        out = m.generate(torch.tensor([[tok.eot_token]], device=dev), max_new_tokens=min(n_tokens or 32, m.config.block_size - 1),
+                         temperature=0.8, top_k=200, generator=gen)
+        return tok.decode(out[0, 1:].tolist()).strip()
+
     def save(m, d):
         m.save_pretrained(d)
 
@@ -138,6 +148,7 @@ def train(args: TrainArgs) -> dict:
 
     n = model.num_params()
     trainer = Trainer(model, cfg, get_batch, evaluate, save, load,
+                      sample=(lambda m: "sample: " + " / ".join(sample(m).splitlines()[:4])) if args.samples else None,
                       run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
                                 "model": model.config.to_dict()})
     if trainer.is_main:
@@ -146,17 +157,10 @@ def train(args: TrainArgs) -> dict:
               f"{trainer.precision}")
     result = trainer.fit(resume=args.resume)
     if trainer.is_main:
-        tok = get_tokenizer()
-        model.eval()
-        gen = torch.Generator(device=trainer.device).manual_seed(args.seed)
         if args.samples:
             print("\nsamples:")
         for i in range(args.samples):
-            start = torch.tensor([[tok.eot_token]], device=trainer.device)
-            n_new = min(args.sample_tokens, model.config.block_size - 1)   # a sample never fails the run
-            out = model.generate(start, max_new_tokens=n_new, temperature=0.8, top_k=200,
-                                 generator=gen)
-            print("-" * 40 + "\n" + tok.decode(out[0, 1:].tolist()).strip())
+            print("-" * 40 + "\n" + sample(model, args.sample_tokens, seed=args.seed + i))
         print("-" * 40)
         print(f"saved model to {args.out_dir}  (load with GPT.from_pretrained({args.out_dir!r}) "
               f"or chat with: python chat.py --model {args.out_dir})")

@@ -1,0 +1,141 @@
+"""The model itself: preset sizes, structure, loss helpers and bits per byte against transformers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt import GPT, GPTConfig, get_tokenizer, lm_loss
+from minigpt.checkpoint import load_model
+from minigpt.data import DataError, TokenDataset, prepare_data
+from minigpt.evaluate import evaluate_bpb, evaluate_loss
+from minigpt.loss import CausalLMLoss, fused_lm_loss
+
+
+@pytest.mark.parametrize("name, n", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                     ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_preset_parameter_counts(name, n):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name(name))
+    assert model.num_params() == n
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.vocab_size == 50257 and model.config.block_size == 1024
+
+
+def test_hf_parameter_names():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16))
+    keys = set(model.state_dict())
+    for k in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+              "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.bias"]:
+        assert k in keys
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=65, n_head=2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_name("gpt3")
+    with pytest.raises(ValueError, match="positive"):
+        GPTConfig(n_layer=0)
+
+
+def test_gpt2_init_statistics():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64))
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_forward_shape_and_context_error():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8))
+    assert model(torch.zeros(3, 8, dtype=torch.long)).shape == (3, 8, 50257)
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+    x = torch.randint(0, 50257, (1, 10))
+    y = x.clone()
+    y[0, 6] = (y[0, 6] + 1) % 50257
+    a, b = model(x), model(y)
+    assert torch.equal(a[:, :6], b[:, :6]) and not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_fused_loss_matches_reference_loss_and_grads(tiny_hf_gpt2):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 64, requires_grad=True)
+    weight = (torch.randn(50257, 64) * 0.2).requires_grad_()
+    y = torch.randint(0, 50257, (2, 7))
+    y[1, :3] = -100
+    fused = fused_lm_loss(hidden, weight, y, chunk=5)
+    fused.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy((hidden @ weight.T).view(-1, 50257), y.view(-1), ignore_index=-100)
+    ref.backward()
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(gh, hidden.grad, atol=1e-7) and torch.allclose(gw, weight.grad, atol=1e-7)
+
+
+def test_loss_module_equals_transformers_loss(tiny_hf_gpt2, tmp_path):
+    tiny_hf_gpt2.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    x = torch.randint(0, 50257, (2, 12))
+    ours = CausalLMLoss(model)(x[:, :-1], x[:, 1:])
+    theirs = tiny_hf_gpt2(x, labels=x).loss
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-4)
+    assert lm_loss(model(x[:, :-1]), x[:, 1:]).item() == pytest.approx(theirs.item(), abs=1e-4)
+
+
+def test_bits_per_byte_against_transformers(tiny_hf_gpt2, tmp_path):
+    tiny_hf_gpt2.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    text = "Of Man's first disobedience, and the fruit\nOf that forbidden tree — whose mortal taste…\n" * 3
+    tok = get_tokenizer()
+    ids = tok.encode_ordinary(text)
+    got = evaluate_bpb(model, text, block_size=16, batch_size=3)
+    # reference: transformers logits over the same non-overlapping 16-token windows
+    nats = 0.0
+    for s in range(0, len(ids) - 1, 16):
+        x = torch.tensor([ids[s: s + 16]])
+        y = torch.tensor(ids[s + 1: s + 17])
+        x = x[:, : len(y)]
+        with torch.no_grad():
+            nats += F.cross_entropy(tiny_hf_gpt2(x).logits[0], y, reduction="sum").item()
+    nbytes = len(text.encode("utf-8")) - len(tok.decode_bytes(ids[:1]))
+    assert got["tokens"] == len(ids) - 1 and got["bytes"] == nbytes
+    assert got["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+    ev = evaluate_loss(model, [(torch.tensor([ids[:16]]), torch.tensor([ids[1:17]]))])
+    assert ev["tokens"] == 16 and 0 <= ev["acc"] <= 1 and ev["bpb"] > 0
+
+
+def test_prepare_data_sources(tmp_path):
+    tok = get_tokenizer()
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    one = prepare_data(str(tmp_path / "a.txt"), tmp_path / "cache")
+    train = np.fromfile(one / "train.bin", dtype=np.uint16)
+    val = np.fromfile(one / "val.bin", dtype=np.uint16)
+    assert train[:3].tolist() == tok.encode("hello world\n")[:3]
+    assert len(val) == int((len(train) + len(val)) * 0.05)
+    assert prepare_data(str(tmp_path / "a.txt"), tmp_path / "cache") == one          # cached
+    ids = np.arange(1000, dtype=np.uint16)
+    ids.tofile(tmp_path / "tokens.bin")
+    b = prepare_data(str(tmp_path / "tokens.bin"), tmp_path / "cache")
+    assert np.fromfile(b / "train.bin", dtype=np.uint16).tolist() == list(range(950))
+    ds = TokenDataset(b / "train.bin", 16)
+    x1, y1 = ds.batch(4, seed=1, step=3)
+    x2, y2 = ds.batch(4, seed=1, step=3)
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, ds.batch(4, seed=1, step=4)[0])
+    bad = tmp_path / "bad.bin"
+    np.array([60000], dtype=np.uint16).tofile(bad)
+    with pytest.raises(DataError, match="outside GPT-2's vocabulary"):
+        prepare_data(str(bad), tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .txt files"):
+        prepare_data(str(tmp_path / "empty"), tmp_path / "cache")
