@@ -380,8 +380,10 @@ class Trainer:
     def _record(self, rec: dict) -> None:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # strict JSON: a non-finite loss is written as null
+            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
             with open(self.out_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
 
     def _plot(self) -> None:
         if not self.is_main:
@@ -393,8 +395,8 @@ class Trainer:
         except ImportError:
             return
         recs = [json.loads(ln) for ln in (self.out_dir / METRICS_FILE).read_text().splitlines() if ln.strip()]
-        tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-        va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        tr = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+        va = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         fig, ax = plt.subplots(figsize=(6, 4))
         if tr:
             ax.plot(*zip(*tr), label="train", alpha=0.7)
