@@ -87,8 +87,10 @@ def main(argv=None) -> dict:
         f(4)
     times = {k: [] for k in systems}
     outs = {}
-    for _ in range(rounds):
-        for name, f in systems.items():
+    order = list(systems)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:   # rotate who goes first
+            f = systems[name]
             t0 = time.perf_counter()
             outs[name] = f(n_new)
             times[name].append(time.perf_counter() - t0)
