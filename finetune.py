@@ -409,6 +409,8 @@ def finetune(args: FinetuneArgs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(FinetuneArgs, argv, description=__doc__.splitlines()[0], prog="finetune.py")
+    from minigpt.trainer import reuse_freed_memory
+    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
     return run_main(lambda: (finetune(args), 0)[1], args.debug)
 
 

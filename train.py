@@ -169,6 +169,8 @@ def train(args: TrainArgs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(TrainArgs, argv, description=__doc__.splitlines()[0], prog="train.py")
+    from minigpt.trainer import reuse_freed_memory
+    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
     return run_main(lambda: (train(args), 0)[1], args.debug)
 
 
