@@ -48,3 +48,72 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# --- helpers for benchmarks that measure in subprocesses (train_step.py) ------------------------
+# Peak memory is the peak resident set size (RSS) of a process. To measure it over a stretch of
+# work, reset the kernel's high-water mark (write "5" to /proc/self/clear_refs, Linux >= 4.0), read
+# VmRSS as the baseline, do the work, then read VmHWM. Where that is unavailable, ru_maxrss (the
+# process-lifetime peak) is the fallback, which can only overstate the baseline's peak.
+
+def _status_kb(field: str):
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed malloc memory back to the OS, so RSS is what is live."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (VmRSS; ru_maxrss when /proc is unavailable)."""
+    kb = _status_kb("VmRSS")
+    if kb is None:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def reset_peak_rss() -> str:
+    """Start a new peak-RSS window; returns the method peak_rss_mb() will use."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        if _status_kb("VmHWM") is not None:
+            return "VmHWM after clear_refs=5"
+    except OSError:
+        pass
+    return "ru_maxrss"
+
+
+def peak_rss_mb(method: str) -> float:
+    """Peak RSS in MiB since reset_peak_rss() (or since process start for ru_maxrss)."""
+    if method.startswith("VmHWM"):
+        return _status_kb("VmHWM") / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(script: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run `python script _worker '<json spec>'` in a fresh process; it must print one line
+    `RESULT <json>` (the last such line is returned). Its stderr is shown when it fails."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, script, "_worker", json.dumps(spec)], capture_output=True,
+                       text=True, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"worker {spec.get('role', '')} failed (exit {p.returncode}):\n"
+                           f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

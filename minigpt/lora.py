@@ -143,7 +143,12 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         h = self.lora_dropout(x).to(self.lora_A.dtype)
-        d = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., out')
+        u = F.linear(h, self.lora_A) * self.scaling                        # (..., r): scale the small side
+        if self.out_slices is None and u.dtype == y.dtype:
+            # y + u B^T as one addmm: no (..., out) temporaries for the update, its scaling and the sum
+            return torch.addmm(y.reshape(-1, self.out_features), u.reshape(-1, self.r),
+                               self.lora_B.t()).view(y.shape)
+        d = F.linear(u, self.lora_B)                                       # (..., out')
         if self.out_slices is not None:
             d = d.new_zeros(*d.shape[:-1], self.out_features).index_copy(-1, self.lora_out_idx, d)
         return y + d.to(y.dtype)

@@ -15,33 +15,62 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """mean CE(h @ w.T, y) over y != ignore_index, computed in row chunks.
 
     Gradients are formed chunk by chunk during the forward pass (softmax - onehot), so peak
-    memory is one chunk of logits instead of all of them.
+    memory is one chunk of logits instead of all of them: a single (chunk, V) buffer holds the
+    logits, then the log-probabilities (in place), then the probabilities (plus an fp32 buffer for
+    the softmax when the matmuls run in bf16/fp16). Rows whose target is ignore_index never enter
+    the matmuls.
     """
 
     @staticmethod
     def forward(ctx, h, w, y, ignore_index: int, chunk: int, dtype: torch.dtype):
         # h (N, C), w (V, C), y (N,)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = y != ignore_index
         n_valid = valid.sum().clamp(min=1)
+        keep = None
+        if not bool(valid.all()):
+            # ignored positions (padding, masked prompts) add no loss and no gradient: leave their
+            # rows out of the head matmuls altogether
+            keep = valid.nonzero().squeeze(1)
+            hk, yk = h.index_select(0, keep), y.index_select(0, keep)            # (n_valid, C)
+        else:
+            hk, yk = h, y
         wc = w.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, h.size(0), chunk):
-            hs, ys, vs = h[s:s + chunk].to(dtype), y[s:s + chunk], valid[s:s + chunk]
-            logp = torch.log_softmax(hs @ wc.t(), dim=-1, dtype=torch.float32)   # (n, V)
-            rows = torch.arange(len(ys), device=h.device)
-            total -= (logp[rows, ys.clamp(min=0)] * vs).sum()
-            if need_grad:
-                p = torch.exp(logp, out=torch.empty_like(logp, dtype=dtype))    # softmax (n, V)
-                p[rows, ys.clamp(min=0)] -= 1.0                                 # - onehot
-                if not bool(vs.all()):
-                    p[~vs] = 0
-                if grad_h is not None:
-                    grad_h[s:s + chunk] = p @ wc
-                if grad_w is not None:
-                    grad_w.add_(p.t() @ hs)
+        grad_hk = torch.empty(hk.shape, dtype=h.dtype, device=h.device) if need_h else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        # one (chunk, V) buffer for all chunks: logits, then log-probs in place, then probs. The
+        # softmax is fp32 at least: bf16/fp16 logits are copied into a second, fp32 buffer
+        sm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        rows_max = min(chunk, hk.size(0))
+        buf = torch.empty(rows_max, w.size(0), dtype=dtype, device=h.device)
+        buf_sm = buf if sm_dtype == dtype else torch.empty(rows_max, w.size(0), dtype=sm_dtype, device=h.device)
+        for s in range(0, hk.size(0), chunk):
+            hs, ys = hk[s:s + chunk].to(dtype), yk[s:s + chunk]
+            n = hs.size(0)
+            logits = torch.mm(hs, wc.t(), out=buf[:n])                              # (n, V)
+            logp = logits if buf_sm is buf else buf_sm[:n].copy_(logits)
+            torch.log_softmax(logp, dim=-1, out=logp)                             # in place
+            rows = torch.arange(n, device=h.device)
+            total -= logp[rows, ys].sum()
+            if need_h or need_w:
+                p = logp.exp_()                                                    # softmax (n, V)
+                p[rows, ys] -= 1.0                                                 # - onehot
+                if p is not logits:
+                    p = logits.copy_(p)                                            # matmul dtype
+                if need_h:
+                    if p.dtype == grad_hk.dtype:
+                        torch.mm(p, wc, out=grad_hk[s:s + n])
+                    else:
+                        grad_hk[s:s + n] = p @ wc
+                if need_w:
+                    if p.dtype == grad_w.dtype:
+                        grad_w.addmm_(p.t(), hs)
+                    else:
+                        grad_w.add_(p.t() @ hs)
+        grad_h = grad_hk
+        if need_h and keep is not None:
+            grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device).index_copy_(0, keep, grad_hk)
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
                               grad_w if grad_w is not None else torch.empty(0), n_valid)
         return total / n_valid
