@@ -1,36 +1,44 @@
 """Training-step speed and peak memory, minigpt vs transformers (+ peft), side by side.
 
-    python benchmarks/train_step.py lora              # LoRA fine-tuning step, GPT-2 124M
-    python benchmarks/train_step.py pretrain          # full pretraining step, tiny and GPT-2 124M
-    python benchmarks/train_step.py lora --quick      # each under a minute (smaller batches)
+    python benchmarks/train_step.py lora --quick      # < 1 minute: batch 1 x 128, fp32
+    python benchmarks/train_step.py pretrain --quick  # < 1 minute: tiny model, fp32 + bf16
+    python benchmarks/train_step.py lora --profile    # LoRA step, GPT-2 124M, 4 x 256, fp32 + bf16
+    python benchmarks/train_step.py pretrain --profile  # tiny 16 x 128 and GPT-2 124M 2 x 512
 
-Both libraries hold the same numbers: a transformers GPT2LMHeadModel is built with a fixed seed
-(random weights) and saved; minigpt loads that directory with GPT.from_pretrained. Dropout in the
-base model is 0 (so both compute the same function); LoRA dropout is 0.05 in both. fp32 on CPU
-unless a row says bf16 (CPU autocast, fp32 master weights, in both libraries).
+Both libraries hold the same numbers: the timing worker builds a transformers GPT2LMHeadModel
+with a fixed seed (random weights, dropout 0) and saves it; both libraries load that directory
+(minigpt with GPT.from_pretrained). LoRA dropout is 0.05 in both. fp32 on CPU unless a row says
+bf16 (CPU autocast, fp32 master weights, in both libraries).
 
 A step is what each library's user runs, end to end: forward + loss, backward, loss.item(),
 grad-norm clipping at 1.0, AdamW (betas 0.9/0.95, weight decay 0.1 on 2-D non-embedding
 weights, the same parameter groups in both), zero_grad.
   minigpt:       minigpt.trainer.Trainer.train_step() (CausalLMLoss: fused head + cross-entropy;
                  add_lora for LoRA), precision "fp32" or "bf16".
-  transformers:  model(input_ids, labels=input_ids).loss; for LoRA, peft.get_peft_model with
+  transformers:  model(input_ids, labels=labels).loss; for LoRA, peft.get_peft_model with
                  LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True).
-Same token batches (Shakespeare from minigpt's embedded corpus); minigpt's targets are the inputs
-shifted by one with -100 at the last position, which is exactly what transformers computes from
-labels=input_ids, so the step-0 losses must agree (checked: |diff| < 1e-4 in fp32).
+Same token batches (Shakespeare from minigpt's embedded corpus). labels = input_ids (with the first
+--mask-prompt fraction of each sequence set to -100); minigpt's targets are those labels shifted
+by one with -100 at the last position, exactly what transformers computes internally, so the
+step-0 losses must agree: checked, |diff| < 1e-4 in fp32, else the run exits non-zero.
 
 Timing: one worker process holds both libraries and runs their steps interleaved: after warm-up,
 each round runs every system once, in rotating order, so machine noise hits them alike. Ratios
-are per round (transformers time / minigpt time, same precision), then the median.
+are per round (transformers time / minigpt time, same precision), then the median; both wall
+time ("results") and process CPU time ("results_cpu_clock", which leaves out time spent
+descheduled; meaningful with 1 thread) are recorded. --profile adds one torch.profiler step per
+system: GEMM / attention / other time and the speedup ceiling that GEMM time implies.
 Peak memory: every system again in its OWN fresh process (no cross-library pollution): after the
-model is loaded and LoRA/optimizer set up, garbage is collected and malloc_trim(0) run, the kernel's
-RSS high-water mark is reset (/proc/self/clear_refs = 5) and VmRSS taken as the baseline; after
-`--mem-steps` training steps (AdamW state is allocated in the first), peak = VmHWM. The figure
-compared is peak - baseline: what training adds on top of the loaded model (activations,
-gradients, optimizer state, loss temporaries). Absolute peaks are in the JSON too.
-Results: benchmarks/results/train_step_{lora,pretrain}[_quick].json with machine info and the
-load average before/after and per round.
+model is loaded, LoRA/optimizer set up and every weight read once (mmap'd weights are paged in),
+garbage is collected and malloc_trim(0) run, the kernel's RSS high-water mark is reset
+(/proc/self/clear_refs = 5) and VmRSS taken as the baseline; after --mem-steps training steps
+(AdamW state is allocated in the first), peak = VmHWM. The figure compared is peak - baseline:
+what training adds to the loaded model (activations, gradients, optimizer state, loss
+temporaries). Absolute peaks are in the JSON too.
+--threads auto (default) uses every core on an idle machine and 1 thread on a busy one (see
+pick_threads); --allocator reuse applies minigpt.trainer.reuse_freed_memory() in every process.
+Results: benchmarks/results/train_step_{lora,pretrain}[_quick][_tN][_reuse][_maskF].json, with
+machine info, the load average before/after and per round.
 """
 from __future__ import annotations
 
@@ -233,15 +241,18 @@ def worker(spec: dict) -> dict:
                 first[f"{lib} {p}"] = loss
     out["step0_loss"] = first
     times = {f"{lib} {p}": [] for lib, p in systems}
+    cpu_times = {f"{lib} {p}": [] for lib, p in systems}
     loads = []
     for r in range(spec["rounds"]):
         order = systems[r % len(systems):] + systems[:r % len(systems)]
         for lib, p in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             libs[lib].step(p)
             times[f"{lib} {p}"].append(time.perf_counter() - t0)
+            cpu_times[f"{lib} {p}"].append(time.process_time() - c0)
         loads.append(round(os.getloadavg()[0], 2))
     out["times"] = times
+    out["cpu_times"] = cpu_times
     out["load_1min_per_round"] = loads
     if spec.get("profile"):
         out["profile"] = {f"{lib} {p}": profile_step(libs[lib], p) for lib, p in systems}
@@ -304,9 +315,11 @@ def _med(xs):
     return statistics.median(xs)
 
 
-def summarize(run: dict, tokens_per_step: int, ref: str) -> dict:
-    """Per-system medians; ratios per round vs `ref` and vs the other library at equal precision."""
-    times = run["times"]
+def summarize(run: dict, tokens_per_step: int, ref: str, clock: str = "wall") -> dict:
+    """Per-system medians; ratios per round vs `ref` and vs the other library at equal precision.
+    clock "cpu": the process's CPU time (user + system) instead of wall time, which leaves out the
+    time the process sat descheduled; meaningful with 1 thread (more threads add their spinning)."""
+    times = run["times"] if clock == "wall" else run["cpu_times"]
     res = {}
     for name, ts in times.items():
         lib, prec = name.split(" ")
@@ -318,6 +331,9 @@ def summarize(run: dict, tokens_per_step: int, ref: str) -> dict:
             per = [a / b for a, b in zip(times[other], ts)]
             r["speedup_vs_transformers_same_precision_per_round"] = [round(x, 3) for x in per]
             r["speedup_vs_transformers_same_precision_median"] = round(_med(per), 3)
+        if clock != "wall":
+            res[name] = r
+            continue
         if name in run["initial_loss"]:
             r["initial_loss"] = round(run["initial_loss"][name], 6)
         r["step0_loss"] = round(run["step0_loss"][name], 6)
@@ -359,18 +375,20 @@ def print_profile(prof: dict | None) -> None:
               f"nothing else (profiled step: {c['profiled_speedup']:.2f}x)")
 
 
-def print_table(title: str, res: dict, mem: dict | None = None) -> None:
+def print_table(title: str, res: dict, mem: dict | None = None, res_cpu: dict | None = None) -> None:
     print(f"\n{title}")
     print(f"{'system':22s} {'step s (med)':>12s} {'tok/s':>8s} {'x HF same prec (med)':>21s} "
-          f"{'per round':>30s} {'x HF fp32':>10s} {'train mem MiB':>14s}")
+          f"{'per round':>30s} {'x HF fp32':>10s} {'train mem MiB':>14s} {'cpu clock: x HF same prec':>26s}")
     for name, r in res.items():
+        c = (res_cpu or {}).get(name, {}).get("speedup_vs_transformers_same_precision_median")
         sp = r.get("speedup_vs_transformers_same_precision_median")
         per = r.get("speedup_vs_transformers_same_precision_per_round")
         m = (mem or {}).get(name)
         vs32 = r["speedup_vs_transformers_fp32_median"]
         print(f"{name:22s} {r['step_s_median']:12.3f} {r['tok_per_s_median']:8.1f} "
               f"{(f'{sp:.2f}x' if sp else ''):>21s} {(' '.join(f'{x:.2f}' for x in per) if per else ''):>30s} "
-              f"{vs32:9.2f}x {(format(m['train_peak_over_setup_mb'], '.0f') if m else ''):>14s}")
+              f"{vs32:9.2f}x {(format(m['train_peak_over_setup_mb'], '.0f') if m else ''):>14s} "
+              f"{(f'{c:.2f}x' if c else ''):>26s}")
 
 
 def run_memory(script, base_spec, systems, concurrent: bool = False) -> dict:
@@ -396,6 +414,7 @@ def bench_lora(args, tmp) -> dict:
     run = run_worker(__file__, {**spec, "role": "timing", "systems": systems, "rounds": rounds,
                                 "warmup": 1, "profile": args.profile})
     res = summarize(run, batch * block, "transformers fp32")
+    res_cpu = summarize(run, batch * block, "transformers fp32", clock="cpu")
     mem_systems = [s for s in systems if s[1] == "fp32" or not args.quick]
     mem = run_memory(__file__, {**spec, "steps": args.mem_steps or (1 if args.quick else 2)}, mem_systems,
                      concurrent=args.quick)
@@ -416,7 +435,8 @@ def bench_lora(args, tmp) -> dict:
         "systems": {"minigpt": "Trainer.train_step (CausalLMLoss fused head+CE, add_lora)",
                     "transformers": "transformers GPT2LMHeadModel + peft get_peft_model, "
                                     f"model(input_ids, labels=input_ids).loss, attn={run['attn_implementation']}"},
-        "timing": "interleaved in one process, rotating order per round; ratio = transformers / minigpt per round",
+        "timing": "interleaved in one process, rotating order per round; ratio = transformers / minigpt per round; "
+                  "results: wall clock, results_cpu_clock: process CPU time (user+system)",
         "memory_method": "separate process per system; peak RSS (VmHWM after clear_refs=5) minus RSS after "
                          "model load + LoRA setup + touching every weight + gc + malloc_trim, over the first "
                          f"{args.mem_steps or (1 if args.quick else 2)} training step(s)",
@@ -425,11 +445,11 @@ def bench_lora(args, tmp) -> dict:
                 "memory_ratio_fp32": mg["memory_ratio_vs_transformers"]["train_peak_over_setup"] <= 0.8},
         "step0_loss_check": check,
         "load_1min_per_round": run["load_1min_per_round"],
-        "results": res, "memory": mem,
+        "results": res, "results_cpu_clock": res_cpu, "memory": mem,
         **({"profile": run["profile"], "profile_summary": profile_summary(run["profile"])}
            if "profile" in run else {}),
     }
-    print_table(f"LoRA step, gpt2, batch {batch} x {block}, {rounds} rounds", res, mem)
+    print_table(f"LoRA step, gpt2, batch {batch} x {block}, {rounds} rounds", res, mem, res_cpu)
     print_profile(run.get("profile"))
     print(f"step-0 loss: minigpt {check['minigpt_fp32']:.6f} transformers {check['transformers_fp32']:.6f} "
           f"|diff| {check['abs_diff']:.2e} ({'ok' if check['ok'] else 'MISMATCH'})")
@@ -452,7 +472,8 @@ def bench_pretrain(args, tmp) -> dict:
            "systems": {"minigpt": "Trainer.train_step (CausalLMLoss fused head+CE), precision fp32 / bf16 autocast",
                        "transformers": "GPT2LMHeadModel, model(input_ids, labels=input_ids).loss, "
                                        "same AdamW groups, fp32 / torch.autocast('cpu', bfloat16)"},
-           "timing": "interleaved in one process, rotating order per round; ratio = transformers / minigpt per round",
+           "timing": "interleaved in one process, rotating order per round; ratio = transformers / minigpt per round; "
+                     "results: wall clock, results_cpu_clock: process CPU time (user+system)",
            "sizes": {}}
     for size, batch, block, rounds, precs in configs:
         systems = [[lib, p] for p in precs for lib in ("minigpt", "transformers")]
@@ -462,6 +483,7 @@ def bench_pretrain(args, tmp) -> dict:
         run = run_worker(__file__, {**spec, "role": "timing", "systems": systems, "rounds": rounds,
                                     "warmup": 1, "profile": args.profile})
         res = summarize(run, batch * block, "transformers fp32")
+        res_cpu = summarize(run, batch * block, "transformers fp32", clock="cpu")
         mem = None
         if not args.quick and not args.no_memory:
             mem = run_memory(__file__, {**spec, "steps": args.mem_steps or 2}, [s for s in systems if s[1] == "fp32"])
@@ -474,10 +496,11 @@ def bench_pretrain(args, tmp) -> dict:
                               "tokens_per_step": batch * block, "rounds": rounds,
                               "attn_implementation": run["attn_implementation"],
                               "step0_loss_check": check, "load_1min_per_round": run["load_1min_per_round"],
-                              "results": res, **({"memory": mem} if mem else {}),
+                              "results": res, "results_cpu_clock": res_cpu, **({"memory": mem} if mem else {}),
                               **({"profile": run["profile"], "profile_summary": profile_summary(run["profile"])}
                                  if "profile" in run else {})}
-        print_table(f"pretraining step, {size} {SIZES[size]}, batch {batch} x {block}, {rounds} rounds", res, mem)
+        print_table(f"pretraining step, {size} {SIZES[size]}, batch {batch} x {block}, {rounds} rounds", res, mem,
+                    res_cpu)
         print_profile(run.get("profile"))
         print(f"step-0 loss: minigpt {check['minigpt_fp32']:.6f} transformers {check['transformers_fp32']:.6f} "
               f"|diff| {check['abs_diff']:.2e} ({'ok' if check['ok'] else 'MISMATCH'})")
