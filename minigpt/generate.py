@@ -359,7 +359,11 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
 # divided by the memory bandwidth that the matmul kernel achieves for a (1, in) x (in, out) product.
 # Measured on 2 AVX-512 cores (GPT-2 124M, all Linear layers + tied head, one token):
 #   fp32 F.linear 43 ms | fp32 (in, out) addmm 29 ms | fp32 oneDNN-prepacked 24 ms
-#   bf16 F.linear 25 ms | int8 _weight_int8pack_mm 14 ms | fp16 F.linear 8-10 ms
+#   bf16 F.linear 25 ms | bf16 oneDNN-prepacked ~14 ms | int8 _weight_int8pack_mm 11-14 ms
+#   fp16 F.linear 8-10 ms (~28 GB/s: about what 2 cores can stream)
+# The rest of a decode step (LayerNorms, attention over the cache, casts, Python) adds ~1-2 ms.
+# torch.compile of the decode step saved ~0.8 ms/token (~8%) but took 20-80 s to compile on
+# 2 cores, so it is not used.
 # Bytes read per token for GPT-2 124M: 123.5M Linear + head weights (the head is 38.6M of them):
 #   fp32 494 MB, fp16/bf16 247 MB, int8 124 MB (+ the KV cache: 74 KB per cached position in fp32).
 # So the ceiling is bandwidth / bytes: e.g. 20 GB/s -> 40 tok/s in fp32, 30 GB/s -> 120 tok/s in fp16.
@@ -436,8 +440,10 @@ class DecodeLinear(nn.Module):
 def prepare_for_decoding(model, mode: str = "fp16"):
     """Swap every nn.Linear of `model` (and the tied head) for a DecodeLinear, in place.
 
-    mode: "fp32" (same maths, prepacked: ~1.5x faster decoding), "fp16" (fastest here, ~4-5x
-    transformers' fp32 on CPU), "bf16", or "int8" (weight-only, per-channel scales).
+    mode: "fp32" (same maths and tokens, prepacked), "fp16" (fastest on CPUs), "bf16", or "int8"
+    (weight-only, per-output-channel scales). Measured by benchmarks/decode.py (GPT-2 124M, batch 1,
+    2 threads, AVX-512): vs transformers' fp32 generate, fp32 ~1.5x, fp16 ~3.5x, int8 ~3.1x,
+    bf16 ~2.6x; a plain (unprepared) model decodes at about transformers' speed.
     Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
     has no trainable Linear weights and should not be saved (keep the original or reload it).
     Embeddings, LayerNorms, attention and the KV cache stay in fp32. Call it after moving the
