@@ -442,8 +442,9 @@ def prepare_for_decoding(model, mode: str = "fp16"):
 
     mode: "fp32" (same maths and tokens, prepacked), "fp16" (fastest on CPUs), "bf16", or "int8"
     (weight-only, per-output-channel scales). Measured by benchmarks/decode.py (GPT-2 124M, batch 1,
-    2 threads, AVX-512): vs transformers' fp32 generate, fp32 ~1.5x, fp16 ~3.5x, int8 ~3.1x,
-    bf16 ~2.6x; a plain (unprepared) model decodes at about transformers' speed.
+    2 threads, AVX-512), vs transformers' fp32 generate in the same run: fp32 1.5-1.8x,
+    fp16 3.5-3.6x, int8 3.1-3.3x, bf16 2.6-3.0x; a plain (unprepared) model decodes at about
+    transformers' speed.
     Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
     has no trainable Linear weights and should not be saved (keep the original or reload it).
     Embeddings, LayerNorms, attention and the KV cache stay in fp32. Call it after moving the
