@@ -28,18 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
+from minigpt.checkpoint import hf_to_minigpt  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
-
-
-def hf_to_minigpt(hf) -> dict:
-    sd = {}
-    for k, v in hf.state_dict().items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            v = v.t()
-        sd[k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k] = v
-    return sd
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -71,7 +61,7 @@ def main(argv=None) -> dict:
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     hf.generation_config.eos_token_id = None                     # never stop early: same work for all
     base = GPT(GPTConfig.from_name("gpt2")).eval()
-    base.load_state_dict(hf_to_minigpt(hf), strict=False)
+    base.load_state_dict(hf_to_minigpt(hf.state_dict()), strict=False)
     idx = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(idx)
 
