@@ -40,6 +40,39 @@ def machine_info() -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
+    if torch.cuda.is_available():          # only on CUDA machines: CPU results keep their keys
+        try:
+            info["cuda"] = cuda_info()
+        except Exception as e:             # a broken driver must not cost the run its results
+            info["cuda"] = {"error": f"{type(e).__name__}: {e}"}
+    return info
+
+
+def cuda_info() -> dict:
+    """The CUDA device (the current one) and the versions torch was built with / runs on."""
+    dev = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(dev)
+    info = {
+        "device_name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "total_memory_gib": round(props.total_memory / 2 ** 30, 1),
+        "multiprocessors": props.multi_processor_count,
+        "device_count": torch.cuda.device_count(),
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch": torch.__version__,
+    }
+    import subprocess
+    try:                                   # driver version: only nvidia-smi knows it
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                              "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            first = out.stdout.strip().splitlines()[0]          # the first GPU nvidia-smi lists
+            driver, sm_clock, power = [x.strip() for x in first.split(",")[:3]]
+            info.update(driver=driver, max_sm_clock=sm_clock, power_limit=power)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
     return info
 
 

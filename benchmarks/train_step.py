@@ -89,7 +89,9 @@ def labels_for(x: torch.Tensor, spec: dict) -> torch.Tensor:
 
 
 class MinigptSystem:
-    """minigpt the way train.py / finetune.py run it: Trainer.train_step()."""
+    """minigpt the way train.py / finetune.py run it: Trainer.train_step().
+    Optional spec keys (benchmarks/gpu.py): "device" (default "cpu"; batches are moved there once,
+    so the timed step copies nothing) and "compile" (TrainConfig.compile, default False)."""
 
     lib = "minigpt"
 
@@ -97,17 +99,20 @@ class MinigptSystem:
         from minigpt import GPT
         from minigpt.lora import add_lora
         from minigpt.trainer import TrainConfig, Trainer
+        device = spec.get("device", "cpu")
         model = GPT.from_pretrained(spec["weights"]).train()
         if spec["bench"] == "lora":
             add_lora(model, **LORA)
         self.data = [(x, torch.cat([lab[:, 1:], torch.full_like(x[:, :1], -100)], 1))
                      for x, lab in ((x, labels_for(x, spec)) for x in batches)]
+        if device != "cpu":
+            self.data = [(x.to(device), y.to(device)) for x, y in self.data]
         self.i = 0
         cfg = TrainConfig(out_dir=os.path.join(spec["tmp"], "unused-out"), max_steps=10 ** 9,
                           batch_size=batches[0].size(0), lr=spec["lr"], warmup_steps=0,
                           schedule="constant", weight_decay=OPT["weight_decay"],
                           beta1=OPT["betas"][0], beta2=OPT["betas"][1], grad_clip=OPT["grad_clip"],
-                          precision="fp32", device="cpu")
+                          precision="fp32", device=device, compile=bool(spec.get("compile", False)))
         self.trainer = Trainer(model, cfg, get_batch=lambda step, micro: self.data[self.i % len(self.data)],
                                evaluate=lambda m: {}, save_weights=lambda m, d: None,
                                load_weights=lambda m, d: None, quiet=True)
@@ -128,7 +133,10 @@ class MinigptSystem:
 
 
 class HFSystem:
-    """A plain transformers training loop (labels=input_ids), with peft for LoRA."""
+    """A plain transformers training loop (labels=input_ids), with peft for LoRA.
+    Optional spec keys (benchmarks/gpu.py): "device" (default "cpu"; on CUDA the model and batches
+    move there and AdamW is fused, as minigpt's Trainer does) and "compile" (torch.compile the
+    model; default False)."""
 
     lib = "transformers"
 
@@ -136,22 +144,28 @@ class HFSystem:
         _quiet_hf()
         from transformers import GPT2LMHeadModel
         from minigpt.trainer import param_groups            # same groups rule: identical AdamW work
+        self.device = torch.device(spec.get("device", "cpu"))
         model = GPT2LMHeadModel.from_pretrained(spec["weights"], dtype=torch.float32)
         if spec["bench"] == "lora":
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(
                 r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                 target_modules=list(LORA["targets"]), fan_in_fan_out=True, task_type="CAUSAL_LM"))
+        if self.device.type != "cpu":
+            model = model.to(self.device)
         self.model = model.train()
+        self.fwd = torch.compile(self.model) if spec.get("compile") else self.model
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
         self.opt = torch.optim.AdamW(param_groups(model, OPT["weight_decay"]), lr=spec["lr"],
-                                     betas=OPT["betas"])
+                                     betas=OPT["betas"],
+                                     **({"fused": True} if self.device.type == "cuda" else {}))
         self.lr, self.data, self.i = spec["lr"], [(x, labels_for(x, spec)) for x in batches], 0
+        if self.device.type != "cpu":
+            self.data = [(x.to(self.device), lab.to(self.device)) for x, lab in self.data]
 
-    @staticmethod
-    def _ctx(precision):
+    def _ctx(self, precision):
         if precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def step(self, precision: str) -> float:
@@ -159,7 +173,7 @@ class HFSystem:
         for g in self.opt.param_groups:
             g["lr"] = self.lr
         with self._ctx(precision):
-            loss = self.model(input_ids=x, labels=labels).loss
+            loss = self.fwd(input_ids=x, labels=labels).loss
         loss.backward()
         val = loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPT["grad_clip"])
