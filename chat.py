@@ -57,6 +57,10 @@ class ChatArgs:
     seed: Optional[int] = field(None, "random seed for sampling (default: unseeded)")
     stop: list[str] = field([], "extra stop string(s); repeatable: --stop A --stop B or --stop A B")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
+    weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
+                                 "fp16, bf16, int8, int4 (CPU, approximate, faster), plain")
+    compile: bool = field(False, "compile each decoding step (CUDA graphs on a GPU; the first "
+                                 "reply waits for the compiler)")
     debug: bool = field(False, "show tracebacks")
 
 
@@ -189,6 +193,25 @@ def _read_line(interactive: bool) -> Optional[str]:
     return line.rstrip("\r\n")
 
 
+def _prepare_weights(model, weights: str, device, compile: bool) -> None:
+    """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks."""
+    from minigpt.generate import DECODE_MODES, prepare_for_decoding
+
+    if weights not in ("auto", "plain") + DECODE_MODES:
+        raise CLIError(f"--weights must be one of auto, plain, {', '.join(DECODE_MODES)}; got {weights!r}")
+    if compile and device.type == "cpu" and weights in ("fp32", "bf16"):
+        raise CLIError(f"--compile cannot trace the repacked --weights {weights} on CPU; "
+                       f"use fp16, int8, int4 or plain")
+    mode = ("fp32" if device.type == "cpu" and not compile else None) if weights == "auto" else weights
+    if mode is None or weights == "plain":
+        return
+    try:
+        prepare_for_decoding(model, mode)
+    except ValueError as e:
+        if weights != "auto":                            # auto: keep the plain weights
+            raise CLIError(f"--weights {weights}: {e}") from None
+
+
 def chat(args: ChatArgs) -> int:
     """Library-level body of chat.py."""
     from minigpt.chat import ChatError, ChatSession, load_chat_model
@@ -206,12 +229,13 @@ def chat(args: ChatArgs) -> int:
         loaded = load_chat_model(args.model, args.adapter, device=device)
     except ChatError as e:
         raise CLIError(str(e)) from None
+    _prepare_weights(loaded.model, args.weights, device, args.compile)
     template = args.template or loaded.template or "alpaca"
     try:
         session = ChatSession(loaded.model, template=template, system=args.system, stop=args.stop,
                               on_notice=con.warn, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, compile=args.compile)
     except ChatError as e:
         raise CLIError(f"--{str(e).replace('_', '-')}") from None
 

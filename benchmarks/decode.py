@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=32, help="prompt length")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="fp32,fp16,bf16,int8", help="prepare_for_decoding modes")
+    ap.add_argument("--modes", default="fp32,fp16,bf16,int8,int4", help="prepare_for_decoding modes")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = process CPU time: with --threads 1 it ignores time spent waiting "
                          "for a busy, shared CPU (with more threads it counts spin-waiting)")
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     ref_t = times["transformers fp32"]
     n_weights = sum(p.numel() for n, p in base.named_parameters()
                     if n.endswith(".weight") and p.dim() == 2 and "wpe" not in n)   # Linears + tied head
-    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}  # int4: + bf16 scale and zero per 32
     results = {}
     for name, ts in times.items():
         mb = n_weights * bytes_per_weight[name.split()[1]] / 1e6

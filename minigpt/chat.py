@@ -188,10 +188,11 @@ class ChatSession:
 
     def __init__(self, model, tokenizer=None, template: Union[str, Template, None] = DEFAULT_TEMPLATE,
                  system: Optional[str] = None, stop: Sequence[str] = (),
-                 on_notice: Optional[Callable[[str], None]] = None, **settings):
+                 on_notice: Optional[Callable[[str], None]] = None, compile: bool = False, **settings):
         from .tokenizer import get_tokenizer
 
         self.model = model
+        self.compile = compile                   # generate(compile=True): CUDA-graph decoding steps
         self.tokenizer = tokenizer or get_tokenizer()
         self.template = get_template(template)
         self.system = system or None
@@ -354,7 +355,8 @@ class ChatSession:
         pieces = stream_text(self.model, self.tokenizer, ids, s.max_new_tokens, stop=self.stop_strings,
                              eos_token_id=self.eos_token_id, temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p if s.top_p < 1.0 else None,
-                             repetition_penalty=s.repetition_penalty, generator=self.generator)
+                             repetition_penalty=s.repetition_penalty, generator=self.generator,
+                             compile=self.compile)
         return self._record(pieces, used_text, user_text)
 
     def _record(self, pieces: Iterator[str], used_text: str, typed: str) -> Iterator[str]:

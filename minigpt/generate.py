@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["generate", "stream", "stream_text", "sample_next", "apply_repetition_penalty",
-           "prepare_for_decoding", "DecodeLinear", "DEFAULT_STOP"]
+           "prepare_for_decoding", "DecodeLinear", "quantize_int4", "dequantize_int4",
+           "DEFAULT_STOP"]
 
 # Turn markers of the instruction/chat templates: stream_text stops before any of them.
 DEFAULT_STOP = ("### Instruction:", "### Input:", "### Response:", "### Human:", "### Assistant:")
@@ -129,7 +130,8 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
                   repetition_penalty: float = 1.0, eos_token_id: EosArg = None,
                   stop: Union[str, Sequence[str], None] = None, tokenizer=None,
                   attention_mask: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = 50256,
-                  generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                  generator: Optional[torch.Generator] = None,
+                  compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step, until max_new_tokens or all rows finish.
 
     Rows that have finished (eos or stop string) get pad_token_id. Computation runs under
@@ -167,7 +169,10 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     eos_t = torch.tensor(eos, device=device) if eos else None
 
     with torch.inference_mode(), _eval_mode(model):
-        caches = model.new_caches(B, T + max_new_tokens)
+        if compile:
+            step_fn, caches = _compiled_step(model, B, T + max_new_tokens)
+        else:
+            caches = model.new_caches(B, T + max_new_tokens)
         if padded:
             pos = (am.long().cumsum(-1) - 1).clamp_(min=0)                       # (B, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
@@ -180,6 +185,10 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
             step_pos = pos[:, -1:].clone()                                       # (B, 1)
         else:
             logits = model(idx, caches=caches, last_only=True)
+        if compile:                                      # keys that may ever be attended: not padding
+            key_keep = torch.ones(B, 1, 1, caches[0].k.size(2), dtype=torch.bool, device=device)
+            if padded:
+                key_keep[:, 0, 0, :T] = am
         seen = None
         if repetition_penalty != 1.0:
             V = logits.size(-1)
@@ -193,7 +202,12 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
 
     for step in range(max_new_tokens):
         with torch.inference_mode(), _eval_mode(model):
-            if step > 0:
+            if step > 0 and compile:
+                if padded:
+                    step_pos += 1
+                slot = torch.full((1,), T + step - 1, dtype=torch.long, device=device)
+                logits = step_fn(model, nxt[:, None], step_pos if padded else slot, slot, key_keep, caches)
+            elif step > 0:
                 start = T + step - 1
                 if padded:
                     step_pos += 1
@@ -215,7 +229,8 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
                         if any(s in buf for s in stop_bytes):
                             unfinished[b] = False
                         tails[b] = buf[max(len(buf) - keep, 0):] if keep else b""
-            done = not bool(unfinished.any())
+            # (no eos and no stop strings: nothing can finish early, and no device sync per step)
+            done = (eos_t is not None or bool(stop_bytes)) and not bool(unfinished.any())
         yield out
         if done:
             return
@@ -234,6 +249,51 @@ def _eval_mode(model):
         model.train()
 
 
+def _static_step(model, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                 key_keep: torch.Tensor, caches) -> torch.Tensor:
+    """One decoding step whose shapes depend only on the caches (what compile / CUDA graphs need).
+
+    tok (B, 1) ids; pos (B, 1) or (1,) position ids; slot (1,) cache index to write;
+    key_keep (B, 1, 1, L) keys that are not padding. Returns (B, 1, V) logits.
+    """
+    seen = torch.arange(key_keep.size(-1), device=tok.device) <= slot        # (L,) written so far
+    return model(tok, pos=pos, mask=key_keep & seen, caches=caches, start=slot)
+
+
+def _compiled_step(model, batch_size: int, length: int):
+    """(compiled _static_step, KV caches) for `model`, kept on the model and reused across calls.
+
+    Cache lengths are rounded up to a power of two (>= 64, <= block_size) so that a handful of
+    compiled graphs serve every prompt length. On CUDA the caches get fixed addresses and the step
+    runs as a CUDA graph ("reduce-overhead").
+    """
+    if any(getattr(m, "kind", None) == "mkldnn" for m in model.modules()):
+        raise ValueError("compile=True cannot trace oneDNN-packed weights (prepare_for_decoding "
+                         "'fp32'/'bf16' on CPU); use an unprepared model or 'fp16'/'int8'/'int4'")
+    store = model.__dict__.setdefault("_compiled_decoding", {})
+    L = min(max(64, 1 << (length - 1).bit_length()), model.config.block_size)
+    device, dtype = model.device, model.dtype
+    cuda = device.type == "cuda"
+    if "step" not in store:
+        store["step"] = torch.compile(_static_step, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if cuda else None)
+    key = (batch_size, L, device, dtype)
+    if key not in store:
+        caches = model.new_caches(batch_size, L)
+        if cuda:
+            for c in caches:
+                torch._dynamo.mark_static_address(c.k)
+                torch._dynamo.mark_static_address(c.v)
+        store[key] = caches
+    step = store["step"]
+
+    def run(*args):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+    return run, store[key]
+
+
 # --- public entry points ----------------------------------------------------------------------
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature: float = 0.0,
@@ -241,7 +301,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
              repetition_penalty: float = 1.0, eos_token_id: EosArg = None,
              stop: Union[str, Sequence[str], None] = None, tokenizer=None,
              attention_mask: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = 50256,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, compile: bool = False) -> torch.Tensor:
     """Continue prompts. idx (B, T) LongTensor -> (B, T + n) LongTensor, n <= max_new_tokens.
 
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
@@ -258,6 +318,11 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
         Positions are counted from each row's first real token and padding is never attended
         to, so every row comes out as if its prompt were decoded alone.
     generator: torch.Generator for reproducible sampling.
+    compile: run each single-token step through torch.compile with static shapes (CUDA graphs
+        on a GPU, mode "reduce-overhead"): the KV caches are kept on the model between calls and
+        every step attends over their whole length under a mask. The first call per batch size
+        and length bucket (64, 128, ... block_size) compiles (seconds to a minute); later calls
+        reuse it. Same tokens as compile=False up to float rounding.
 
     Length: generation stops early when every row is finished, so n < max_new_tokens is possible
     only if all rows hit eos or a stop string; otherwise n == max_new_tokens.
@@ -273,7 +338,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
                              top_p=top_p, repetition_penalty=repetition_penalty,
                              eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer,
                              attention_mask=attention_mask, pad_token_id=pad_token_id,
-                             generator=generator):
+                             generator=generator, compile=compile):
         out[:, T + n] = tok
         n += 1
     out[:, :T] = idx
@@ -368,9 +433,38 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
 #   fp32 494 MB, fp16/bf16 247 MB, int8 124 MB (+ the KV cache: 74 KB per cached position in fp32).
 # So the ceiling is bandwidth / bytes: e.g. 20 GB/s -> 40 tok/s in fp32, 30 GB/s -> 120 tok/s in fp16.
 
-DECODE_MODES = ("fp32", "fp16", "bf16", "int8")
+DECODE_MODES = ("fp32", "fp16", "bf16", "int8", "int4")
 _COMPUTE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                  "int8": torch.bfloat16}
+                  "int8": torch.bfloat16, "int4": torch.bfloat16}
+INT4_GROUP = 32                                                       # weights per int4 scale/zero
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit quantisation of `weight` (N, K) in groups of `group_size` along K.
+
+    Returns (q, scales_and_zeros): q (N, K) int32 in [0, 15] and (K / group_size, N, 2) float32
+    holding each group's scale and zero, such that w ~= (q - 8) * scale + zero (the layout of
+    torch's int4 matmul kernels). Round to nearest: |w - dequant| <= scale / 2.
+    """
+    N, K = weight.shape
+    if K % group_size:
+        raise ValueError(f"int4 needs in_features divisible by {group_size}, got {K}")
+    w = weight.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)                              # (N, K/g, 1)
+    q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.int32).reshape(N, K)
+    zero = lo + 8 * scale                                                 # value of q = 8
+    sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()        # (K/g, N, 2)
+    return q, sz
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    group_size: int = INT4_GROUP) -> torch.Tensor:
+    """Inverse of quantize_int4: (N, K) float32 weights (bf16-rounded scales and zeros as stored)."""
+    N, K = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)                          # (N, K/g, 2)
+    w = (q.reshape(N, K // group_size, group_size).float() - 8) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(N, K)
 
 
 class DecodeLinear(nn.Module):
@@ -384,6 +478,9 @@ class DecodeLinear(nn.Module):
     fp16: weight in fp16 (out, in), F.linear on fp16 inputs (torch's fp16 GEMV, fp32 accumulation).
     int8: symmetric per-output-channel int8 weight with bf16 scales (round to nearest),
           torch._weight_int8pack_mm on bf16 inputs.
+    int4: asymmetric 4-bit weight in groups of 32 input features, bf16 scale and zero per group
+          (see quantize_int4), packed for torch._weight_int4pack_mm_for_cpu, bf16 inputs; rows
+          are padded to a multiple of 16 as the kernel needs (the padding is sliced off).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str):
@@ -408,10 +505,17 @@ class DecodeLinear(nn.Module):
         elif mode == "fp16":
             self.weight = weight.half().contiguous()                       # (out, in)
             self.bias = None if bias is None else self.bias.half()
-        else:
+        elif mode == "int8":
             scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0       # (out,)
             self.weight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
+        else:
+            if weight.device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+                raise ValueError("int4 decoding weights need a CPU model and torch >= 2.6")
+            pad = -self.out_features % 16                                   # kernel: rows % 16 == 0
+            q, sz = quantize_int4(F.pad(weight, (0, 0, 0, pad)))
+            self.weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)   # packed (out+pad, in/2)
+            self.scale = sz.to(torch.bfloat16)                              # (in/32, out+pad, 2)
         self.dtype = _COMPUTE_DTYPE[mode]                                  # what inputs are cast to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:               # (..., in) -> (..., out)
@@ -426,6 +530,11 @@ class DecodeLinear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                           self.weight, self.scale).view(*x.shape[:-1], -1)
             return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)  # fp32 + bf16
+        if kind == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                  self.weight, INT4_GROUP, self.scale)
+            y = y[:, :self.out_features].view(*x.shape[:-1], -1)
+            return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
         if kind == "fp16" and x.numel() > 8 * self.in_features:
             # many rows (prefill): fp16 GEMMs cost about one GEMV per row on CPUs without native
             # fp16 units; fp16 -> fp32 is exact, so widen the weight and use the fp32 GEMM

@@ -16,6 +16,9 @@ class KVCache(nn.Module):
 
     Holds (B, H, max_len, D) buffers; `update` writes new keys/values at `start` and returns
     views of everything up to the write's end, so decoding never re-allocates or concatenates.
+    With `start` a 1-element LongTensor (compiled decoding) the write is an index_copy_ and the
+    whole buffers are returned: every step then has the same shapes, and a mask hides the
+    positions not yet written.
     """
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -25,7 +28,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, torch.Tensor):                            # static shapes
+            where = start + torch.arange(k.size(2), device=start.device)
+            self.k.index_copy_(2, where, k.to(self.k.dtype))
+            self.v.index_copy_(2, where, v.to(self.v.dtype))
+            return self.k, self.v                                      # (B, H, max_len, D)
         end = start + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
@@ -43,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, start: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape                                              # (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)             # (B, H, T, D)
@@ -55,8 +64,9 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             # no padding: plain causal attention (a single new token may see every cached key)
             is_causal = T > 1
-            if is_causal and k.size(2) != T:
-                raise ValueError("multi-token steps on a non-empty cache need an explicit mask")
+            if (is_causal or isinstance(start, torch.Tensor)) and k.size(2) != T:
+                raise ValueError("multi-token steps on a non-empty cache, and static-shape steps, "
+                                 "need an explicit mask")
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -138,14 +148,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
-                start: int = 0, last_only: bool = False) -> torch.Tensor:
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         """Logits for every position.
 
         idx:    (B, T) token ids.
         pos:    (B, T) or (T,) position ids; default start..start+T-1.
         mask:   boolean attention mask broadcastable to (B, H, T, start+T), True = may attend;
                 default causal. Used for left-padded batches.
-        caches: one KVCache per layer for incremental decoding; `start` is the write offset.
+        caches: one KVCache per layer for incremental decoding; `start` is the write offset
+                (an int, or a 1-element LongTensor for static shapes: then `mask` must cover
+                the caches' whole length, see KVCache).
         last_only: compute logits for the last position only (what decoding needs).
         returns (B, T, vocab_size), or (B, 1, vocab_size) with last_only
         """
@@ -156,10 +168,12 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
-                      start: int = 0) -> torch.Tensor:
+                      start: int | torch.Tensor = 0) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, n_embd): everything but the head (see forward)."""
         B, T = idx.shape
-        if pos is None:
+        if pos is None and isinstance(start, torch.Tensor):
+            pos = start + torch.arange(T, device=idx.device)                 # (T,)
+        elif pos is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
                                  f"({self.config.block_size})")

@@ -306,7 +306,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.best_val, self.bad_steps = 0, float("inf"), 0
         # the unit that computes the loss is what compile and DDP wrap: forward(x, y) -> loss
-        self.fwd_model = (loss_module or CausalLMLoss(self.model)).to(self.device)
+        # (compiled on a GPU, the plain head + cross-entropy fuses best; the chunked, fused loss is
+        # for CPUs, where the full logits cost most of a small model's step)
+        fused = not (cfg.compile and self.device.type == "cuda")
+        self.fwd_model = (loss_module or CausalLMLoss(self.model, fused=fused)).to(self.device)
         if cfg.compile:
             self.fwd_model = torch.compile(self.fwd_model)
         if self.world > 1:

@@ -155,6 +155,23 @@ def test_prompt_mode(model_dir, model, monkeypatch, capsys):
     assert out == expected_reply(model, [user("Say hi.")], system="Be nice.") + "\n"
 
 
+def test_decoding_weights_flag(model_dir, model, monkeypatch, capsys):
+    """--weights: plain, fp32 and auto (the CPU default: fp32 repacked) answer exactly as generate
+    does; int8/int4 answer (approximately); bad values and impossible combinations: one line."""
+    want = expected_reply(model, [user("Say hi.")]) + "\n"
+    base = ["--model", str(model_dir), *GREEDY, "--prompt", "Say hi."]
+    for w in ("plain", "fp32", "auto"):
+        rc, out, err = run_chat(base + ["--weights", w], "", monkeypatch, capsys)
+        assert rc == 0 and out == want, (w, err)
+    for w in ("int8", "int4"):
+        rc, out, err = run_chat(base + ["--weights", w], "", monkeypatch, capsys)
+        assert rc == 0 and out.endswith("\n") and err == "", (w, err)
+    rc, out, err = run_chat(base + ["--weights", "fp8"], "", monkeypatch, capsys)
+    assert rc == 1 and out == "" and "--weights must be one of" in err and err.count("\n") == 1
+    rc, out, err = run_chat(base + ["--weights", "bf16", "--compile", "--device", "cpu"], "", monkeypatch, capsys)
+    assert rc == 1 and "--compile cannot" in err and err.count("\n") == 1
+
+
 def test_sampling_seed_reproducible(model_dir, monkeypatch, capsys):
     argv = ["--model", str(model_dir), "--max-new-tokens", "12", "--seed", "3", "--top-k", "50"]
     outs = [run_chat(argv, "hi\nmore\n", monkeypatch, capsys)[1] for _ in range(2)]
