@@ -7,6 +7,7 @@ Timing covers the whole generate call (prefill + decode), tokens/s = new tokens 
 
     python benchmarks/decode.py            # full: 128 new tokens, 5 rounds
     python benchmarks/decode.py --quick    # under a minute: 32 new tokens, 2 rounds
+    python benchmarks/decode.py --quality out   # + held-out bits/byte of a trained model per mode
 
 fp32 systems must produce exactly transformers' tokens (checked); reduced-precision systems
 report how many of their tokens agree with transformers' (greedy paths diverge for good after the
@@ -39,6 +40,19 @@ def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"match": sum(same) / len(same), "prefix": prefix, "identical": a == b}
 
 
+def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
+    """Held-out bits per byte under a trained model: plain fp32 weights vs each decoding mode."""
+    from minigpt.evaluate import evaluate_bpb
+    text = Path(text_path).read_text(encoding="utf-8")
+    base = GPT.from_pretrained(model_dir).eval()
+    bpb = {"fp32 plain": evaluate_bpb(base, text, batch_size=16)["bpb"]}
+    for mode in modes:
+        bpb[mode] = evaluate_bpb(prepare_for_decoding(copy.deepcopy(base), mode), text, batch_size=16)["bpb"]
+    return {"model": Path(model_dir).name, "params_M": round(base.num_params() / 1e6, 1),
+            "config": {k: getattr(base.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
+            "text": Path(text_path).name, "bpb": {k: round(v, 4) for k, v in bpb.items()}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (< 1 minute)")
@@ -51,6 +65,11 @@ def main(argv=None) -> dict:
                     help="cpu = process CPU time: with --threads 1 it ignores time spent waiting "
                          "for a busy, shared CPU (with more threads it counts spin-waiting)")
     ap.add_argument("--out", default=None, help="results file name under benchmarks/results")
+    ap.add_argument("--quality", default=None, metavar="MODEL_DIR",
+                    help="also measure what each mode costs in quality: bits per byte of held-out "
+                         "text under a TRAINED model (e.g. the output of python train.py) with "
+                         "plain fp32 weights and with each mode's weights")
+    ap.add_argument("--quality-text", default=str(Path(__file__).resolve().parent / "data" / "paradise_regained.txt"))
     args = ap.parse_args(argv)
     n_new = args.new_tokens or (32 if args.quick else 128)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -124,6 +143,8 @@ def main(argv=None) -> dict:
         "machine": machine,
         "results": results,
     }
+    if args.quality:
+        payload["quality"] = quality(args.quality, args.quality_text, [m for m in args.modes.split(",") if m])
     name = args.out or ("decode_quick.json" if args.quick else "decode.json")
     path = write_json(name, payload)
     w = max(len(k) for k in results)
@@ -134,6 +155,11 @@ def main(argv=None) -> dict:
         print(f"{k:{w}s}  {r['tok_per_s_median']:10.1f}  {r['tok_per_s_best']:11.1f}  "
               f"{r['speedup_vs_transformers_median']:9.2f}  {r['speedup_vs_transformers_best']:10.2f}  {agree}")
     print(f"fp32 tokens identical to transformers: {fp32_ok}; wrote {path}")
+    if "quality" in payload:
+        q = payload["quality"]
+        print(f"quality: bits per byte of {q['text']} under {q['model']} ({q['params_M']}M params)")
+        for k, r in q["bpb"].items():
+            print(f"  {k:6s} {r:.4f}  ({r - q['bpb']['fp32 plain'] if k != 'fp32 plain' else 0:+.4f})")
     if not fp32_ok:
         raise SystemExit("fp32 tokens differ from transformers")
     return payload
