@@ -33,8 +33,9 @@ from minigpt.checkpoint import hf_to_minigpt  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
 
 
-def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    a, b = out[0].tolist(), ref[0].tolist()
+def agreement(out: torch.Tensor, ref: torch.Tensor, prompt: int) -> dict:
+    """How many of the NEW tokens agree with the reference's (prompt left out)."""
+    a, b = out[0, prompt:].tolist(), ref[0, prompt:].tolist()
     same = [x == y for x, y in zip(a, b)]
     prefix = next((i for i, s in enumerate(same) if not s), len(same))
     return {"match": sum(same) / len(same), "prefix": prefix, "identical": a == b}
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
             "speedup_vs_transformers_median": round(statistics.median(ratios), 2),
             "speedup_vs_transformers_best": round(min(ref_t) / min(ts), 2),
             "speedup_per_round": [round(r, 2) for r in ratios],
-            "tokens_vs_transformers": agreement(outs[name], ref),
+            "tokens_vs_transformers": agreement(outs[name], ref, args.prompt),
             "weight_MB_per_token": round(mb),
             "effective_GB_per_s_best": round(mb / 1e3 * n_new / min(ts), 1),
         }
