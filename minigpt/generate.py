@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import warnings
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -285,12 +286,18 @@ def _compiled_step(model, batch_size: int, length: int):
                 torch._dynamo.mark_static_address(c.k)
                 torch._dynamo.mark_static_address(c.v)
         store[key] = caches
-    step = store["step"]
-
     def run(*args):
+        if store.get("failed"):                      # compilation failed once: stay eager
+            return _static_step(*args)
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        return step(*args)
+        try:
+            return store["step"](*args)
+        except Exception as e:                       # no C++ compiler, unsupported op, ...
+            store["failed"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            warnings.warn(f"generate(compile=True) could not compile the decoding step "
+                          f"({store['failed']}); decoding without compilation", RuntimeWarning)
+            return _static_step(*args)
     return run, store[key]
 
 

@@ -489,3 +489,20 @@ def test_compiled_decoding_matches_eager(models):
             generate(fast, idx, 4, compile=True)
         else:                                                       # no oneDNN in this build
             raise ValueError("oneDNN unavailable: nothing to refuse")
+
+
+def test_compiled_decoding_falls_back_when_compilation_fails(models, monkeypatch):
+    """A broken compiler (no C++ toolchain, an unsupported op) costs speed, not the answer."""
+    _, m = models
+    m = copy.deepcopy(m)
+
+    def broken(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    idx = prompts([5], seed=23)[0][None]
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        out = generate(m, idx, 12, compile=True)
+    assert torch.equal(out, generate(m, idx, 12))
+    assert m.__dict__["_compiled_decoding"]["failed"].startswith("RuntimeError")
