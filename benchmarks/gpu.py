@@ -280,7 +280,9 @@ def bench_pretrain_minigpt(args, ctx: Context) -> dict:
                         batch * block)
     ctx.step0["pretrain minigpt"] = res["step0_loss"]
     add_mfu(res, fl)
-    out = {"system": "minigpt Trainer.train_step (CausalLMLoss fused head + CE), bf16 autocast, fused AdamW "
+    loss = "plain head + CE, compiled with the model" if args.compile_on and ctx.device.startswith("cuda") \
+        else "fused chunked head + CE"
+    out = {"system": f"minigpt Trainer.train_step (CausalLMLoss: {loss}), bf16 autocast, fused AdamW "
                      "on CUDA" + (", torch.compile (TrainConfig.compile)" if args.compile_on else ", eager"),
            "size": size, "config": SIZES[size], "batch": batch, "block": block, "grad_accum": 1,
            "compiled": args.compile_on, "optimizer_fused": system.trainer.optimizer.defaults.get("fused"),
