@@ -122,6 +122,13 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def __getstate__(self):
+        # generate(compile=True) keeps its compiled step and KV caches on the model: not part of
+        # the model's state (rebuilt on demand), and not picklable
+        state = self.__dict__.copy()
+        state.pop("_compiled_decoding", None)
+        return state
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

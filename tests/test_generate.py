@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, get_tokenizer
 import copy
+import io
 
 from minigpt.generate import (DecodeLinear, apply_repetition_penalty, generate, prepare_for_decoding,
                               sample_next, stream, stream_text, _top_p_drop, quantize_int4,
@@ -480,6 +481,9 @@ def test_compiled_decoding_matches_eager(models):
     assert torch.equal(generate(m, idx, 30, compile=True), generate(m, idx, 30))   # reuses both
     assert m.__dict__["_compiled_decoding"]["step"] is step
     assert m.__dict__["_compiled_decoding"][(1, 64, m.device, m.dtype)] is caches
+    buf = io.BytesIO()
+    torch.save(copy.deepcopy(m), buf)                 # the compiled state is not part of the model
+    assert "_compiled_decoding" not in torch.load(io.BytesIO(buf.getvalue()), weights_only=False).__dict__
     pidx, mask = left_pad(prompts([4, 9], seed=22))
     assert torch.equal(generate(m, pidx, 12, attention_mask=mask, compile=True),
                        generate(m, pidx, 12, attention_mask=mask))
