@@ -193,8 +193,9 @@ def _read_line(interactive: bool) -> Optional[str]:
     return line.rstrip("\r\n")
 
 
-def _prepare_weights(model, weights: str, device, compile: bool) -> None:
-    """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks."""
+def _prepare_weights(model, weights: str, device, compile: bool) -> str:
+    """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks;
+    returns what the model decodes with, for the banner."""
     from minigpt.generate import DECODE_MODES, prepare_for_decoding
 
     if weights not in ("auto", "plain") + DECODE_MODES:
@@ -204,12 +205,14 @@ def _prepare_weights(model, weights: str, device, compile: bool) -> None:
                        f"use fp16, int8, int4 or plain")
     mode = ("fp32" if device.type == "cpu" and not compile else None) if weights == "auto" else weights
     if mode is None or weights == "plain":
-        return
+        return "plain" + (", compiled steps" if compile else "")
     try:
         prepare_for_decoding(model, mode)
     except ValueError as e:
         if weights != "auto":                            # auto: keep the plain weights
             raise CLIError(f"--weights {weights}: {e}") from None
+        return "plain"
+    return mode + (" (exact, repacked)" if mode == "fp32" else "") + (", compiled steps" if compile else "")
 
 
 def chat(args: ChatArgs) -> int:
@@ -229,7 +232,7 @@ def chat(args: ChatArgs) -> int:
         loaded = load_chat_model(args.model, args.adapter, device=device)
     except ChatError as e:
         raise CLIError(str(e)) from None
-    _prepare_weights(loaded.model, args.weights, device, args.compile)
+    weights = _prepare_weights(loaded.model, args.weights, device, args.compile)
     template = args.template or loaded.template or "alpaca"
     try:
         session = ChatSession(loaded.model, template=template, system=args.system, stop=args.stop,
@@ -252,7 +255,7 @@ def chat(args: ChatArgs) -> int:
             pass
         src = loaded.source + ("" if args.template or not loaded.template else
                                f" (tuned with the {loaded.template} template)")
-        con.info(f"minigpt chat | {src} | template {session.template.name} | "
+        con.info(f"minigpt chat | {src} | template {session.template.name} | weights {weights} | "
                  f"/help for commands, Ctrl-D to quit")
     while True:
         try:
