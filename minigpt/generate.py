@@ -286,6 +286,7 @@ def _compiled_step(model, batch_size: int, length: int):
                 torch._dynamo.mark_static_address(c.k)
                 torch._dynamo.mark_static_address(c.v)
         store[key] = caches
+
     def run(*args):
         if store.get("failed"):                      # compilation failed once: stay eager
             return _static_step(*args)
@@ -429,16 +430,17 @@ def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: se
 #
 # Decoding one token reads every weight once, so on a CPU the time per token is the weights' bytes
 # divided by the memory bandwidth that the matmul kernel achieves for a (1, in) x (in, out) product.
-# Measured on 2 AVX-512 cores (GPT-2 124M, all Linear layers + tied head, one token):
-#   fp32 F.linear 43 ms | fp32 (in, out) addmm 29 ms | fp32 oneDNN-prepacked 24 ms
-#   bf16 F.linear 25 ms | bf16 oneDNN-prepacked ~14 ms | int8 _weight_int8pack_mm 11-14 ms
-#   fp16 F.linear 8-10 ms (~28 GB/s: about what 2 cores can stream)
-# The rest of a decode step (LayerNorms, attention over the cache, casts, Python) adds ~1-2 ms.
-# torch.compile of the decode step saved ~0.8 ms/token (~8%) but took 20-80 s to compile on
-# 2 cores, so it is not used.
+# Measured on 2 AVX-512 cores, idle (GPT-2 124M, all Linear layers + tied head, one token;
+# streaming memory itself runs at ~45 GB/s):
+#   fp32 F.linear 28 ms | fp32 (in, out) addmm 22 ms | fp32 oneDNN-prepacked 14 ms
+#   bf16 F.linear 9.3 ms | bf16 oneDNN-prepacked 5.9 ms | fp16 F.linear 5.6 ms (44 GB/s)
+#   int8 _weight_int8pack_mm 4.1 ms (compute-bound) | int4 _weight_int4pack_mm_for_cpu 2.25 ms
+# The rest of a decode step (LayerNorms, attention over the cache, casts, Python) adds ~1.3-1.9 ms.
+# torch.compile of the step (generate(compile=True)) saves only ~4% on CPU after 5-20 s of
+# compiling, so it is opt-in (it is what gives CUDA graphs on a GPU).
 # Bytes read per token for GPT-2 124M: 123.5M Linear + head weights (the head is 38.6M of them):
-#   fp32 494 MB, fp16/bf16 247 MB, int8 124 MB (+ the KV cache: 74 KB per cached position in fp32).
-# So the ceiling is bandwidth / bytes: e.g. 20 GB/s -> 40 tok/s in fp32, 30 GB/s -> 120 tok/s in fp16.
+#   fp32 494 MB, fp16/bf16 247 MB, int8 124 MB, int4 62 MB + 15 MB of scales and zeros
+#   (+ the KV cache: 74 KB per cached position in fp32).
 
 DECODE_MODES = ("fp32", "fp16", "bf16", "int8", "int4")
 _COMPUTE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -556,11 +558,12 @@ class DecodeLinear(nn.Module):
 def prepare_for_decoding(model, mode: str = "fp16"):
     """Swap every nn.Linear of `model` (and the tied head) for a DecodeLinear, in place.
 
-    mode: "fp32" (same maths and tokens, prepacked), "fp16" (fastest on CPUs), "bf16", or "int8"
-    (weight-only, per-output-channel scales). Measured by benchmarks/decode.py (GPT-2 124M, batch 1,
-    2 threads, AVX-512), vs transformers' fp32 generate in the same run: fp32 1.5-1.8x,
-    fp16 3.5-3.6x, int8 3.1-3.3x, bf16 2.6-3.0x; a plain (unprepared) model decodes at about
-    transformers' speed.
+    mode: "fp32" (same maths and tokens, prepacked), "fp16", "bf16", "int8" (weight-only,
+    per-output-channel scales) or "int4" (weight-only, groups of 32; CPU). Measured by
+    benchmarks/decode.py (GPT-2 124M, batch 1, 2 threads, AVX-512) vs transformers' fp32 generate
+    in the same run: fp32 1.8x, fp16 3.5x, bf16 3.5x, int8 4.5x, int4 6.5x (fp32 to int8 gave
+    transformers' greedy tokens exactly; int4 costs +0.003 bits/byte on held-out text for a
+    trained model); a plain (unprepared) model decodes at about transformers' speed.
     Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
     has no trainable Linear weights and should not be saved (keep the original or reload it).
     Embeddings, LayerNorms, attention and the KV cache stay in fp32. Call it after moving the
