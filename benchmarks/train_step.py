@@ -11,8 +11,9 @@ with a fixed seed (random weights, dropout 0) and saves it; both libraries load 
 bf16 (CPU autocast, fp32 master weights, in both libraries).
 
 A step is what each library's user runs, end to end: forward + loss, backward, loss.item(),
-grad-norm clipping at 1.0, AdamW (betas 0.9/0.95, weight decay 0.1 on 2-D non-embedding
-weights, the same parameter groups in both), zero_grad.
+grad-norm clipping at 1.0, fused AdamW (betas 0.9/0.95, weight decay 0.1 on 2-D non-embedding
+weights, the same parameter groups and the same torch kernel in both: transformers' Trainer
+defaults to it with torch >= 2.8), zero_grad.
   minigpt:       minigpt.trainer.Trainer.train_step() (CausalLMLoss: fused head + cross-entropy;
                  add_lora for LoRA), precision "fp32" or "bf16".
   transformers:  model(input_ids, labels=labels).loss; for LoRA, peft.get_peft_model with
@@ -135,7 +136,7 @@ class MinigptSystem:
 class HFSystem:
     """A plain transformers training loop (labels=input_ids), with peft for LoRA.
     Optional spec keys (benchmarks/gpu.py): "device" (default "cpu"; on CUDA the model and batches
-    move there and AdamW is fused, as minigpt's Trainer does) and "compile" (torch.compile the
+    move there) and "compile" (torch.compile the
     model; default False)."""
 
     lib = "transformers"
@@ -156,9 +157,10 @@ class HFSystem:
         self.model = model.train()
         self.fwd = torch.compile(self.model) if spec.get("compile") else self.model
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        # fused AdamW, as transformers' Trainer uses by default (torch >= 2.8) and minigpt's Trainer
+        # does: both libraries run the same optimizer kernel
         self.opt = torch.optim.AdamW(param_groups(model, OPT["weight_decay"]), lr=spec["lr"],
-                                     betas=OPT["betas"],
-                                     **({"fused": True} if self.device.type == "cuda" else {}))
+                                     betas=OPT["betas"], fused=True)
         self.lr, self.data, self.i = spec["lr"], [(x, labels_for(x, spec)) for x in batches], 0
         if self.device.type != "cpu":
             self.data = [(x.to(self.device), lab.to(self.device)) for x, lab in self.data]
