@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         "wall_seconds": round(wall, 1),
         "steps": last_val["step"],
         "model": run["model"],
-        "train": run["train"],
+        "train": {**run["train"], "out_dir": out.name},      # no machine paths in results
         "val_loss": round(last_val["val_loss"], 4),
         "val_bpb": round(last_val["val_bpb"], 4),
         "heldout_text": Path(args.text).name,
