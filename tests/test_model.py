@@ -139,3 +139,27 @@ def test_prepare_data_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt files"):
         prepare_data(str(tmp_path / "empty"), tmp_path / "cache")
+
+
+def test_causal_lm_loss_reuses_its_scratch_buffers():
+    """CausalLMLoss keeps the fused loss's (chunk, vocab) buffers between calls (no fresh pages each
+    step) and the loss and gradients stay those of the logits path."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    loss_fn = CausalLMLoss(model)
+    x = torch.randint(0, 50257, (2, 9))
+    first = loss_fn(x[:, :-1], x[:, 1:])
+    buf = loss_fn.workspace["logits"]
+    first.backward()
+    g1 = model.transformer.wte.weight.grad.clone()
+    model.zero_grad()
+    second = loss_fn(x[:, :-1], x[:, 1:])
+    assert loss_fn.workspace["logits"] is buf                       # the same storage, reused
+    second.backward()
+    assert second.item() == first.item()
+    torch.testing.assert_close(model.transformer.wte.weight.grad, g1, rtol=0, atol=0)
+    model.zero_grad()
+    ref = lm_loss(model(x[:, :-1]), x[:, 1:])
+    ref.backward()
+    assert second.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(model.transformer.wte.weight.grad, g1, rtol=1e-4, atol=1e-6)

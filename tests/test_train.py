@@ -146,3 +146,39 @@ def test_bad_input_is_one_line(args, message, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_adamw_is_fused_where_torch_has_it_and_matches_the_loop(monkeypatch):
+    """make_adamw: torch's fused kernel (one pass per parameter) on CPU, the same updates as the
+    per-tensor loop, and the loop when the device has no fused kernel."""
+    from minigpt.trainer import make_adamw
+
+    def run(opt_fn):
+        g = torch.Generator().manual_seed(0)
+        p = [torch.randn(30, 20, generator=g).requires_grad_(), torch.randn(20, generator=g).requires_grad_()]
+        opt = opt_fn([{"params": [p[0]], "weight_decay": 0.1}, {"params": [p[1]], "weight_decay": 0.0}])
+        for step in range(20):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 - step / 25)
+            for x in p:
+                x.grad = torch.randn(x.shape, generator=g)
+            opt.step()
+        return opt, [x.detach() for x in p]
+
+    fused, a = run(lambda groups: make_adamw(groups, lr=1e-2, betas=(0.9, 0.95)))
+    assert fused.defaults["fused"] is True
+    assert (a[0] - torch.randn(30, 20, generator=torch.Generator().manual_seed(0))).abs().max() > 0.1  # it trained
+    _, b = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95)))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    real_adamw = torch.optim.AdamW
+
+    def no_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return real_adamw(params, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    loop, c = run(lambda groups: make_adamw(groups, lr=1e-2, betas=(0.9, 0.95)))
+    assert not loop.defaults.get("fused")
+    for x, y in zip(c, b):
+        assert torch.equal(x, y)
