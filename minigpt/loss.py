@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wc = w.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_hk = torch.empty(hk.shape, dtype=h.dtype, device=h.device) if need_h else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        grad_w = None                     # fp32 (V, C): the first chunk's product, later ones added
         # one (chunk, V) buffer for all chunks: logits, then log-probs in place, then probs. The
         # softmax is fp32 at least: bf16/fp16 logits are copied into a second, fp32 buffer
         sm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -66,10 +66,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     else:
                         grad_hk[s:s + n] = p @ wc
                 if need_w:
-                    if p.dtype == grad_w.dtype:
+                    if grad_w is None:
+                        grad_w = (p.t() @ hs).float()                                  # no zero fill
+                    elif p.dtype == grad_w.dtype:
                         grad_w.addmm_(p.t(), hs)
                     else:
                         grad_w.add_(p.t() @ hs)
+        if need_w and grad_w is None:                                      # every target ignored
+            grad_w = torch.zeros_like(w, dtype=torch.float32)
         grad_h = grad_hk
         if need_h and keep is not None:
             grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device).index_copy_(0, keep, grad_hk)
