@@ -118,8 +118,9 @@ def test_ddp_two_processes_match_single(tmp_path, corpus):
     single = tmp_path / "single"
     assert run(["--out-dir", str(single), *common]).returncode == 0
     ddp = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29517", str(ROOT / "train.py"), "--out-dir", str(ddp),
+    # --standalone: a rendezvous on a free local port (a fixed port collides with a second run)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), "--out-dir", str(ddp),
                         "--device", "cpu", *common], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (s_tr, s_va), (d_tr, d_va) = losses(single), losses(ddp)
