@@ -203,16 +203,17 @@ def _prepare_weights(model, weights: str, device, compile: bool) -> str:
     if compile and device.type == "cpu" and weights in ("fp32", "bf16"):
         raise CLIError(f"--compile cannot trace the repacked --weights {weights} on CPU; "
                        f"use fp16, int8, int4 or plain")
-    mode = ("fp32" if device.type == "cpu" and not compile else None) if weights == "auto" else weights
-    if mode is None or weights == "plain":
-        return "plain" + (", compiled steps" if compile else "")
+    compiled = ", compiled steps" if compile else ""
+    if weights == "plain" or (weights == "auto" and (device.type != "cpu" or compile)):
+        return "plain" + compiled
+    mode = "fp32" if weights == "auto" else weights
     try:
         prepare_for_decoding(model, mode)
     except ValueError as e:
         if weights != "auto":                            # auto: keep the plain weights
             raise CLIError(f"--weights {weights}: {e}") from None
         return "plain"
-    return mode + (" (exact, repacked)" if mode == "fp32" else "") + (", compiled steps" if compile else "")
+    return mode + (" (exact, repacked)" if mode == "fp32" else "") + compiled
 
 
 def chat(args: ChatArgs) -> int:

@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
                          "plain fp32 weights and with each mode's weights")
     ap.add_argument("--quality-text", default=str(Path(__file__).resolve().parent / "data" / "paradise_regained.txt"))
     args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
     n_new = args.new_tokens or (32 if args.quick else 128)
     rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
 
     systems = {"transformers fp32": run_hf,
                "minigpt fp32 (plain)": lambda n: generate(base, idx, n)}
-    for mode in [m for m in args.modes.split(",") if m]:
+    for mode in modes:
         fast = prepare_for_decoding(copy.deepcopy(base), mode)
         systems[f"minigpt {mode} (prepare_for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(fast)
 
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
         "results": results,
     }
     if args.quality:
-        payload["quality"] = quality(args.quality, args.quality_text, [m for m in args.modes.split(",") if m])
+        payload["quality"] = quality(args.quality, args.quality_text, modes)
     name = args.out or ("decode_quick.json" if args.quick else "decode.json")
     path = write_json(name, payload)
     w = max(len(k) for k in results)
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
         q = payload["quality"]
         print(f"quality: bits per byte of {q['text']} under {q['model']} ({q['params_M']}M params)")
         for k, r in q["bpb"].items():
-            print(f"  {k:6s} {r:.4f}  ({r - q['bpb']['fp32 plain'] if k != 'fp32 plain' else 0:+.4f})")
+            print(f"  {k:10s} {r:.4f}  ({r - q['bpb']['fp32 plain']:+.4f})")
     if not fp32_ok:
         raise SystemExit("fp32 tokens differ from transformers")
     return payload

@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import machine_info, write_json  # noqa: E402
+from decode import agreement  # noqa: E402
 from train_step import HFSystem, MinigptSystem, make_batches, make_weights, LORA, OPT, SIZES  # noqa: E402
 
 MFU_TARGET = 0.55
@@ -429,11 +430,7 @@ def bench_decode(args, ctx: Context) -> dict:
         rec.update(tok_per_s=round(n_new / statistics.median(ts), 1), tok_per_s_best=round(n_new / min(ts), 1),
                    ms_per_call=[round(1e3 * t, 2) for t in ts])
         if ref is not None and name != "transformers generate":
-            a, b = outs[name][0, args.prompt:].tolist(), ref[0, args.prompt:].tolist()
-            same = [x == y for x, y in zip(a, b)]
-            rec["tokens_vs_transformers"] = {"match": round(sum(same) / max(len(same), 1), 3),
-                                             "prefix": next((i for i, s in enumerate(same) if not s), len(same)),
-                                             "identical": a == b}
+            rec["tokens_vs_transformers"] = agreement(outs[name], ref, args.prompt)
         if name.startswith("minigpt"):
             rec["target_met"] = rec["tok_per_s"] >= DECODE_TARGET_TOK_S
     hf_rec = out["systems"].get("transformers generate", {})

@@ -181,15 +181,13 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
             # pad queries attend to themselves only, so no row of the mask is empty (no NaN)
             prefill_mask = (causal & am[:, None, None, :]) | eye                # (B, 1, T, T)
             logits = model(idx, pos=pos, mask=prefill_mask, caches=caches, last_only=True)
-            key_mask = torch.ones(B, 1, 1, T + max_new_tokens, dtype=torch.bool, device=device)
-            key_mask[:, 0, 0, :T] = am                                           # static, (B, 1, 1, T+n)
             step_pos = pos[:, -1:].clone()                                       # (B, 1)
         else:
             logits = model(idx, caches=caches, last_only=True)
-        if compile:                                      # keys that may ever be attended: not padding
-            key_keep = torch.ones(B, 1, 1, caches[0].k.size(2), dtype=torch.bool, device=device)
+        if padded or compile:                     # keys that may ever be attended: not padding
+            key_mask = torch.ones(B, 1, 1, caches[0].k.size(2), dtype=torch.bool, device=device)
             if padded:
-                key_keep[:, 0, 0, :T] = am
+                key_mask[:, 0, 0, :T] = am                                       # static, (B, 1, 1, L)
         seen = None
         if repetition_penalty != 1.0:
             V = logits.size(-1)
@@ -203,15 +201,14 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
 
     for step in range(max_new_tokens):
         with torch.inference_mode(), _eval_mode(model):
-            if step > 0 and compile:
-                if padded:
-                    step_pos += 1
-                slot = torch.full((1,), T + step - 1, dtype=torch.long, device=device)
-                logits = step_fn(model, nxt[:, None], step_pos if padded else slot, slot, key_keep, caches)
-            elif step > 0:
+            if step > 0:
                 start = T + step - 1
                 if padded:
                     step_pos += 1
+                if compile:
+                    slot = torch.full((1,), start, dtype=torch.long, device=device)
+                    logits = step_fn(model, nxt[:, None], step_pos if padded else slot, slot, key_mask, caches)
+                elif padded:
                     logits = model(nxt[:, None], pos=step_pos, mask=key_mask[..., :start + 1],
                                    caches=caches, start=start)
                 else:
