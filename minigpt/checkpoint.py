@@ -846,7 +846,10 @@ def load_model(src, *, dtype: Optional[torch.dtype] = None, device=None, n_head:
 # ================================================================================================
 # Saving
 # ================================================================================================
-def _atomic_write(path: Path, writer) -> None:
+def atomic_write(path: Path, writer) -> None:
+    """Write `path` through `writer(tmp_path)` into a temp file of this process's own in the same
+    folder, then rename it into place: readers see the old file or the whole new one, never a
+    part, and concurrent writers (DDP ranks) never share a temp file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -881,9 +884,9 @@ def save_model(model, out_dir: PathLike) -> None:
     dt = str(model.dtype).replace("torch.", "")
     cfg.setdefault("dtype", dt)
     cfg.setdefault("torch_dtype", dt)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 # ================================================================================================
@@ -939,7 +942,7 @@ def _download(url: str, dest: Path, desc: str) -> None:
                     bar.update(len(chunk))
             if total is not None and n != total:
                 raise CheckpointError(f"download of {url} stopped after {n} of {total} bytes")
-    _atomic_write(dest, fetch)
+    atomic_write(dest, fetch)
 
 
 def download_preset(name: str, cache: Optional[PathLike] = None, *, allowed: bool = True) -> Path:

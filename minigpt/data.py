@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .tokenizer import get_tokenizer
 
 EMBEDDED_CORPUS = "shakespeare"
@@ -57,9 +58,7 @@ def _fingerprint(data: Optional[str]) -> str:
 
 
 def _write_tokens(path: Path, ids: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp")
-    ids.astype(np.uint16).tofile(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: ids.astype(np.uint16).tofile(tmp))
 
 
 def _tokenize_texts(texts, desc: str) -> np.ndarray:
@@ -117,9 +116,7 @@ def prepare_data(data: Optional[str], cache_dir: str | os.PathLike, val_fraction
     _write_tokens(out / "train.bin", ids[:-n_val])
     _write_tokens(out / "val.bin", ids[-n_val:])
     meta = {"source": data or EMBEDDED_CORPUS, "train_tokens": int(len(ids) - n_val), "val_tokens": int(n_val)}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     return out
 
 

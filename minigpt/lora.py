@@ -36,15 +36,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
@@ -375,18 +375,6 @@ def _peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 
 # --- adapter directories ------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _adapter_targets(model: nn.Module) -> list[str]:
     """target_modules for the config: the shortest suffix of each LoRA module name that selects
     exactly the same set of modules as before (what PEFT will match on load)."""
@@ -444,13 +432,13 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: Optional[st
     tensors, meta = _peft_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
 
     def write_json(p):
         with open(p, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-    _atomic_write(out / ADAPTER_CONFIG_NAME, write_json)
+    atomic_write(out / ADAPTER_CONFIG_NAME, write_json)
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write
 from .loss import CausalLMLoss
 
 CKPT_DIR = "checkpoints"
@@ -218,9 +218,7 @@ def _ddp_info() -> tuple[int, int, int]:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def _metric_step(line: str) -> Optional[int]:

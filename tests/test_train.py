@@ -183,3 +183,33 @@ def test_adamw_is_fused_where_torch_has_it_and_matches_the_loop(monkeypatch):
     assert not loop.defaults.get("fused")
     for x, y in zip(c, b):
         assert torch.equal(x, y)
+
+
+def test_concurrent_data_preparation_is_safe(tmp_path, corpus):
+    """DDP ranks tokenise the same corpus into the same cache at once: every writer uses a temp
+    file of its own, so none trips over another's rename, and all see the same complete data."""
+    import threading
+
+    import numpy as np
+
+    from minigpt.data import prepare_data
+    for attempt in range(5):                                # the race, when present, shows within a few
+        cache = tmp_path / f"cache{attempt}"
+        results, errors = [], []
+
+        def work():
+            try:
+                results.append(prepare_data(str(corpus), cache))
+            except Exception as e:                                  # noqa: BLE001 (collected)
+                errors.append(e)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(set(results)) == 1
+        out = results[0]
+        meta = json.loads((out / "meta.json").read_text())
+        assert np.fromfile(out / "train.bin", dtype=np.uint16).size == meta["train_tokens"]
+        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]   # no temp left
