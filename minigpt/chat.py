@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .errors import ConfigError
 from .instruct import DEFAULT_TEMPLATE, Template, get_template
 
 __all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
@@ -57,7 +58,7 @@ NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.
 TRANSCRIPT_FORMAT = "minigpt-chat-transcript"
 
 
-class ChatError(ValueError):
+class ChatError(ConfigError):
     """A user-facing chat problem (bad setting, prompt cannot fit, ...): one-line message."""
 
 

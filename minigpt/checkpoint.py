@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, GPTConfig
+from .errors import CheckpointError
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,8 +48,6 @@ __all__ = [
 ]
 
 
-class CheckpointError(Exception):
-    """A checkpoint could not be found, read, verified or matched to a model (one-line message)."""
 
 
 # ================================================================================================

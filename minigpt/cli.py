@@ -8,11 +8,13 @@ import sys
 import typing
 from typing import Callable, Optional, Sequence, TypeVar
 
+from .errors import MinigptError
+
 T = TypeVar("T")
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 1."""
+class CLIError(MinigptError):
+    """A bad combination of command-line flags: printed as one line, exit code 1."""
 
 
 class _Parser(argparse.ArgumentParser):

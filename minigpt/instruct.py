@@ -47,6 +47,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from .errors import DataError
+
 __all__ = [
     "DataError", "load_records", "parse_text_conversations", "Template", "TEMPLATES", "get_template",
     "tokenize_example", "tokenize_records", "Collator", "length_grouped_batches", "shuffled_batches",
@@ -59,10 +61,6 @@ IGNORE_INDEX = -100
 EOS_TEXT = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
 _PASS_THROUGH = {"split": str, "task": str, "exact": bool}
-
-
-class DataError(ValueError):
-    """A malformed instruction dataset; the message names the file and line."""
 
 
 def default_instructions_path() -> Path:

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import atomic_write
+from .errors import CheckpointError, TrainingStopped
 from .loss import CausalLMLoss
 
 CKPT_DIR = "checkpoints"
@@ -208,8 +209,6 @@ class _DeferredInterrupt:
         return False
 
 
-class TrainingStopped(Exception):
-    """Training could not continue (e.g. repeated non-finite loss); the message says why."""
 
 
 def _ddp_info() -> tuple[int, int, int]:

@@ -1,0 +1,40 @@
+"""The library's exceptions: one base class, so a command line prints any of them as one line.
+
+    MinigptError                  anything the user can fix; the message is one line
+    ├── ConfigError (ValueError)  an invalid argument, flag or config field (names it)
+    ├── CheckpointError           a model file or folder that cannot be found, read or matched
+    ├── DataError (ValueError)    a dataset that cannot be read (names the file and line)
+    ├── RunDirError               an output folder that may not be used (would lose data)
+    └── TrainingStopped           training could not go on (e.g. repeated non-finite loss)
+
+ChatError (minigpt.chat) is a ConfigError too. Errors of the machine itself (disk full, no
+permission) stay OSError.
+"""
+from __future__ import annotations
+
+__all__ = ["MinigptError", "ConfigError", "CheckpointError", "DataError", "RunDirError",
+           "TrainingStopped"]
+
+
+class MinigptError(Exception):
+    """Base of every user-facing minigpt error (one-line message)."""
+
+
+class ConfigError(MinigptError, ValueError):
+    """An invalid argument, command-line flag or config field; the message names it."""
+
+
+class CheckpointError(MinigptError):
+    """A checkpoint could not be found, read, verified or matched to a model."""
+
+
+class DataError(MinigptError, ValueError):
+    """Malformed or unusable training data; the message names the file and, where it can, the line."""
+
+
+class RunDirError(MinigptError):
+    """An output folder that a run may not use as asked (it holds something that would be lost)."""
+
+
+class TrainingStopped(MinigptError):
+    """Training could not continue (e.g. repeated non-finite loss); the message says why."""
