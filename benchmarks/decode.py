@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.checkpoint import hf_to_minigpt  # noqa: E402
+from minigpt.keymap import hf_to_minigpt  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
 
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .errors import ConfigError
-from .instruct import DEFAULT_TEMPLATE, Template, get_template
+from .templates import DEFAULT_TEMPLATE, Template, get_template
 
 __all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
            "find_latest_run", "validate_setting", "NO_MODEL_MESSAGE"]

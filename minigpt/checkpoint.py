@@ -1,10 +1,9 @@
-"""Checkpoint loading and saving: Hugging Face GPT-2 files, OpenAI TF checkpoints, presets.
+"""Loading and saving whole models: find the files, build the config, fill the model strictly.
 
-Sources accepted by `load_model(src)` (what `GPT.from_pretrained` calls):
+Sources accepted by `load_model(src, model_cls=...)` (what `GPT.from_pretrained` calls):
 
-* a preset name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): read from the cache
-  ($MINIGPT_HOME, default ~/.cache/minigpt, as <name>/config.json + <name>/model.safetensors),
-  downloaded once from the Hugging Face Hub when missing (unless MINIGPT_OFFLINE/HF_HUB_OFFLINE=1);
+* a preset name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): read from the cache, downloaded
+  once when missing (minigpt.hub);
 * a Hugging Face GPT-2 directory: config.json + model.safetensors (or a sharded
   model.safetensors.index.json, or pytorch_model.bin read with `torch.load(weights_only=True)`);
   keys with or without the `transformer.` prefix, Conv1D (in, out) weights;
@@ -12,586 +11,40 @@ Sources accepted by `load_model(src)` (what `GPT.from_pretrained` calls):
   inferred from the tensor shapes with n_head = n_embd // 64 (true for every GPT-2 size) unless
   `n_head=` is passed;
 * an OpenAI TF checkpoint directory (hparams.json + model.ckpt.index + model.ckpt.data-*), a
-  `.index` file or a checkpoint prefix: read by the tensor-bundle reader below, no TensorFlow;
+  `.index` file or a checkpoint prefix: read by minigpt.tfbundle, no TensorFlow;
 * a directory written by `save_model` / `GPT.save_pretrained` (same layout as the HF one).
 
-Internally every state dict uses minigpt's layout: `transformer.`-prefixed HF names, nn.Linear
-(out, in) weights, no `lm_head.weight` (tied to wte). `hf_to_minigpt` / `minigpt_to_hf` convert.
+Every state dict is converted to minigpt's layout by minigpt.keymap. This module does not import
+minigpt.model: the model class is passed in (`model_cls`), so `GPT.from_pretrained` can call it.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-import struct
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
-import numpy as np
 import torch
 
 from .config import PRESETS, GPTConfig
 from .errors import CheckpointError
+from .fileio import atomic_write, atomic_write_text
+from .hub import download_preset
+from .keymap import hf_to_minigpt, minigpt_to_hf, openai_to_minigpt
+from .tfbundle import bundle_prefix, read_tf_bundle
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = [
-    "CheckpointError", "load_model", "save_model", "load_checkpoint", "load_state_dict_any",
-    "model_from_state_dict", "read_tensors", "hf_to_minigpt", "minigpt_to_hf", "is_conv1d_weight",
-    "CONV1D_WEIGHTS", "IGNORED_HF_KEYS", "openai_to_minigpt", "read_tf_bundle", "read_tf_index",
-    "read_sstable", "crc32c", "mask_crc", "unmask_crc", "cache_dir", "preset_dir",
-    "is_preset_cached", "download_preset", "HUB_URL",
+    "load_checkpoint",
+    "load_model",
+    "load_state_dict_any",
+    "model_from_state_dict",
+    "read_tensors",
+    "save_model",
 ]
 
-
-
-
-# ================================================================================================
-# Key maps between Hugging Face GPT-2 and minigpt
-# ================================================================================================
-# Weights that HF stores as Conv1D (in, out) and minigpt as nn.Linear (out, in).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Non-parameter buffers found in Hub files (causal mask, masked-bias constant): dropped on load.
-IGNORED_HF_KEYS = ("attn.bias", "attn.masked_bias")
 _BLOCK_RE = re.compile(r"^transformer\.h\.(\d+)\.")
-
-
-def is_conv1d_weight(key: str) -> bool:
-    """True for the keys whose HF tensor is (in, out) and minigpt tensor is (out, in)."""
-    return key.endswith(CONV1D_WEIGHTS) and ".h." in f".{key}"
-
-
-_IGNORED_RE = re.compile(r"(?:^|\.)h\.\d+\.attn\.(?:bias|masked_bias)$")
-
-
-def _is_ignored(key: str) -> bool:
-    return _IGNORED_RE.search(key) is not None
-
-
-def hf_to_minigpt(state_dict: dict, *, drop_buffers: bool = True) -> dict:
-    """HF GPT-2 state dict (prefixed or not, Conv1D weights) -> minigpt layout.
-
-    Adds the `transformer.` prefix where missing, transposes Conv1D weights, drops the `attn.bias`
-    / `attn.masked_bias` buffers and `lm_head.weight` (tied; it must equal wte when present).
-    Keys it does not know (e.g. LoRA tensors) are passed through with the prefix rule applied.
-    """
-    out = {}
-    lm_head = None
-    for k, v in state_dict.items():
-        if k == "lm_head.weight":
-            lm_head = v
-            continue
-        if drop_buffers and _is_ignored(k):
-            continue
-        key = k if k.startswith("transformer.") else f"transformer.{k}"
-        if is_conv1d_weight(key) and v.dim() == 2:
-            v = v.t()
-        out[key] = v
-    if lm_head is not None:
-        wte = out.get("transformer.wte.weight")
-        if wte is not None and (wte.shape != lm_head.shape or not torch.equal(wte, lm_head)):
-            raise CheckpointError("lm_head.weight differs from transformer.wte.weight; minigpt only "
-                                  "supports GPT-2 with tied input/output embeddings")
-    return out
-
-
-def minigpt_to_hf(state_dict: dict, *, prefix: bool = True) -> dict:
-    """minigpt state dict -> HF Hub layout: Conv1D (in, out) weights, no lm_head, contiguous.
-
-    With prefix=False the `transformer.` prefix is stripped (the original Hub file layout).
-    """
-    out = {}
-    for k, v in state_dict.items():
-        if k == "lm_head.weight":
-            continue
-        if is_conv1d_weight(k) and v.dim() == 2:
-            v = v.t()
-        if not prefix and k.startswith("transformer."):
-            k = k[len("transformer."):]
-        out[k] = v.contiguous()
-    return out
-
-
-def openai_to_minigpt(tensors: dict) -> dict:
-    """OpenAI TF names (model/h0/attn/c_attn/w [1, in, out], model/ln_f/g, ...) -> minigpt layout."""
-    leaf = {"g": "weight", "b": "bias", "w": "weight"}
-    out = {}
-    for name, t in tensors.items():
-        if name in _TF_IGNORED or name.endswith(_TF_IGNORED_SUFFIXES):
-            continue
-        parts = name.split("/")
-        if parts[0] != "model" or len(parts) < 2:
-            raise CheckpointError(f"unexpected tensor {name!r} in the OpenAI checkpoint")
-        if parts[1] in ("wte", "wpe") and len(parts) == 2:
-            out[f"transformer.{parts[1]}.weight"] = t
-            continue
-        if parts[1] == "ln_f" and len(parts) == 3 and parts[2] in ("g", "b"):
-            out[f"transformer.ln_f.{leaf[parts[2]]}"] = t
-            continue
-        m = re.fullmatch(r"h(\d+)", parts[1])
-        if m and len(parts) in (4, 5) and parts[-1] in leaf:
-            key = f"transformer.h.{int(m.group(1))}.{'.'.join(parts[2:-1])}.{leaf[parts[-1]]}"
-            if parts[-1] == "w":                     # [1, in, out] -> nn.Linear (out, in)
-                t = t.reshape(t.shape[-2:]).t() if t.dim() == 3 and t.shape[0] == 1 else t.t()
-            out[key] = t
-            continue
-        raise CheckpointError(f"unexpected tensor {name!r} in the OpenAI checkpoint")
-    return out
-
-
-# optimizer / bookkeeping variables that may sit next to the weights in a TF checkpoint
-_TF_IGNORED = ("global_step", "beta1_power", "beta2_power")
-_TF_IGNORED_SUFFIXES = ("/Adam", "/Adam_1")
-
-
-# ================================================================================================
-# CRC-32C (Castagnoli), vectorised with numpy; TF's masking
-# ================================================================================================
-_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def _byte_table() -> np.ndarray:
-    t = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-    return t
-
-
-_T8 = _byte_table()
-_T8_LIST = [int(x) for x in _T8]
-
-
-@functools.lru_cache(maxsize=1)
-def _word_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Two 64K tables: the CRC register after 4 zero bytes, for its low and high 16 bits."""
-    def four_zero_bytes(s):
-        for _ in range(4):
-            s = (s >> 8) ^ _T8[s & 0xFF]
-        return s
-    i = np.arange(65536, dtype=np.uint32)
-    return four_zero_bytes(i.copy()), four_zero_bytes(i << np.uint32(16))
-
-
-# The register update "feed n zero bytes" is linear over GF(2): an operator is stored as the images
-# of the 32 unit vectors, which lets independent chunks be checksummed in parallel and combined.
-def _op_apply(cols: tuple, x: int) -> int:
-    r, j = 0, 0
-    while x:
-        if x & 1:
-            r ^= cols[j]
-        x >>= 1
-        j += 1
-    return r
-
-
-def _op_compose(a: tuple, b: tuple) -> tuple:
-    return tuple(_op_apply(a, c) for c in b)
-
-
-_Z1 = tuple(((1 << j) >> 8) ^ _T8_LIST[(1 << j) & 0xFF] for j in range(32))
-_IDENTITY = tuple(1 << j for j in range(32))
-
-
-@functools.lru_cache(maxsize=256)
-def _zero_op(n: int) -> tuple:
-    """Operator advancing a raw CRC register over n zero bytes."""
-    result, base = _IDENTITY, _Z1
-    while n:
-        if n & 1:
-            result = _op_compose(base, result)
-        n >>= 1
-        if n:
-            base = _op_compose(base, base)
-    return result
-
-
-@functools.lru_cache(maxsize=256)
-def _op_tables(n: int) -> tuple:
-    """The operator for n zero bytes as four 256-entry tables (one per register byte)."""
-    cols = np.array(_zero_op(n), dtype=np.uint32)
-    b = np.arange(256)
-    tables = []
-    for k in range(4):
-        t = np.zeros(256, np.uint32)
-        for bit in range(8):
-            t ^= np.where((b >> bit) & 1, cols[8 * k + bit], 0).astype(np.uint32)
-        tables.append(t)
-    return tuple(tables)
-
-
-def _raw_scalar(state: int, data) -> int:
-    t = _T8_LIST
-    for byte in bytes(data):
-        state = (state >> 8) ^ t[(state ^ byte) & 0xFF]
-    return state
-
-
-def _raw_lanes(words: np.ndarray) -> int:
-    """Raw CRC (register starting at 0) of the (N, L) uint32 array's bytes in row order.
-
-    Each of the N rows is checksummed in its own lane (vectorised over rows), then lanes are
-    combined pairwise: crc(a || b) = Z_len(b)(crc(a)) ^ crc(b). N must be a power of two.
-    """
-    n_lanes, n_words = words.shape
-    wt = np.ascontiguousarray(words.T)               # (L, N): one contiguous row per step
-    lo_t, hi_t = _word_tables()
-    crc = np.zeros(n_lanes, np.uint32)
-    lo = np.empty(n_lanes, np.uint32)
-    hi = np.empty(n_lanes, np.uint32)
-    tmp = np.empty(n_lanes, np.uint32)
-    for j in range(n_words):
-        np.bitwise_xor(crc, wt[j], out=crc)
-        np.bitwise_and(crc, 0xFFFF, out=lo)
-        np.right_shift(crc, 16, out=hi)
-        np.take(lo_t, lo, out=crc)
-        np.take(hi_t, hi, out=tmp)
-        np.bitwise_xor(crc, tmp, out=crc)
-    length = 4 * n_words
-    while crc.size > 1:
-        t0, t1, t2, t3 = _op_tables(length)
-        x = crc[0::2]
-        crc = t0[x & 0xFF] ^ t1[(x >> 8) & 0xFF] ^ t2[(x >> 16) & 0xFF] ^ t3[x >> 24] ^ crc[1::2]
-        length *= 2
-    return int(crc[0])
-
-
-# (lanes, words per lane) from large to small; what is left over goes byte by byte (< 4 KiB)
-_LANE_PLAN = ((16384, 256), (4096, 64), (512, 32), (64, 16))
-
-
-def _crc32c_numpy(data, value: int = 0) -> int:
-    a = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
-    state = value ^ 0xFFFFFFFF
-    pos = 0
-    for lanes, words in _LANE_PLAN:
-        block = lanes * words * 4
-        nblocks = (a.size - pos) // block
-        if not nblocks:
-            continue
-        zb = _zero_op(block)
-        for _ in range(nblocks):
-            w = a[pos:pos + block].view("<u4").reshape(lanes, words)
-            state = _op_apply(zb, state) ^ _raw_lanes(w)
-            pos += block
-    state = _raw_scalar(state, a[pos:])
-    return state ^ 0xFFFFFFFF
-
-
-def _pick_crc32c():
-    try:  # optional speed-ups, used only when installed
-        import google_crc32c  # type: ignore
-
-        if getattr(google_crc32c, "implementation", "c") == "c":
-            return lambda data, value=0: google_crc32c.extend(value, bytes(memoryview(data)))
-    except Exception:
-        pass
-    try:
-        import crc32c as _c  # type: ignore
-
-        return lambda data, value=0: _c.crc32c(memoryview(data), value)
-    except Exception:
-        pass
-    return _crc32c_numpy
-
-
-_crc32c_impl = _pick_crc32c()
-
-
-def crc32c(data, value: int = 0) -> int:
-    """CRC-32C of a bytes-like object (or uint8 numpy array), optionally extending `value`."""
-    return _crc32c_impl(data, value)
-
-
-_MASK_DELTA = 0xA282EAD8
-
-
-def mask_crc(crc: int) -> int:
-    """TF/LevelDB masked CRC: rotate right by 15 bits and add a constant."""
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
-
-
-def unmask_crc(masked: int) -> int:
-    rot = (masked - _MASK_DELTA) & 0xFFFFFFFF
-    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
-
-
-# ================================================================================================
-# Minimal protobuf decoding and the LevelDB-style table (.index) reader
-# ================================================================================================
-def _varint(buf, pos: int, what: str = "varint") -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise CheckpointError(f"truncated {what}")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise CheckpointError(f"malformed {what}")
-
-
-def _proto_fields(buf: bytes) -> dict[int, list]:
-    """Decode one protobuf message into {field number: [values]} (varints as int, others bytes)."""
-    fields: dict[int, list] = {}
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos, "protobuf tag")
-        num, wire = tag >> 3, tag & 7
-        if wire == 0:
-            val, pos = _varint(buf, pos, "protobuf varint")
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos, "protobuf length")
-            val, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise CheckpointError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise CheckpointError("truncated protobuf message")
-        fields.setdefault(num, []).append(val)
-    return fields
-
-
-def _snappy_decompress(src: bytes) -> bytes:
-    """Raw snappy block decompression (only used if an index block is snappy-compressed)."""
-    n, pos = _varint(src, 0, "snappy length")
-    out = bytearray()
-    while pos < len(src):
-        tag = src[pos]
-        pos += 1
-        kind = tag & 3
-        if kind == 0:                                              # literal
-            ln = tag >> 2
-            if ln >= 60:
-                nb = ln - 59
-                ln = int.from_bytes(src[pos:pos + nb], "little")
-                pos += nb
-            ln += 1
-            out += src[pos:pos + ln]
-            pos += ln
-            continue
-        if kind == 1:
-            ln = ((tag >> 2) & 7) + 4
-            off = ((tag >> 5) << 8) | src[pos]
-            pos += 1
-        elif kind == 2:
-            ln, off = (tag >> 2) + 1, int.from_bytes(src[pos:pos + 2], "little")
-            pos += 2
-        else:
-            ln, off = (tag >> 2) + 1, int.from_bytes(src[pos:pos + 4], "little")
-            pos += 4
-        if off == 0 or off > len(out):
-            raise CheckpointError("corrupted snappy block")
-        for _ in range(ln):                                         # copies may overlap
-            out.append(out[-off])
-    if len(out) != n:
-        raise CheckpointError("corrupted snappy block (length mismatch)")
-    return bytes(out)
-
-
-_TABLE_MAGIC = 0xDB4775248B80FB57
-_FOOTER_LEN = 48
-_TRAILER_LEN = 5   # 1 byte compression type + 4 bytes masked crc32c
-
-
-def _read_block(data: bytes, offset: int, size: int, name: str) -> bytes:
-    end = offset + size + _TRAILER_LEN
-    if offset < 0 or end > len(data):
-        raise CheckpointError(f"{name}: truncated table (block at {offset} of {size} bytes ends past EOF)")
-    contents = data[offset:offset + size]
-    kind = data[offset + size]
-    (stored,) = struct.unpack_from("<I", data, offset + size + 1)
-    if crc32c(data[offset:offset + size + 1]) != unmask_crc(stored):
-        raise CheckpointError(f"{name}: table block at offset {offset} failed its crc32c check (corrupted file)")
-    if kind == 0:
-        return contents
-    if kind == 1:
-        return _snappy_decompress(contents)
-    raise CheckpointError(f"{name}: unknown block compression type {kind}")
-
-
-def _block_entries(block: bytes, name: str) -> list[tuple[bytes, bytes]]:
-    if len(block) < 4:
-        raise CheckpointError(f"{name}: malformed table block")
-    (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
-    limit = len(block) - 4 - 4 * num_restarts
-    if limit < 0:
-        raise CheckpointError(f"{name}: malformed table block (restart array)")
-    entries, pos, key = [], 0, b""
-    while pos < limit:
-        shared, pos = _varint(block, pos)
-        non_shared, pos = _varint(block, pos)
-        vlen, pos = _varint(block, pos)
-        if shared > len(key) or pos + non_shared + vlen > limit:
-            raise CheckpointError(f"{name}: malformed table block entry")
-        key = key[:shared] + block[pos:pos + non_shared]
-        pos += non_shared
-        entries.append((key, block[pos:pos + vlen]))
-        pos += vlen
-    return entries
-
-
-def read_sstable(path_or_bytes) -> list[tuple[bytes, bytes]]:
-    """All (key, value) pairs of a LevelDB-format table (TF's .index file), crc-checked, in order."""
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data, name = bytes(path_or_bytes), "table"
-    else:
-        name = str(path_or_bytes)
-        data = Path(path_or_bytes).read_bytes()
-    if len(data) < _FOOTER_LEN:
-        raise CheckpointError(f"{name}: truncated index file ({len(data)} bytes, no table footer)")
-    footer = data[-_FOOTER_LEN:]
-    (magic,) = struct.unpack_from("<Q", footer, 40)
-    if magic != _TABLE_MAGIC:
-        raise CheckpointError(f"{name}: not a TF checkpoint index (bad table magic; truncated or corrupted?)")
-    pos = 0
-    _meta_off, pos = _varint(footer, pos)
-    _meta_size, pos = _varint(footer, pos)
-    idx_off, pos = _varint(footer, pos)
-    idx_size, pos = _varint(footer, pos)
-    if idx_off + idx_size + _TRAILER_LEN > len(data) - _FOOTER_LEN:
-        raise CheckpointError(f"{name}: truncated or corrupted index file (index block out of range)")
-    index = _block_entries(_read_block(data, idx_off, idx_size, name), name)
-    out = []
-    for _sep, handle in index:
-        off, p = _varint(handle, 0)
-        size, _ = _varint(handle, p)
-        out.extend(_block_entries(_read_block(data, off, size, name), name))
-    return out
-
-
-# ================================================================================================
-# TF tensor bundle (OpenAI GPT-2 checkpoints)
-# ================================================================================================
-_TF_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
-              9: np.int64, 10: np.bool_, 14: "bfloat16", 17: np.uint16, 19: np.float16,
-              22: np.uint32, 23: np.uint64}
-
-
-def _bundle_prefix(src: Path) -> Path:
-    """The checkpoint prefix (path without .index) for a directory, .index file or prefix."""
-    if src.is_dir():
-        ckpt = src / "checkpoint"
-        if ckpt.is_file():
-            m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', ckpt.read_text(errors="replace"), re.M)
-            if m:
-                p = Path(m.group(1))
-                p = p if p.is_absolute() else src / p
-                if Path(f"{p}.index").is_file():
-                    return p
-                p = src / Path(m.group(1)).name
-                if Path(f"{p}.index").is_file():
-                    return p
-        if (src / "model.ckpt.index").is_file():
-            return src / "model.ckpt"
-        idx = sorted(src.glob("*.index"))
-        if len(idx) == 1:
-            return idx[0].with_suffix("")
-        raise CheckpointError(f"{src}: no single TF checkpoint .index file found")
-    s = str(src)
-    return Path(s[:-len(".index")]) if s.endswith(".index") else src
-
-
-def read_tf_index(index_path: PathLike) -> tuple[dict, dict[str, dict]]:
-    """Parse a bundle .index: (header {num_shards, endianness}, {tensor name: entry dict})."""
-    header = None
-    entries = {}
-    for key, value in read_sstable(index_path):
-        if key == b"":
-            f = _proto_fields(value)
-            header = {"num_shards": f.get(1, [1])[-1], "endianness": f.get(2, [0])[-1]}
-            continue
-        f = _proto_fields(value)
-        shape = []
-        if 2 in f:
-            sf = _proto_fields(f[2][-1])
-            if sf.get(3, [0])[-1]:
-                raise CheckpointError(f"{index_path}: tensor {key.decode(errors='replace')!r} has unknown rank")
-            for d in sf.get(2, []):
-                size = _proto_fields(d).get(1, [0])[-1]
-                shape.append(size - (1 << 64) if size >= 1 << 63 else size)
-        name = key.decode("utf-8", errors="replace")
-        if 7 in f:
-            raise CheckpointError(f"{index_path}: tensor {name!r} is partitioned (slices); not supported")
-        entries[name] = {
-            "dtype": f.get(1, [0])[-1], "shape": tuple(shape), "shard_id": f.get(3, [0])[-1],
-            "offset": f.get(4, [0])[-1], "size": f.get(5, [0])[-1],
-            "crc32c": struct.unpack("<I", f[6][-1])[0] if 6 in f else None,
-        }
-    if header is None:
-        raise CheckpointError(f"{index_path}: missing bundle header entry (not a TF checkpoint index?)")
-    return header, entries
-
-
-def read_tf_bundle(src: PathLike, *, names: Optional[Iterable[str]] = None,
-                   verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or `names`) from a TF checkpoint dir/prefix/.index, verifying crc32c."""
-    prefix = _bundle_prefix(Path(src))
-    index_path = Path(f"{prefix}.index")
-    if not index_path.is_file():
-        raise CheckpointError(f"{index_path}: TF checkpoint index not found")
-    header, entries = read_tf_index(index_path)
-    if header["endianness"] not in (0, 1):
-        raise CheckpointError(f"{index_path}: unknown endianness {header['endianness']}")
-    num_shards = max(1, int(header["num_shards"]))
-    order = "<" if header["endianness"] == 0 else ">"
-    wanted = list(entries) if names is None else list(names)
-    out: dict[str, torch.Tensor] = {}
-    files: dict[int, tuple] = {}
-    try:
-        for name in wanted:
-            if name not in entries:
-                raise CheckpointError(f"{index_path}: tensor {name!r} not in checkpoint")
-            e = entries[name]
-            if e["shard_id"] not in files:
-                dpath = Path(f"{prefix}.data-{e['shard_id']:05d}-of-{num_shards:05d}")
-                if not dpath.is_file():
-                    raise CheckpointError(f"{dpath}: TF checkpoint data file not found")
-                files[e["shard_id"]] = (dpath, open(dpath, "rb"), dpath.stat().st_size)
-            dpath, fh, fsize = files[e["shard_id"]]
-            np_dtype = _TF_DTYPES.get(e["dtype"])
-            if np_dtype is None:
-                raise CheckpointError(f"tensor {name!r} has unsupported TF dtype {e['dtype']}")
-            itemsize = 2 if np_dtype == "bfloat16" else np.dtype(np_dtype).itemsize
-            numel = int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1
-            if e["size"] != numel * itemsize:
-                raise CheckpointError(f"tensor {name!r}: index says {e['size']} bytes but shape "
-                                      f"{list(e['shape'])} needs {numel * itemsize} (corrupted index)")
-            if e["offset"] + e["size"] > fsize:
-                raise CheckpointError(f"{dpath}: truncated data file (tensor {name!r} needs bytes "
-                                      f"{e['offset']}..{e['offset'] + e['size']}, file has {fsize})")
-            buf = bytearray(e["size"])
-            fh.seek(e["offset"])
-            if fh.readinto(buf) != e["size"]:
-                raise CheckpointError(f"{dpath}: truncated data file while reading tensor {name!r}")
-            if verify and e["crc32c"] is not None:
-                got = crc32c(buf)
-                if got != unmask_crc(e["crc32c"]):
-                    raise CheckpointError(f"{dpath}: crc32c mismatch for tensor {name!r} (stored "
-                                          f"{unmask_crc(e['crc32c']):08x}, computed {got:08x}): "
-                                          "the data file is corrupted")
-            if np_dtype == "bfloat16":
-                arr = np.frombuffer(buf, dtype=np.dtype(np.int16).newbyteorder(order)).astype(np.int16)
-                t = torch.from_numpy(arr).view(torch.bfloat16)
-            else:
-                arr = np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder(order))
-                if order == ">":
-                    arr = arr.astype(np.dtype(np_dtype).newbyteorder("<"))
-                t = torch.from_numpy(arr)
-            out[name] = t.reshape(e["shape"])
-    finally:
-        for _, fh, _ in files.values():
-            fh.close()
-    return out
 
 
 # ================================================================================================
@@ -690,7 +143,7 @@ def _config_from_json(path: Path) -> GPTConfig:
         raise CheckpointError(f"{path}: not a usable GPT-2 config ({e})") from e
 
 
-def _infer_config(sd: dict, n_head: Optional[int], origin: str) -> GPTConfig:
+def _infer_config(sd: dict, n_head: int | None, origin: str) -> GPTConfig:
     """Config from tensor shapes (minigpt layout). n_head defaults to n_embd // 64."""
     try:
         vocab_size, n_embd = sd["transformer.wte.weight"].shape
@@ -711,9 +164,9 @@ def _infer_config(sd: dict, n_head: Optional[int], origin: str) -> GPTConfig:
         raise CheckpointError(f"{origin}: inferred config is invalid ({e})") from e
 
 
-def load_checkpoint(src: PathLike, *, n_head: Optional[int] = None, need_config: bool = True,
-                    cache: Optional[PathLike] = None, download: bool = True
-                    ) -> tuple[Optional[GPTConfig], dict[str, torch.Tensor]]:
+def load_checkpoint(src: PathLike, *, n_head: int | None = None, need_config: bool = True,
+                    cache: PathLike | None = None, download: bool = True
+                    ) -> tuple[GPTConfig | None, dict[str, torch.Tensor]]:
     """Resolve `src` (see module docstring) -> (GPTConfig, state dict in minigpt layout)."""
     path = Path(src).expanduser() if isinstance(src, (str, os.PathLike)) else None
     if path is None:
@@ -770,7 +223,7 @@ def load_checkpoint(src: PathLike, *, n_head: Optional[int] = None, need_config:
 
 
 def _load_tf(src: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    prefix = _bundle_prefix(src)
+    prefix = bundle_prefix(src)
     hp = prefix.parent / "hparams.json"
     tensors = read_tf_bundle(prefix)
     sd = openai_to_minigpt(tensors)
@@ -784,18 +237,17 @@ def _load_tf(src: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 # ================================================================================================
 # Building the model strictly from a state dict
 # ================================================================================================
-def model_from_state_dict(cfg: GPTConfig, sd: dict, *, dtype: Optional[torch.dtype] = None,
+def model_from_state_dict(cfg: GPTConfig, sd: dict, *, model_cls: type, dtype: torch.dtype | None = None,
                           device=None, origin: str = "checkpoint", consume: bool = False):
-    """A GPT with every parameter taken from `sd` (minigpt layout); strict about keys and shapes.
+    """A `model_cls(cfg)` (a GPT) with every parameter taken from `sd` (minigpt layout); strict
+    about keys and shapes.
 
     Floating tensors are cast to `dtype` (default float32), moved to `device` and made contiguous;
     the model is in eval mode. consume=True pops tensors from `sd` as it goes (lower peak memory).
     """
-    from .model import GPT
-
     dtype = dtype or torch.float32
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = model_cls(cfg)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and k != "lm_head.weight"]
@@ -828,10 +280,13 @@ def model_from_state_dict(cfg: GPTConfig, sd: dict, *, dtype: Optional[torch.dty
     return model.eval()
 
 
-def load_model(src, *, dtype: Optional[torch.dtype] = None, device=None, n_head: Optional[int] = None,
-               cache_dir: Optional[PathLike] = None, download: bool = True):
-    """Load a GPT from a preset, HF dir/file, OpenAI TF checkpoint or save_pretrained dir.
+def load_model(src, *, model_cls: type, dtype: torch.dtype | None = None, device=None,
+               n_head: int | None = None, cache_dir: PathLike | None = None, download: bool = True):
+    """Load a model from a preset, HF dir/file, OpenAI TF checkpoint or save_pretrained dir.
 
+    Outside minigpt.model call `GPT.from_pretrained(src, ...)`, which passes itself as model_cls.
+
+    model_cls: the model class (GPT or a subclass), built as model_cls(config).
     dtype:     floating dtype of the parameters (default float32).
     device:    where to put them (default cpu).
     n_head:    for a bare weights file without config.json (default n_embd // 64).
@@ -839,29 +294,13 @@ def load_model(src, *, dtype: Optional[torch.dtype] = None, device=None, n_head:
     download:  allow downloading a missing preset.
     """
     cfg, sd = load_checkpoint(src, n_head=n_head, cache=cache_dir, download=download)
-    return model_from_state_dict(cfg, sd, dtype=dtype, device=device, origin=str(src), consume=True)
+    return model_from_state_dict(cfg, sd, model_cls=model_cls, dtype=dtype, device=device, origin=str(src),
+                                 consume=True)
 
 
 # ================================================================================================
 # Saving
 # ================================================================================================
-def atomic_write(path: Path, writer) -> None:
-    """Write `path` through `writer(tmp_path)` into a temp file of this process's own in the same
-    folder, then rename it into place: readers see the old file or the whole new one, never a
-    part, and concurrent writers (DDP ranks) never share a temp file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_model(model, out_dir: PathLike) -> None:
     """Write config.json + model.safetensors in the HF Hub layout (Conv1D weights, prefixed keys,
     no lm_head) so that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads it. Atomic."""
@@ -884,89 +323,4 @@ def save_model(model, out_dir: PathLike) -> None:
     cfg.setdefault("dtype", dt)
     cfg.setdefault("torch_dtype", dt)
     atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-# ================================================================================================
-# Presets: local cache and one-time download
-# ================================================================================================
-HUB_URL = "https://huggingface.co"
-PRESET_FILES = ("config.json", "model.safetensors")
-
-
-def cache_dir() -> Path:
-    """$MINIGPT_HOME, default ~/.cache/minigpt."""
-    return Path(os.environ.get("MINIGPT_HOME") or Path.home() / ".cache" / "minigpt").expanduser()
-
-
-def preset_dir(name: str, cache: Optional[PathLike] = None) -> Path:
-    return (Path(cache).expanduser() if cache is not None else cache_dir()) / name
-
-
-def is_preset_cached(name: str, cache: Optional[PathLike] = None) -> bool:
-    d = preset_dir(name, cache)
-    return all((d / f).is_file() for f in PRESET_FILES)
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("MINIGPT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_url() -> str:
-    return (os.environ.get("MINIGPT_HUB_URL") or os.environ.get("HF_ENDPOINT") or HUB_URL).rstrip("/")
-
-
-def _urlopen(url: str, timeout: float = 30.0):
-    """Module-level so tests can replace it; urllib only."""
-    req = urllib.request.Request(url, headers={"User-Agent": "minigpt"})
-    return urllib.request.urlopen(req, timeout=timeout)
-
-
-def _download(url: str, dest: Path, desc: str) -> None:
-    from tqdm.auto import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    def fetch(tmp: str) -> None:
-        with _urlopen(url) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            n = 0
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                      disable=os.environ.get("MINIGPT_NO_PROGRESS") == "1") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    n += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and n != total:
-                raise CheckpointError(f"download of {url} stopped after {n} of {total} bytes")
-    atomic_write(dest, fetch)
-
-
-def download_preset(name: str, cache: Optional[PathLike] = None, *, allowed: bool = True) -> Path:
-    """Download <hub>/<name>/resolve/main/{config.json,model.safetensors} into the cache once."""
-    if name not in PRESETS:
-        raise CheckpointError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    d = preset_dir(name, cache)
-    if is_preset_cached(name, cache):
-        return d
-    hint = (f"download it once while online, set MINIGPT_HOME to a directory holding {name}/config.json "
-            f"and {name}/model.safetensors, or pass a local checkpoint directory")
-    if not allowed or _offline():
-        raise CheckpointError(f"preset {name!r} is not cached in {d} and downloads are disabled "
-                              f"(offline mode); {hint}")
-    base = _hub_url()
-    for fname in PRESET_FILES:
-        if (d / fname).is_file():
-            continue
-        url = f"{base}/{name}/resolve/main/{fname}"
-        try:
-            _download(url, d / fname, f"{name}/{fname}")
-        except CheckpointError as e:
-            raise CheckpointError(f"preset {name!r}: {e}; {hint}") from e
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise CheckpointError(f"preset {name!r} is not cached in {d} and downloading {url} failed "
-                                  f"({reason}); {hint}") from e
-    return d
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,10 @@
 """Model configuration: one dataclass, named presets, HF config.json round trip."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .errors import ConfigError
 
 PRESETS: dict[str, dict] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -27,12 +30,21 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"GPTConfig.{k} must be a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"GPTConfig.{k} must be a positive integer, got {v!r}")
+        for k in ("dropout", "layer_norm_epsilon"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"GPTConfig.{k} must be a finite number, got {v!r}")
+            setattr(self, k, float(v))
+        if not isinstance(self.name, str):
+            raise ConfigError(f"GPTConfig.name must be a string, got {self.name!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 
     @property
     def head_dim(self) -> int:
@@ -42,7 +54,7 @@ class GPTConfig:
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
         """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
 
     def to_dict(self) -> dict:

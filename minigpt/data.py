@@ -1,8 +1,7 @@
-"""Token datasets for pretraining, plus the instruction-data API (re-exported from instruct.py).
-
-Pretraining text is tokenised once into uint16 memmaps (`train.bin`, `val.bin`) with a small JSON
-manifest, cached so later runs start instantly. Batches are a pure function of (seed, step, rank),
-which is what makes resumed runs repeat an uninterrupted run exactly.
+"""Pretraining data: the embedded corpus, tokenising text once into cached uint16 memmaps
+(`train.bin`, `val.bin` + a small JSON manifest), and `TokenDataset` over them. Batches are a pure
+function of (seed, step, micro), which is what makes resumed runs repeat an uninterrupted run
+exactly. Instruction data lives in minigpt.records (reading) and minigpt.instruct (batches).
 """
 from __future__ import annotations
 
@@ -19,14 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 from .tokenizer import get_tokenizer
 
 EMBEDDED_CORPUS = "shakespeare"
 
 
-from .instruct import *  # noqa: F401,F403  (instruction formats, templates, collator)
-from .instruct import DataError
+from .errors import DataError
 
 
 def embedded_corpus_text() -> str:
@@ -75,18 +73,29 @@ def _tokenize_texts(texts, desc: str) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
 
 
+def check_data_source(data: Optional[str], flag: str = "--data") -> None:
+    """Refuse, before any work, a data path that is missing, empty, or neither a regular file
+    nor a folder (a device or FIFO such as /dev/zero would be read forever)."""
+    if data is None:
+        return
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise DataError(f"{flag} {data}: no such file or folder")
+    if not (p.is_file() or p.is_dir()):
+        raise DataError(f"{flag} {data}: not a regular file or a folder")
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"{flag} {data}: file is empty")
+    if p.is_dir():
+        _text_files(p)                                   # a folder must hold .txt files
+
+
 def prepare_data(data: Optional[str], cache_dir: str | os.PathLike, val_fraction: float = 0.05) -> Path:
     """Tokenise `data` once into `cache_dir/<key>/{train,val}.bin`; returns that folder.
 
     data: None for the embedded corpus, a .txt file, a folder of .txt files, or a pre-tokenised
     uint16 .bin file (its last `val_fraction` becomes the validation split).
     """
-    if data is not None:
-        p = Path(data)
-        if not p.exists():
-            raise DataError(f"{data}: no such file or folder")
-        if p.is_file() and p.stat().st_size == 0:
-            raise DataError(f"{data}: file is empty")
+    check_data_source(data)
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     out = Path(cache_dir) / _fingerprint(data)
@@ -122,10 +131,14 @@ def prepare_data(data: Optional[str], cache_dir: str | os.PathLike, val_fraction
 
 @dataclass
 class TokenDataset:
-    """Random fixed-length windows from a uint16 token file."""
+    """Fixed-length windows from a uint16 token file: random ones for training (`batch`, a pure
+    function of (step, micro), so resume and any number of processes see the same data) and
+    consecutive ones for evaluation (`sequential`)."""
 
     path: Path
     block_size: int
+    batch_size: int = 16
+    seed: int = 0
 
     def __post_init__(self):
         self.tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
@@ -136,13 +149,13 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, micro: int = 0):
-        """Deterministic batch for (seed, step, rank, micro): x, y LongTensors (B, T)."""
-        g = np.random.default_rng([seed, step, rank, micro])
-        starts = g.integers(0, len(self.tokens) - self.block_size - 1, size=batch_size)
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Micro-batch `micro` of optimizer step `step`: x, y LongTensors (B, T) and the token count."""
+        g = np.random.default_rng([self.seed, step, 0, micro])     # (the 0 keeps the data order of
+        starts = g.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)  # 0.1)
         idx = starts[:, None] + np.arange(self.block_size + 1)[None, :]
         chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))   # (B, T+1)
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1], chunk[:, 1:], chunk.size(0) * self.block_size
 
     def sequential(self, batch_size: int, max_batches: Optional[int] = None):
         """Non-overlapping windows in order (for evaluation): yields x, y (B, T)."""

@@ -3,6 +3,7 @@
     MinigptError                  anything the user can fix; the message is one line
     ├── ConfigError (ValueError)  an invalid argument, flag or config field (names it)
     ├── CheckpointError           a model file or folder that cannot be found, read or matched
+    │   └── AdapterError (ValueError)  the same for an adapter folder
     ├── DataError (ValueError)    a dataset that cannot be read (names the file and line)
     ├── RunDirError               an output folder that may not be used (would lose data)
     └── TrainingStopped           training could not go on (e.g. repeated non-finite loss)
@@ -12,7 +13,7 @@ permission) stay OSError.
 """
 from __future__ import annotations
 
-__all__ = ["MinigptError", "ConfigError", "CheckpointError", "DataError", "RunDirError",
+__all__ = ["MinigptError", "ConfigError", "CheckpointError", "AdapterError", "DataError", "RunDirError",
            "TrainingStopped"]
 
 
@@ -26,6 +27,10 @@ class ConfigError(MinigptError, ValueError):
 
 class CheckpointError(MinigptError):
     """A checkpoint could not be found, read, verified or matched to a model."""
+
+
+class AdapterError(CheckpointError, ValueError):
+    """An adapter folder that cannot be read or does not fit the model."""
 
 
 class DataError(MinigptError, ValueError):

@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ConfigError
+from .model import check_token_ids
+from .sampling import SamplingConfig
+from .templates import STOP_STRINGS as DEFAULT_STOP  # every template's turn markers
+
 __all__ = ["generate", "stream", "stream_text", "sample_next", "apply_repetition_penalty",
            "prepare_for_decoding", "DecodeLinear", "quantize_int4", "dequantize_int4",
            "DEFAULT_STOP"]
-
-# Turn markers of the instruction/chat templates: stream_text stops before any of them.
-DEFAULT_STOP = ("### Instruction:", "### Input:", "### Response:", "### Human:", "### Assistant:")
 
 EosArg = Union[int, Sequence[int], None]
 
@@ -104,10 +106,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Option
 def _check_lengths(model, T: int, max_new_tokens: int) -> None:
     block = model.config.block_size
     if T > block:
-        raise ValueError(f"prompt of {T} tokens is longer than the model's context length "
+        raise ConfigError(f"prompt of {T} tokens is longer than the model's context length "
                          f"(block_size={block}); truncate the prompt")
     if T + max_new_tokens > block:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = "
+        raise ConfigError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = "
                          f"{T + max_new_tokens} exceeds the model's context length (block_size={block}); "
                          f"shorten the prompt or lower max_new_tokens to {block - T}")
 
@@ -139,16 +141,22 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     torch.inference_mode(), entered per step, so nothing leaks to the caller between steps.
     """
     if idx.dim() != 2:
-        raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        raise ConfigError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
     B, T = idx.shape
-    if T == 0:
-        raise ValueError("the prompt must hold at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if B == 0 or T == 0:
+        raise ConfigError(f"the batch must hold at least one prompt of at least one token, got shape {(B, T)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_token_ids(idx, model.config.vocab_size)
     _check_lengths(model, T, max_new_tokens)
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)     # validates them
+    temperature, top_k, top_p, repetition_penalty = (sampling.temperature, sampling.top_k, sampling.top_p,
+                                                     sampling.repetition_penalty)
     stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
     if stops and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer (pass tokenizer=...)")
+        raise ConfigError("stop strings need a tokenizer (pass tokenizer=...)")
     if max_new_tokens == 0:
         return
     eos = _eos_list(eos_token_id)
@@ -161,9 +169,9 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     if padded:
         am = attention_mask.to(device).bool()
         if am.shape != idx.shape:
-            raise ValueError(f"attention_mask shape {tuple(am.shape)} != idx shape {tuple(idx.shape)}")
+            raise ConfigError(f"attention_mask shape {tuple(am.shape)} != idx shape {tuple(idx.shape)}")
         if not bool(am[:, -1].all()) or bool((am[:, :-1] & ~am[:, 1:]).any()):
-            raise ValueError("attention_mask must be left-padded: zeros (padding) first, then ones")
+            raise ConfigError("attention_mask must be left-padded: zeros (padding) first, then ones")
     stop_bytes = [s.encode("utf-8") for s in stops]
     keep = max((len(s) for s in stop_bytes), default=1) - 1
     tails = [b""] * B
@@ -266,7 +274,7 @@ def _compiled_step(model, batch_size: int, length: int):
     runs as a CUDA graph ("reduce-overhead").
     """
     if any(getattr(m, "kind", None) == "mkldnn" for m in model.modules()):
-        raise ValueError("compile=True cannot trace oneDNN-packed weights (prepare_for_decoding "
+        raise ConfigError("compile=True cannot trace oneDNN-packed weights (prepare_for_decoding "
                          "'fp32'/'bf16' on CPU); use an unprepared model or 'fp16'/'int8'/'int4'")
     store = model.__dict__.setdefault("_compiled_decoding", {})
     L = min(max(64, 1 << (length - 1).bit_length()), model.config.block_size)
@@ -335,7 +343,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
     truncation or sliding window), including a prompt that alone is longer than the context.
     """
     if idx.dim() != 2:
-        raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        raise ConfigError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
     B, T = idx.shape
     out = torch.empty(B, T + max(max_new_tokens, 0), dtype=torch.long, device=idx.device)
     n = 0
@@ -363,7 +371,7 @@ def stream(model, idx: Union[torch.Tensor, Sequence[int]], max_new_tokens: int =
     if idx.dim() == 1:
         idx = idx[None]
     if idx.dim() != 2 or idx.size(0) != 1:
-        raise ValueError(f"stream decodes one prompt (1, T) at a time, got shape {tuple(idx.shape)}")
+        raise ConfigError(f"stream decodes one prompt (1, T) at a time, got shape {tuple(idx.shape)}")
     _check_lengths(model, idx.size(1), max_new_tokens)                # raise now, not at first next()
     return (int(tok) for tok in _decode_steps(model, idx, max_new_tokens, **kw))
 
@@ -454,7 +462,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[t
     """
     N, K = weight.shape
     if K % group_size:
-        raise ValueError(f"int4 needs in_features divisible by {group_size}, got {K}")
+        raise ConfigError(f"int4 needs in_features divisible by {group_size}, got {K}")
     w = weight.detach().float().reshape(N, K // group_size, group_size)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-8)                              # (N, K/g, 1)
@@ -492,7 +500,7 @@ class DecodeLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str):
         super().__init__()
         if mode not in DECODE_MODES:
-            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         self.mode, self.out_features, self.in_features = mode, weight.size(0), weight.size(1)
         weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach().float().clone()
@@ -517,7 +525,7 @@ class DecodeLinear(nn.Module):
             self.scale = scale.to(torch.bfloat16)
         else:
             if weight.device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-                raise ValueError("int4 decoding weights need a CPU model and torch >= 2.6")
+                raise ConfigError("int4 decoding weights need a CPU model and torch >= 2.6")
             pad = -self.out_features % 16                                   # kernel: rows % 16 == 0
             q, sz = quantize_int4(F.pad(weight, (0, 0, 0, pad)))
             self.weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)   # packed (out+pad, in/2)
@@ -567,12 +575,12 @@ def prepare_for_decoding(model, mode: str = "fp16"):
     model to its device, and after merge_lora if it has LoRA adapters.
     """
     if mode not in DECODE_MODES:
-        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
     targets = []
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A"):                                       # minigpt.lora.LoRALinear
             if not getattr(mod, "merged", False):
-                raise ValueError(f"{name} carries an unmerged LoRA adapter: call "
+                raise ConfigError(f"{name} carries an unmerged LoRA adapter: call "
                                  f"minigpt.lora.merge_lora(model) before prepare_for_decoding")
             targets.append((name, mod))
         elif isinstance(mod, nn.Linear):

@@ -1,31 +1,10 @@
-"""Instruction data: readers, prompt templates, masked tokenisation, collation and batching.
+"""Instruction tuning data path: masked tokenisation, collation, batching and exact-match scoring.
 
-Readers (`load_records`) turn three formats into one record shape:
-
-* Alpaca-style JSON (a list) or JSONL: {"instruction", "input" (optional), "output", "system" (opt.)}
-* chat JSONL (or a JSON list): {"messages": [{"role": "system"|"user"|"assistant", "content"}...]}
-* plain text with `### Human:` / `### Assistant:` turns. A turn's text runs up to the next marker
-  (markers may also sit mid-line, as in the OpenAssistant-Guanaco dumps). Turns of one
-  conversation follow each other directly; a *blank line followed by a `### Human:` line* starts a
-  new conversation. So `### Human: a\\n### Assistant: b\\n### Human: c\\n### Assistant: d` is one
-  two-turn conversation, while separating the pairs with an empty line makes two conversations.
-  Blank lines anywhere else belong to the turn's text.
-
-Every record becomes
-
-    {"messages": [{"role": "user", "content": str, "input": str}, {"role": "assistant", ...}, ...],
-     "system": str | None, "source": "file:line", + optional "split", "task", "exact"}
-
-with roles alternating user/assistant, starting with user and ending with assistant; contents are
-stripped and non-empty. An Alpaca `input` is kept on the user message (templates decide where it
-goes). Anything malformed raises `DataError` (a ValueError) whose one-line message starts with
-`file:line:`.
-
-Templates (`TEMPLATES`, `get_template`) render a conversation into (text, is_response) segments;
-every response segment is followed by the EOS token (50256), which is supervised, so the model
-learns to stop after each answer. `tokenize_example` encodes each segment separately with the
-GPT-2 BPE (text that spells `<|endoftext|>` stays ordinary text) and `Template.prompt_ids` builds
-a chat prompt the exact same way, so training and chat see identical token streams.
+Records come from `minigpt.records.load_records`; templates from `minigpt.templates`.
+`tokenize_example` renders a record with a template and encodes each segment separately with the
+GPT-2 BPE (text that spells `<|endoftext|>` stays ordinary text); every response is followed by
+the EOS token (50256), which is supervised, so the model learns to stop after each answer.
+`Template.prompt_ids` builds chat prompts the same way, so training and chat see identical tokens.
 
 Truncation policy (`tokenize_example`): keep the start, cut the end. Examples whose first prompt
 (system + first user turn) leaves no room for a single response token within `max_length` are
@@ -37,370 +16,20 @@ max_length tokens therefore feed the model max_length - 1 positions.
 """
 from __future__ import annotations
 
-import json
+import math
 import random
-import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .errors import DataError
+from .templates import DEFAULT_TEMPLATE, EOS_TEXT, Template, get_template
 
-__all__ = [
-    "DataError", "load_records", "parse_text_conversations", "Template", "TEMPLATES", "get_template",
-    "tokenize_example", "tokenize_records", "Collator", "length_grouped_batches", "shuffled_batches",
-    "split_records", "checkable_records", "exact_match_accuracy", "default_instructions_path",
-    "EOS_ID", "IGNORE_INDEX",
-]
+__all__ = ["EOS_ID", "IGNORE_INDEX", "Collator", "InstructionDataset", "exact_match_accuracy", "length_grouped_batches",
+           "tokenize_example", "tokenize_records"]
 
 EOS_ID = 50256
 IGNORE_INDEX = -100
-EOS_TEXT = "<|endoftext|>"
-ROLES = ("system", "user", "assistant")
-_PASS_THROUGH = {"split": str, "task": str, "exact": bool}
-
-
-def default_instructions_path() -> Path:
-    """The instruction set shipped with minigpt (minigpt/assets/instructions.jsonl)."""
-    return Path(str(resources.files("minigpt").joinpath("assets/instructions.jsonl")))
-
-
-# --- readers ---------------------------------------------------------------------------------
-
-def _err(where: str, msg: str) -> DataError:
-    return DataError(f"{where}: {msg}")
-
-
-def _text(obj: dict, key: str, where: str, required: bool = True, allow_empty: bool = False) -> str:
-    v = obj.get(key)
-    if v is None:
-        if required:
-            raise _err(where, f"missing field {key!r}")
-        return ""
-    if not isinstance(v, str):
-        raise _err(where, f"field {key!r} must be a string, got {type(v).__name__}")
-    v = v.strip()
-    if not v and required and not allow_empty:
-        raise _err(where, f"field {key!r} is empty")
-    return v
-
-
-def _extras(obj: dict, where: str) -> dict:
-    out = {}
-    for k, typ in _PASS_THROUGH.items():
-        if k in obj and obj[k] is not None:
-            if not isinstance(obj[k], typ):
-                raise _err(where, f"field {k!r} must be a {typ.__name__}, got {type(obj[k]).__name__}")
-            out[k] = obj[k]
-    return out
-
-
-def _check_turns(messages: list[dict], where: str) -> None:
-    if not messages:
-        raise _err(where, "conversation has no user/assistant turns")
-    for i, m in enumerate(messages):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise _err(where, f"turn {i + 1} is {m['role']!r}, expected {want!r} "
-                              "(turns must alternate user/assistant, starting with user)")
-    if messages[-1]["role"] != "assistant":
-        raise _err(where, "conversation ends with a user turn (nothing to learn from)")
-
-
-def _from_alpaca(obj: dict, where: str) -> dict:
-    instruction = _text(obj, "instruction", where)
-    inp = _text(obj, "input", where, required=False)
-    output = _text(obj, "output", where)
-    system = _text(obj, "system", where, required=False) or None
-    msgs = [{"role": "user", "content": instruction, "input": inp},
-            {"role": "assistant", "content": output}]
-    return {"messages": msgs, "system": system, "source": where, **_extras(obj, where)}
-
-
-def _from_chat(obj: dict, where: str) -> dict:
-    raw = obj["messages"]
-    if not isinstance(raw, list) or not raw:
-        raise _err(where, "field 'messages' must be a non-empty list")
-    system = _text(obj, "system", where, required=False) or None
-    msgs = []
-    for i, m in enumerate(raw):
-        w = f"{where}: message {i + 1}"
-        if not isinstance(m, dict):
-            raise DataError(f"{w}: must be an object with 'role' and 'content', got {type(m).__name__}")
-        role = m.get("role")
-        if not isinstance(role, str):
-            raise DataError(f"{w}: missing or non-string 'role'")
-        if role not in ROLES:
-            raise DataError(f"{w}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        content = _text(m, "content", w)
-        if role == "system":
-            if msgs or system is not None:
-                raise DataError(f"{w}: a system message may only come first")
-            system = content
-        else:
-            msgs.append({"role": role, "content": content})
-    _check_turns(msgs, where)
-    return {"messages": msgs, "system": system, "source": where, **_extras(obj, where)}
-
-
-def _from_object(obj, where: str) -> dict:
-    if not isinstance(obj, dict):
-        raise _err(where, f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        return _from_chat(obj, where)
-    if "instruction" in obj or "output" in obj:
-        return _from_alpaca(obj, where)
-    raise _err(where, "expected Alpaca fields ('instruction', 'input', 'output') or chat 'messages'")
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
-def _read_json_array(text: str, path: str) -> list[dict]:
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    out = []
-    ws = re.compile(r"\s*")
-    pos = ws.match(text, pos).end()
-    if pos < len(text) and text[pos] == "]":
-        return out
-    while True:
-        line = _line_of(text, pos)
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{_line_of(text, e.pos)}: invalid JSON ({e.msg})") from None
-        out.append(_from_object(obj, f"{path}:{line}"))
-        pos = ws.match(text, pos).end()
-        if pos < len(text) and text[pos] == ",":
-            pos = ws.match(text, pos + 1).end()
-            continue
-        if pos < len(text) and text[pos] == "]":
-            if text[pos + 1:].strip():
-                raise DataError(f"{path}:{_line_of(text, pos + 1)}: unexpected data after the JSON list")
-            return out
-        raise DataError(f"{path}:{_line_of(text, pos)}: invalid JSON (expected ',' or ']')")
-
-
-def _read_jsonl(text: str, path: str) -> list[dict]:
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append(_from_object(obj, f"{path}:{i}"))
-    return out
-
-
-_MARKER = re.compile(r"###[ \t]*(Human|Assistant):")
-
-
-def parse_text_conversations(text: str, path: str = "<text>") -> list[dict]:
-    """Records from `### Human:` / `### Assistant:` text (see the module docstring for the rules)."""
-    marks = list(_MARKER.finditer(text))
-    if not marks:
-        raise DataError(f"{path}:1: no '### Human:' / '### Assistant:' turns found")
-    lead = text[:marks[0].start()]
-    if lead.strip():
-        first = len(lead) - len(lead.lstrip())
-        raise DataError(f"{path}:{_line_of(text, first)}: text before the first '### Human:' turn")
-    convs: list[list[tuple[str, str, int]]] = [[]]
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        body = text[m.end():end]
-        role = "user" if m.group(1) == "Human" else "assistant"
-        line = _line_of(text, m.start())
-        if role == "user" and convs[-1]:
-            before = text[marks[i - 1].end():m.start()]
-            # blank line(s) right before a line-initial `### Human:` -> a new conversation
-            if re.search(r"\n[ \t]*\n[ \t]*$", before):
-                convs.append([])
-        convs[-1].append((role, body.strip(), line))
-    records = []
-    for conv in convs:
-        start = conv[0][2]
-        msgs = []
-        for role, content, line in conv:
-            if not content:
-                raise DataError(f"{path}:{line}: empty {'Human' if role == 'user' else 'Assistant'} turn")
-            msgs.append({"role": role, "content": content})
-        where = f"{path}:{start}"
-        for i, (role, _, line) in enumerate(conv):
-            want = "user" if i % 2 == 0 else "assistant"
-            if role != want:
-                raise DataError(f"{path}:{line}: expected a '### {'Human' if want == 'user' else 'Assistant'}:' "
-                                f"turn here (turns alternate, starting with Human)")
-        _check_turns(msgs, where)
-        records.append({"messages": msgs, "system": None, "source": where})
-    return records
-
-
-def load_records(path, format: str = "auto") -> list[dict]:
-    """Read an instruction dataset; returns normalised records (see module docstring).
-
-    format: "auto" (by content: '[' -> JSON list, '{' -> JSONL, otherwise ### Human/Assistant
-    text), "json", "jsonl" or "text". Raises DataError (file:line) on malformed input and on an
-    empty dataset, FileNotFoundError if the file is missing.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"instruction data {str(p)!r} is a folder; pass a .json, .jsonl or .txt file")
-    if not p.is_file():
-        raise FileNotFoundError(f"instruction data {str(p)!r} not found")
-    name = str(p)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not UTF-8 text") from None
-    head = text.lstrip()[:1]
-    if format == "auto":
-        format = "json" if head == "[" else "jsonl" if head == "{" else "text"
-    if not text.strip():
-        raise DataError(f"{name}:1: empty dataset")
-    if format == "json":
-        if head != "[":
-            raise DataError(f"{name}:1: expected a JSON list of records")
-        records = _read_json_array(text, name)
-    elif format == "jsonl":
-        records = _read_jsonl(text, name)
-    elif format == "text":
-        records = parse_text_conversations(text, name)
-    else:
-        raise ValueError(f"unknown format {format!r}; use auto, json, jsonl or text")
-    if not records:
-        raise DataError(f"{name}:1: empty dataset (no records)")
-    return records
-
-
-# --- prompt templates ----------------------------------------------------------------------
-
-Segment = tuple[str, bool]           # (text, is_response); responses are followed by EOS
-
-
-@dataclass(frozen=True)
-class Template:
-    """A plain-text prompt format.
-
-    system_fmt:   text for the optional system prompt ("{system}").
-    user_fmt:     a user turn up to where the answer starts ("{content}", "{input_block}").
-    input_fmt:    how a non-empty Alpaca `input` appears in {input_block}; when None the input is
-                  appended to the content after a blank line instead.
-    response_fmt: the answer ("{content}"); it is supervised and followed by EOS.
-    stop_strings: strings that mark the start of a new turn: generation should stop there.
-    """
-
-    name: str
-    user_fmt: str
-    response_fmt: str = "{content}"
-    system_fmt: str = "{system}\n\n"
-    input_fmt: Optional[str] = None
-    stop_strings: tuple[str, ...] = ()
-    description: str = ""
-
-    def _user(self, m: dict) -> str:
-        content, inp = m["content"], m.get("input") or ""
-        if self.input_fmt is None:
-            if inp:
-                content = f"{content}\n\n{inp}"
-            block = ""
-        else:
-            block = self.input_fmt.format(input=inp) if inp else ""
-        return self.user_fmt.format(content=content, input_block=block)
-
-    def _segments(self, messages: Sequence[dict], system: Optional[str]) -> list[Segment]:
-        segs: list[Segment] = []
-        prompt = self.system_fmt.format(system=system) if system else ""
-        for m in messages:
-            if m["role"] == "user":
-                prompt += self._user(m)
-            elif m["role"] == "assistant":
-                segs.append((prompt, False))
-                prompt = ""
-                segs.append((self.response_fmt.format(content=m["content"]), True))
-            else:
-                raise ValueError(f"unexpected role {m['role']!r} in a conversation")
-        if prompt:
-            segs.append((prompt, False))
-        return segs
-
-    def render(self, record: Union[dict, Sequence[dict]], system: Optional[str] = None) -> list[Segment]:
-        """(text, is_response) segments of a whole conversation (a record or a message list)."""
-        if isinstance(record, dict):
-            system = record.get("system") if system is None else system
-            record = record["messages"]
-        return self._segments(record, system)
-
-    def render_text(self, record, system: Optional[str] = None) -> str:
-        """The conversation as one string, with `<|endoftext|>` after each response."""
-        return "".join(t + (EOS_TEXT if r else "") for t, r in self.render(record, system))
-
-    def prompt_text(self, messages: Sequence[dict], system: Optional[str] = None) -> str:
-        """Prompt for the next answer: history (alternating, ending with a user message).
-
-        Earlier answers are followed by the literal `<|endoftext|>`; encode with
-        allowed_special={"<|endoftext|>"} or better use prompt_ids.
-        """
-        if not messages or messages[-1]["role"] != "user":
-            raise ValueError("the prompt's last message must be a user message")
-        return self.render_text(list(messages), system)
-
-    def prompt_ids(self, messages: Sequence[dict], tokenizer=None, system: Optional[str] = None) -> list[int]:
-        """Token ids of prompt_text, encoded segment by segment exactly as in training."""
-        if not messages or messages[-1]["role"] != "user":
-            raise ValueError("the prompt's last message must be a user message")
-        tok = tokenizer or _default_tokenizer()
-        ids: list[int] = []
-        for text, is_resp in self._segments(list(messages), system):
-            ids += tok.encode_ordinary(text)
-            if is_resp:
-                ids.append(tok.eot_token)
-        return ids
-
-
-TEMPLATES: dict[str, Template] = {
-    "alpaca": Template(
-        name="alpaca",
-        user_fmt="### Instruction:\n{content}\n\n{input_block}### Response:\n",
-        input_fmt="### Input:\n{input}\n\n",
-        system_fmt="{system}\n\n",
-        stop_strings=("### Instruction:", "### Input:", "### Response:"),
-        description="Alpaca sections; the Input section only when the input is non-empty",
-    ),
-    "human-assistant": Template(
-        name="human-assistant",
-        user_fmt="### Human: {content}\n### Assistant:",
-        response_fmt=" {content}",
-        system_fmt="{system}\n",
-        stop_strings=("### Human:", "### Assistant:"),
-        description="'### Human: ...' / '### Assistant: ...' turns (OpenAssistant-Guanaco style)",
-    ),
-    "chat": Template(
-        name="chat",
-        user_fmt="<|user|>\n{content}\n<|assistant|>\n",
-        system_fmt="<|system|>\n{system}\n",
-        stop_strings=("<|user|>", "<|system|>", "<|assistant|>"),
-        description="role tags <|system|>, <|user|>, <|assistant|> as plain BPE text",
-    ),
-}
-DEFAULT_TEMPLATE = "alpaca"
-
-
-def get_template(name: Union[str, Template, None] = None) -> Template:
-    """A template by name (alpaca, human-assistant, chat); a Template passes through."""
-    if isinstance(name, Template):
-        return name
-    name = name or DEFAULT_TEMPLATE
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r}; choose from {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
 
 
 # --- tokenisation --------------------------------------------------------------------------
@@ -430,8 +59,8 @@ def _encode(record, tokenizer, template, mask_prompt: bool) -> tuple[list[int], 
     return ids, labels, first_resp
 
 
-def tokenize_example(record: dict, tokenizer=None, template: Union[str, Template] = DEFAULT_TEMPLATE,
-                     max_length: int = 256, mask_prompt: bool = True) -> Optional[dict]:
+def tokenize_example(record: dict, tokenizer=None, template: str | Template = DEFAULT_TEMPLATE,
+                     max_length: int = 256, mask_prompt: bool = True) -> dict | None:
     """{"input_ids": [...], "labels": [...]} (equal length, <= max_length) or None if dropped.
 
     labels are IGNORE_INDEX (-100) on prompt tokens when mask_prompt, and the token id on every
@@ -446,7 +75,7 @@ def tokenize_example(record: dict, tokenizer=None, template: Union[str, Template
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
-def tokenize_records(records: Iterable[dict], tokenizer=None, template: Union[str, Template] = DEFAULT_TEMPLATE,
+def tokenize_records(records: Iterable[dict], tokenizer=None, template: str | Template = DEFAULT_TEMPLATE,
                      max_length: int = 256, mask_prompt: bool = True) -> tuple[list[dict], dict]:
     """Tokenise many records; returns (examples, stats) with stats
     {"total", "kept", "dropped" (prompt too long), "truncated" (response cut)}."""
@@ -481,7 +110,7 @@ class Collator:
 
     pad_id: int = EOS_ID
     ignore_index: int = IGNORE_INDEX
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not batch:
@@ -505,18 +134,6 @@ class Collator:
             y[i, :n] = torch.as_tensor(ex["labels"][1:], dtype=torch.long)
             mask[i, :n] = 1
         return {"input_ids": x, "labels": y, "attention_mask": mask}
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int = 0, drop_last: bool = False) -> list[list[int]]:
-    """Indices 0..n-1 shuffled (seeded) and cut into batches."""
-    if batch_size <= 0:
-        raise ValueError("batch_size must be positive")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int = 0,
@@ -547,34 +164,7 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int = 
     return batches
 
 
-# --- splits and evaluation -----------------------------------------------------------------
-
-_VAL_NAMES = {"val", "valid", "validation", "eval", "test", "dev"}
-
-
-def split_records(records: Sequence[dict], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, val). Records carrying a "split" field are split by it ("val", "validation",
-    "eval", "test", "dev" -> val); otherwise a seeded random val_fraction is held out."""
-    if any("split" in r for r in records):
-        val = [r for r in records if r.get("split", "train").lower() in _VAL_NAMES]
-        train = [r for r in records if r.get("split", "train").lower() not in _VAL_NAMES]
-        return train, val
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("val_fraction must be in [0, 1)")
-    idx = list(range(len(records)))
-    random.Random(seed).shuffle(idx)
-    n_val = int(round(len(records) * val_fraction))
-    if val_fraction > 0 and len(records) > 1:
-        n_val = max(1, n_val)
-    val_set = set(idx[:n_val])
-    return ([r for i, r in enumerate(records) if i not in val_set],
-            [r for i, r in enumerate(records) if i in val_set])
-
-
-def checkable_records(records: Iterable[dict]) -> list[dict]:
-    """Records whose answer can be checked by exact match (field "exact": true)."""
-    return [r for r in records if r.get("exact")]
-
+# --- evaluation ----------------------------------------------------------------------------
 
 def _cut_at_stops(text: str, stops: Iterable[str]) -> str:
     cut = len(text)
@@ -586,8 +176,8 @@ def _cut_at_stops(text: str, stops: Iterable[str]) -> str:
 
 
 def exact_match_accuracy(records: Sequence[dict], generate_fn: Callable[[str], str],
-                         template: Union[str, Template] = DEFAULT_TEMPLATE,
-                         normalize: Optional[Callable[[str], str]] = None) -> dict:
+                         template: str | Template = DEFAULT_TEMPLATE,
+                         normalize: Callable[[str], str] | None = None) -> dict:
     """Exact-match accuracy of `generate_fn(prompt) -> completion` on the records' last answer.
 
     The prompt is template.prompt_text(messages[:-1], system); the completion is cut at the
@@ -608,3 +198,56 @@ def exact_match_accuracy(records: Sequence[dict], generate_fn: Callable[[str], s
     correct = sum(r["correct"] for r in results)
     return {"accuracy": correct / len(results) if results else 0.0, "correct": correct,
             "total": len(results), "results": results}
+
+
+# --- the dataset the Trainer reads ---------------------------------------------------------------
+
+class InstructionDataset:
+    """Tokenised examples in length-grouped batches with TokenDataset's contract: `batch(step,
+    micro)` is a pure function of its arguments (exact resume, any number of processes).
+
+    Global micro-batch g = step * grad_accum + micro is batch g % per_epoch of epoch
+    g // per_epoch, whose order is length_grouped_batches seeded by (seed, epoch). The token
+    count returned is the batch's real (non-padding) input tokens."""
+
+    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0, grad_accum: int = 1,
+                 collator: Collator | None = None):
+        if not examples:
+            raise ValueError("InstructionDataset needs at least one example")
+        self.examples, self.batch_size, self.seed, self.grad_accum = list(examples), batch_size, seed, grad_accum
+        self.collate = collator or Collator()
+        self.lengths = [len(e["input_ids"]) for e in self.examples]
+        self.per_epoch = math.ceil(len(self.examples) / batch_size)
+        self._orders: dict[int, list[list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def steps_for(self, epochs: float) -> int:
+        """Optimizer steps that make `epochs` passes over the examples (at least 1)."""
+        return max(1, math.ceil(epochs * self.per_epoch / self.grad_accum))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            self._orders[epoch] = length_grouped_batches(self.lengths, self.batch_size,
+                                                         seed=self.seed * 100_003 + epoch)
+        return self._orders[epoch]
+
+    def _collated(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        b = self.collate([self.examples[i] for i in indices])
+        return b["input_ids"], b["labels"], int(b["attention_mask"].sum())
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Micro-batch `micro` of optimizer step `step`: input_ids, labels (B, T) and the token count."""
+        g = step * self.grad_accum + micro
+        return self._collated(self._epoch(g // self.per_epoch)[g % self.per_epoch])
+
+    def sequential(self, batch_size: int, max_batches: int | None = None):
+        """Every example once, shortest first, in batches (for evaluation): yields (input_ids, labels)."""
+        order = sorted(range(len(self.examples)), key=lambda i: self.lengths[i])
+        for n, s in enumerate(range(0, len(order), batch_size)):
+            if max_batches is not None and n >= max_batches:
+                return
+            yield self._collated(order[s:s + batch_size])[:2]

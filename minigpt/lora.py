@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -44,10 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write
+from .errors import AdapterError, ConfigError
+from .fileio import atomic_write
 
 __all__ = [
-    "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
+    "LoRAConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
     "lora_layers", "lora_parameters", "lora_disabled", "lora_state_dict", "load_lora_state_dict",
     "save_adapter", "load_adapter", "read_adapter_config", "count_parameters",
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "KNOWN_TARGETS",
@@ -89,8 +91,8 @@ class LoRALinear(nn.Module):
             out_slices = tuple(bool(s) for s in out_slices)
             k = len(out_slices)
             if k == 0 or self.out_features % k or not any(out_slices):
-                raise ValueError(f"out_slices {out_slices} must split {self.out_features} outputs into "
-                                 f"equal chunks and select at least one")
+                raise ConfigError(f"out_slices {out_slices} must split {self.out_features} outputs into "
+                                  f"equal chunks and select at least one")
             if not all(out_slices):
                 self.out_slices = out_slices
                 chunk = self.out_features // k
@@ -171,13 +173,43 @@ class LoRALinear(nn.Module):
 
 # --- applying LoRA to a model ---------------------------------------------------------------
 
-def _check_hparams(r, alpha, dropout) -> None:
+def _check_hparams(r, alpha, dropout, names: Sequence[str] = ("LoRA rank r", "LoRA alpha", "LoRA dropout")) -> None:
+    """The one check of LoRA hyperparameters; `names` are what the messages call them (flags)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise ConfigError(f"{names[0]} must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (alpha > 0 and math.isfinite(alpha)):
+        raise ConfigError(f"{names[1]} must be > 0, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"{names[2]} must be in [0, 1), got {dropout!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA hyperparameters, validated: what `add_lora` takes and a fine-tune records.
+    targets: module-name suffixes and/or q, k, v (see add_lora); comma-separated strings are split."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("c_attn",)
+    rslora: bool = False
+    flags: Sequence[str] = field(default=("LoRA rank r", "LoRA alpha", "LoRA dropout"), repr=False,
+                                 compare=False)        # what error messages call r, alpha, dropout
+
+    def __post_init__(self) -> None:
+        _check_hparams(self.r, self.alpha, self.dropout, self.flags)
+        items = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        self.targets = tuple(t for item in items for t in re.split(r"[,\s]+", item) if t)
+        _normalise_targets(self.targets)
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
+                "rslora": self.rslora}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """add_lora with these settings."""
+        return add_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                        use_rslora=self.rslora)
 
 
 def _name_matches(name: str, target: str) -> bool:
@@ -190,12 +222,12 @@ def _normalise_targets(targets) -> tuple[tuple[str, ...], Optional[tuple[bool, b
         targets = [t for t in re.split(r"[,\s]+", targets) if t]
     targets = tuple(targets)
     if not targets:
-        raise ValueError("LoRA targets must name at least one module")
+        raise ConfigError("LoRA targets must name at least one module")
     qkv = tuple(t in targets for t in _QKV)
     names = tuple(t for t in targets if t not in _QKV)
     if any(qkv):
         if any(_name_matches("attn.c_attn", t) for t in names):
-            raise ValueError("give either 'c_attn' or some of 'q', 'k', 'v' as LoRA targets, not both")
+            raise ConfigError("give either 'c_attn' or some of 'q', 'k', 'v' as LoRA targets, not both")
         names = names + ("c_attn",)
         return names, (None if all(qkv) else qkv)
     return names, None
@@ -217,7 +249,7 @@ def lora_disabled(model: nn.Module):
     """Context manager: run the model as its base (LoRA updates skipped; merged layers unaffected)."""
     layers = list(lora_layers(model).values())
     if any(m.merged for m in layers):
-        raise ValueError("cannot disable merged LoRA layers; unmerge_lora(model) first")
+        raise ConfigError("cannot disable merged LoRA layers; unmerge_lora(model) first")
     prev = [m.enabled for m in layers]
     for m in layers:
         m.enabled = False
@@ -262,16 +294,16 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         if not hits:
             continue
         if isinstance(mod, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA layer")
+            raise ConfigError(f"{name} already has a LoRA layer")
         if not isinstance(mod, nn.Linear):
-            raise ValueError(f"LoRA target {hits[0]!r} matched {name}, a {type(mod).__name__}, "
-                             "not an nn.Linear")
+            raise ConfigError(f"LoRA target {hits[0]!r} matched {name}, a {type(mod).__name__}, "
+                              "not an nn.Linear")
         matched_targets.update(hits)
         found.append(name)
     missing = [t for t in names if t not in matched_targets]
     if not found or missing:
-        raise ValueError(f"LoRA target(s) {missing or list(names)} match no module; "
-                         f"known targets: {', '.join(KNOWN_TARGETS)}")
+        raise ConfigError(f"LoRA target(s) {missing or list(names)} match no module; "
+                          f"known targets: {', '.join(KNOWN_TARGETS)}")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -288,9 +320,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     for name, m in layers.items():
         if not m.merged and _is_tied(model, m):
-            raise ValueError(f"{name} shares its weight with transformer.wte; merging its LoRA would "
-                             "change the input embeddings too. Keep it as an adapter, or drop it with "
-                             "remove_lora(model, merge=False)")
+            raise ConfigError(f"{name} shares its weight with transformer.wte; merging its LoRA would "
+                              "change the input embeddings too. Keep it as an adapter, or drop it with "
+                              "remove_lora(model, merge=False)")
     for m in layers.values():
         if not m.merged:
             m.merge()
@@ -345,14 +377,14 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
     if set(sd) != expected:
         miss, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        raise ValueError(f"LoRA state dict does not match the model's LoRA layers "
-                         f"(missing {miss[:4]}, unexpected {extra[:4]})")
+        raise ConfigError(f"LoRA state dict does not match the model's LoRA layers "
+                          f"(missing {miss[:4]}, unexpected {extra[:4]})")
     for name, m in layers.items():
         for ab in "AB":
             p, t = getattr(m, f"lora_{ab}"), sd[f"{name}.lora_{ab}"]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{name}.lora_{ab}: adapter has shape {tuple(t.shape)}, "
-                                 f"model expects {tuple(p.shape)}")
+                raise ConfigError(f"{name}.lora_{ab}: adapter has shape {tuple(t.shape)}, "
+                                  f"model expects {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)
 
@@ -362,7 +394,7 @@ def _peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     tensors, qkv = {}, None
     for name, m in lora_layers(model).items():
         if m.merged:
-            raise ValueError("unmerge the LoRA layers (unmerge_lora) before saving the adapter")
+            raise ConfigError("unmerge the LoRA layers (unmerge_lora) before saving the adapter")
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.full_lora_B().detach().contiguous()
         if m.out_slices is not None:
@@ -398,10 +430,10 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: Optional[st
 
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("model has no LoRA layers to save (call add_lora or load_adapter first)")
+        raise ConfigError("model has no LoRA layers to save (call add_lora or load_adapter first)")
     hp = {(m.r, m.alpha, m.dropout_p, m.use_rslora) for m in layers.values()}
     if len(hp) != 1:
-        raise ValueError(f"LoRA layers disagree on r/alpha/dropout/rslora: {sorted(hp)}")
+        raise ConfigError(f"LoRA layers disagree on r/alpha/dropout/rslora: {sorted(hp)}")
     r, alpha, dropout, rslora = hp.pop()
     if base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "name", None)
@@ -454,18 +486,18 @@ def read_adapter_config(adapter_dir) -> dict:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key, ok in (("use_dora", False), ("lora_bias", False)):
         if cfg.get(key, ok) != ok:
-            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by minigpt")
+            raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by minigpt")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
+        raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
     if cfg.get("modules_to_save"):
-        raise ValueError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
+        raise AdapterError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
     return cfg
 
 
@@ -479,13 +511,14 @@ def _read_adapter_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{st}: unreadable adapter weights (truncated or corrupted?): {msg}") from e
+            raise AdapterError(f"{st}: unreadable adapter weights (truncated or corrupted?): {msg}") from e
     if bin_.is_file():
-        from .checkpoint import CheckpointError, read_tensors
+        from .checkpoint import read_tensors
+        from .errors import CheckpointError
         try:                                 # weights_only loading; refuses pickled code
             return read_tensors(bin_), {}
         except CheckpointError as e:
-            raise ValueError(str(e)) from e
+            raise AdapterError(str(e)) from e
     raise FileNotFoundError(f"{st} not found: adapter directory has no weights "
                             f"({ADAPTER_WEIGHTS_NAME} or {ADAPTER_BIN_NAME})")
 
@@ -503,17 +536,17 @@ def _parse_adapter_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict
         m = _PEFT_KEY.match(key)
         if m is None:
             if "lora_" in key and not key.endswith("base_layer.weight"):
-                raise ValueError(f"{where}: unsupported adapter tensor {key!r}")
+                raise AdapterError(f"{where}: unsupported adapter tensor {key!r}")
             continue                           # e.g. base_layer weights PEFT saves for lm_head
         adapters.add(m["adapter"])
         mods.setdefault(m["module"], {})[m["ab"]] = t
     if len(adapters) > 1:
-        raise ValueError(f"{where}: several adapters in one file ({sorted(a or '' for a in adapters)})")
+        raise AdapterError(f"{where}: several adapters in one file ({sorted(a or '' for a in adapters)})")
     if not mods:
-        raise ValueError(f"{where}: no lora_A/lora_B tensors found")
+        raise AdapterError(f"{where}: no lora_A/lora_B tensors found")
     for mod, ab in mods.items():
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{where}: {mod} has lora_{''.join(ab)} but not both lora_A and lora_B")
+            raise AdapterError(f"{where}: {mod} has lora_{''.join(ab)} but not both lora_A and lora_B")
     return mods
 
 
@@ -550,10 +583,10 @@ def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Modul
 
     existing = lora_layers(model)
     if any(m.merged for m in existing.values()):
-        raise ValueError("model has merged LoRA layers; unmerge_lora(model) before load_adapter")
+        raise AdapterError("model has merged LoRA layers; unmerge_lora(model) before load_adapter")
     if existing and set(existing) != set(mods):
-        raise ValueError(f"model already has LoRA layers {sorted(existing)[:3]}... that differ from "
-                         f"the adapter's {sorted(mods)[:3]}...; load it into a plain model instead")
+        raise AdapterError(f"model already has LoRA layers {sorted(existing)[:3]}... that differ from "
+                           f"the adapter's {sorted(mods)[:3]}...; load it into a plain model instead")
 
     # validate everything before modifying the model
     plan = []
@@ -561,32 +594,32 @@ def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Modul
         try:
             mod = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"adapter targets {name!r}, which this model does not have "
-                             f"(key {PEFT_PREFIX}{name}.lora_A.weight)") from None
+            raise AdapterError(f"adapter targets {name!r}, which this model does not have "
+                               f"(key {PEFT_PREFIX}{name}.lora_A.weight)") from None
         if not isinstance(mod, (nn.Linear, LoRALinear)):
-            raise ValueError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
+            raise AdapterError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
         A, B = ab["A"], ab["B"]
         out_f, in_f = mod.out_features, mod.in_features
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{name}: inconsistent LoRA shapes lora_A {tuple(A.shape)}, "
-                             f"lora_B {tuple(B.shape)}")
+            raise AdapterError(f"{name}: inconsistent LoRA shapes lora_A {tuple(A.shape)}, "
+                               f"lora_B {tuple(B.shape)}")
         r = A.shape[0]
         if tuple(A.shape) != (r, in_f):
-            raise ValueError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_A.weight: adapter has "
-                             f"{tuple(A.shape)}, model expects {(r, in_f)} (adapter for another base model?)")
+            raise AdapterError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_A.weight: adapter has "
+                               f"{tuple(A.shape)}, model expects {(r, in_f)} (adapter for another base model?)")
         if tuple(B.shape) != (out_f, r):
-            raise ValueError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_B.weight: adapter has "
-                             f"{tuple(B.shape)}, model expects {(out_f, r)} (adapter for another base model?)")
+            raise AdapterError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_B.weight: adapter has "
+                               f"{tuple(B.shape)}, model expects {(out_f, r)} (adapter for another base model?)")
         slices = None
         if qkv_meta and _name_matches(name, "c_attn"):
             slices = tuple(c in qkv_meta for c in _QKV)
         r_cfg = _pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", r))
         if r_cfg != r:
-            raise ValueError(f"{name}: adapter_config.json says r={r_cfg} but lora_A has {r} rows")
+            raise AdapterError(f"{name}: adapter_config.json says r={r_cfg} but lora_A has {r} rows")
         alpha = _pattern_value(cfg.get("alpha_pattern"), name, alpha0)
         if isinstance(mod, LoRALinear):
             if mod.r != r or mod.out_slices != (None if slices is None or all(slices) else slices):
-                raise ValueError(f"{name}: model's LoRA layer (r={mod.r}) differs from the adapter's (r={r})")
+                raise AdapterError(f"{name}: model's LoRA layer (r={mod.r}) differs from the adapter's (r={r})")
         plan.append((name, mod, A, B, r, alpha, slices))
 
     if freeze and not existing:

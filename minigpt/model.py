@@ -9,6 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .errors import ConfigError
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """ConfigError (a ValueError) unless idx is a (B, T) integer tensor of ids in [0, vocab_size)."""
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+        raise ConfigError(f"idx must be (B, T) integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        raise ConfigError(f"token ids must be in [0, {vocab_size}), got {int(idx.min())}..{int(idx.max())}")
 
 
 class KVCache(nn.Module):
@@ -176,13 +185,16 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, *, pos: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
                       start: int | torch.Tensor = 0) -> torch.Tensor:
-        """Final-LayerNorm outputs (B, T, n_embd): everything but the head (see forward)."""
+        """Final-LayerNorm outputs (B, T, n_embd): everything but the head (see forward).
+        Token ids are checked on calls without caches (decoding checks its prompt once)."""
+        if caches is None and not torch.compiler.is_compiling():
+            check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         if pos is None and isinstance(start, torch.Tensor):
             pos = start + torch.arange(T, device=idx.device)                 # (T,)
         elif pos is None:
             if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                raise ConfigError(f"sequence of {start + T} tokens exceeds the context length "
                                  f"({self.config.block_size})")
             pos = torch.arange(start, start + T, device=idx.device)         # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -205,7 +217,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, src, *, dtype: Optional[torch.dtype] = None, device=None, **kw) -> "GPT":
         """Load from a preset name, an HF directory/file, an OpenAI TF checkpoint, or our own dir."""
         from .checkpoint import load_model
-        return load_model(src, dtype=dtype, device=device, **kw)
+        return load_model(src, model_cls=cls, dtype=dtype, device=device, **kw)
 
     def save_pretrained(self, out_dir) -> None:
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""

@@ -1,4 +1,4 @@
-"""The one training loop, shared by train.py (pretraining) and finetune.py (instruction tuning).
+"""The one training loop, shared by pretraining (`minigpt train`) and fine-tuning (`minigpt finetune`).
 
 AdamW with decoupled weight decay on matrices only, linear warmup then cosine/linear decay,
 gradient accumulation and clipping, mixed precision (CUDA bf16/fp16, CPU bf16), optional
@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,17 +24,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .errors import CheckpointError, TrainingStopped
+from .device import PRECISIONS, autocast, peak_flops, resolve_device, resolve_precision
+from .errors import CheckpointError, ConfigError, TrainingStopped
+from .fileio import atomic_write_json
 from .loss import CausalLMLoss
+from .runs import CKPT_DIR, METRICS_FILE, RUN_INFO, STATE_FILE, latest_checkpoint
 
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
+_POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "keep_last")
+_NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "save_interval", "min_lr")
 
 
 @dataclass
 class TrainConfig:
+    """What the Trainer does; field names are the training commands' flags (TrainConfig.from_args)."""
+
     out_dir: str = "out"
     max_steps: int = 1000
     batch_size: int = 16            # per device, per micro-step
@@ -53,27 +56,44 @@ class TrainConfig:
     keep_last: int = 2
     precision: str = "auto"         # auto | fp32 | bf16 | fp16
     compile: bool = False
-    seed: int = 1337
     device: str = "auto"
     max_bad_steps: int = 5          # consecutive non-finite losses before stopping
 
     def __post_init__(self):
-        checks = {
-            "max_steps": self.max_steps > 0, "batch_size": self.batch_size > 0,
-            "grad_accum": self.grad_accum > 0, "lr": self.lr > 0 and math.isfinite(self.lr),
-            "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
-            "grad_clip": self.grad_clip >= 0, "eval_interval": self.eval_interval > 0,
-            "log_interval": self.log_interval > 0, "keep_last": self.keep_last >= 1,
-            "save_interval": self.save_interval is None or self.save_interval >= 0,
-            "min_lr": self.min_lr is None or (self.min_lr >= 0 and math.isfinite(self.min_lr)),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid {name.replace('_', '-')}: {getattr(self, name)}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"invalid schedule {self.schedule!r} (cosine, linear or constant)")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"invalid precision {self.precision!r} (auto, fp32, bf16 or fp16)")
+        self.validate(self)
+
+    @classmethod
+    def validate(cls, obj) -> None:
+        """Check the TrainConfig fields that `obj` (a TrainConfig or a command's flags) holds;
+        a ConfigError names the flag. None means "default" for the optional ones."""
+        def bad(name, rule):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(obj, name)!r}")
+
+        def value(name):
+            v = getattr(obj, name, None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                bad(name, "a finite number")
+            return v
+
+        for name in _POSITIVE + ("lr",):
+            if hasattr(obj, name) and value(name) is not None and not value(name) > 0:
+                bad(name, "> 0")
+        for name in _NON_NEGATIVE:
+            if value(name) is not None and value(name) < 0:
+                bad(name, ">= 0")
+        if getattr(obj, "schedule", "cosine") not in SCHEDULES:
+            bad("schedule", " or ".join(SCHEDULES))
+        if getattr(obj, "precision", "auto") not in PRECISIONS:
+            bad("precision", " or ".join(PRECISIONS))
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> "TrainConfig":
+        """The settings of a command's parsed flags: every field of the same name, then `overrides`."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, **overrides})
+
+
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -88,59 +108,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr + (min_lr - cfg.lr) * frac
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def reuse_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    A CPU training step allocates and frees hundreds of MB of large tensors (logits chunks,
-    embedding gradients); by default each is a fresh mmap, and touching its pages costs ~0.4M page
-    faults per step, a third of a small model's step time. Called by the training scripts (a
-    process-wide setting, so never implicitly by the library). Returns whether it took effect.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r} (auto, cpu, cuda or cuda:N)") from None
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast is a
-    clear speed-up; elsewhere it is emulated and slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA (fp16 where bf16 is missing), bf16 on CPUs with native bf16, else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs CUDA; on CPU use --precision bf16 or fp32")
-    return precision
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -164,18 +131,6 @@ def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> tor
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError, TypeError):            # no fused kernel for this device/dtype
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    """Dense bf16 peak of known accelerators (for MFU); None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
-                       ("4090", 165e12), ("A10", 125e12)):
-        if key in name:
-            return flops
-    return None
 
 
 def flops_per_token(model) -> float:
@@ -216,10 +171,6 @@ def _ddp_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def _atomic_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
 def _metric_step(line: str) -> Optional[int]:
     """The step of one metrics.jsonl line; None for a blank or torn line (e.g. after a crash)."""
     try:
@@ -229,63 +180,28 @@ def _metric_step(line: str) -> Optional[int]:
     return rec.get("step", 0) if isinstance(rec, dict) else None
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint folder in out_dir/checkpoints (folders appear atomically)."""
-    root = Path(out_dir) / CKPT_DIR
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
-
-
-def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """Fail early, with a one-line reason, when out_dir cannot be a folder we write into (it or an
-    ancestor is a regular file, or the nearest existing folder is not writable). Creates nothing."""
-    q = Path(out_dir).absolute()
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    if not q.is_dir():
-        raise ValueError(f"cannot use --out-dir {out_dir}: {q} is a file, not a folder")
-    if not os.access(q, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot use --out-dir {out_dir}: {q} is not writable")
-
-
-def claim_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
-    """Check that a run may start in out_dir: --resume needs a checkpoint; a fresh run refuses to
-    mix with an earlier run's checkpoints unless `overwrite`, which deletes them first."""
-    check_out_dir(out_dir)
-    ckpt = latest_checkpoint(out_dir)
-    if resume:
-        if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint found in {out_dir}/{CKPT_DIR}")
-        return
-    if ckpt is not None and not overwrite:
-        raise ValueError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                         f"continue it, --overwrite to start over, or another --out-dir")
-    if overwrite:
-        shutil.rmtree(Path(out_dir) / CKPT_DIR, ignore_errors=True)
-        shutil.rmtree(Path(out_dir) / "best", ignore_errors=True)
-        (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
-
-
 class Trainer:
     """Runs `cfg.max_steps` optimizer steps on `model`.
 
-    get_batch(step, micro_index) -> (x, y): the batch for global micro-batch `micro_index` of
-        optimizer step `step`; micro indices run over all ranks (rank r, local micro m ->
-        r * local_accum + m), so a 2-process run sees the same data as 1 process with 2x accum.
-    evaluate(model) -> dict of metrics including "val_loss" (rank 0 only).
+    data: a dataset with `batch(step, micro) -> (x, y, n_tokens)` (TokenDataset,
+        InstructionDataset; or such a function): micro-batch `micro` of optimizer step `step`,
+        where micro indices run over all ranks (rank r, local micro m -> r * local_accum + m), so a
+        2-process run sees the same data as 1 process with 2x accum. n_tokens, the real
+        (non-padding) tokens of the batch, is what tok_per_s and MFU count; (x, y) pairs count
+        x.numel().
+    evaluate(model) -> dict of metrics including "val_loss" (rank 0 only); None: no evaluation
+        (and no best/ folder).
     save_weights(model, dir) / load_weights(model, dir): how the model's trainable state is
         persisted (full weights for pretraining, the adapter for LoRA).
     sample(model) -> str, optional, printed at each evaluation.
     loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy).
     """
 
-    def __init__(self, model, cfg: TrainConfig, get_batch: Callable, evaluate: Callable,
+    def __init__(self, model, cfg: TrainConfig, data, evaluate: Optional[Callable],
                  save_weights: Callable, load_weights: Callable, sample: Optional[Callable] = None,
                  run_info: Optional[dict] = None, loss_module: Optional[torch.nn.Module] = None,
                  quiet: bool = False):
-        self.cfg, self.get_batch, self.evaluate_fn = cfg, get_batch, evaluate
+        self.cfg, self.get_batch, self.evaluate_fn = cfg, getattr(data, "batch", data), evaluate
         self.save_weights, self.load_weights, self.sample_fn = save_weights, load_weights, sample
         self.quiet, self.run_info = quiet, run_info or {}
         self.rank, self.local_rank, self.world = _ddp_info()
@@ -298,8 +214,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.grad_accum % self.world:
-            raise ValueError(f"grad-accum ({cfg.grad_accum}) must be a multiple of the number of "
-                             f"processes ({self.world})")
+            raise ConfigError(f"--grad-accum ({cfg.grad_accum}) must be a multiple of the number of "
+                              f"processes ({self.world})")
         self.local_accum = cfg.grad_accum // self.world
         self.out_dir = Path(cfg.out_dir)
         self.is_main = self.rank == 0
@@ -326,10 +242,7 @@ class Trainer:
 
     # --- precision --------------------------------------------------------------------------
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     # --- checkpoints --------------------------------------------------------------------------
     def _rng_state(self) -> dict:
@@ -440,7 +353,7 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------------
     def run_eval(self) -> dict:
-        if not self.is_main:
+        if not self.is_main or self.evaluate_fn is None:
             return {}
         metrics = self.evaluate_fn(self.model)
         rec = {"step": self.step, **metrics}
@@ -457,15 +370,16 @@ class Trainer:
         return metrics
 
     # --- the loop -----------------------------------------------------------------------------
-    def train_step(self) -> float:
-        """One optimizer step (all micro-batches); returns the mean loss over ranks."""
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step (all micro-batches): (mean loss over ranks, tokens trained on)."""
         cfg, model = self.cfg, self.fwd_model
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(2, device=self.device)                        # loss, tokens
         for m in range(self.local_accum):
-            x, y = self.get_batch(self.step, self.rank * self.local_accum + m)
+            x, y, *n = self.get_batch(self.step, self.rank * self.local_accum + m)
+            total[1] += n[0] if n else x.numel()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = m == self.local_accum - 1 or self.world == 1
             ctx = model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
@@ -473,10 +387,11 @@ class Trainer:
                 with self.autocast():
                     loss = model(x, y) / self.local_accum
                 self.scaler.scale(loss).backward()
-            total += loss.detach()
+            total[0] += loss.detach()
         if self.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        loss_val = total.item()
+            dist.all_reduce(total)
+            total[0] /= self.world
+        loss_val, tokens = total[0].item(), int(total[1].item())
         if not math.isfinite(loss_val) and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -484,7 +399,7 @@ class Trainer:
                 raise TrainingStopped(f"loss was not finite for {self.bad_steps} steps in a row at step "
                                       f"{self.step}; stopped (last good checkpoint kept). Try a lower --lr")
             self._log(f"step {self.step}: non-finite loss, step skipped")
-            return loss_val
+            return loss_val, tokens
         self.bad_steps = 0
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -492,7 +407,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_val
+        return loss_val, tokens
 
     def fit(self, resume: bool = False) -> dict:
         cfg = self.cfg
@@ -502,9 +417,8 @@ class Trainer:
             (self.out_dir / METRICS_FILE).unlink()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_json(self.out_dir / "run.json", {"train": asdict(cfg), **self.run_info})
+            atomic_write_json(self.out_dir / RUN_INFO, {**self.run_info, "train": asdict(cfg)})
         save_every = cfg.save_interval or cfg.eval_interval
-        tokens_per_step = None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.is_main or self.quiet, dynamic_ncols=True)
         last = {}
@@ -512,18 +426,16 @@ class Trainer:
         with _DeferredInterrupt() as interrupt:
             try:
                 while self.step < cfg.max_steps and not interrupt.requested:
-                    loss = self.train_step()
+                    loss, tokens = self.train_step()
                     self.step += 1
                     bar.update(1)
-                    if tokens_per_step is None:
-                        x, _ = self.get_batch(0, 0)
-                        tokens_per_step = x.numel() * cfg.grad_accum
-                    window_tokens += tokens_per_step
+                    window_tokens += tokens
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         tps = window_tokens / (time.perf_counter() - t0)
-                        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg), "tok_per_s": tps}
+                        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg),
+                               "tokens": window_tokens, "tok_per_s": tps}   # real tokens since the last record
                         if self.peak:
                             rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
                         self._record(rec)

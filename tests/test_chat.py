@@ -15,15 +15,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import chat as chat_cli  # noqa: E402  (the chat.py script at the repository root)
 from minigpt import GPT, GPTConfig, get_tokenizer
 from minigpt.chat import ChatError, ChatSession, find_latest_run, load_chat_model
+from minigpt.commands import chat as chat_cli
 from minigpt.generate import generate
-from minigpt.instruct import get_template
 from minigpt.lora import add_lora, merge_and_unload, save_adapter
+from minigpt.templates import get_template
 
 TOK = get_tokenizer()
 EOT = TOK.eot_token

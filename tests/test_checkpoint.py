@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
 import threading
 import urllib.error
@@ -11,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_bundle
 import torch
+from conftest import make_hf_gpt2
 from safetensors.torch import load_file, save_file
 
 import minigpt
-from minigpt import GPT, GPTConfig
-from minigpt import checkpoint as ckpt
-from minigpt.checkpoint import CheckpointError
-
-import tf_bundle
-from conftest import make_hf_gpt2
+from minigpt import GPT, GPTConfig, checkpoint, hub, keymap, tfbundle
+from minigpt.errors import CheckpointError
 
 TOL = 1e-4
 
@@ -158,18 +155,18 @@ def test_save_refuses_extra_tensors(tmp_path):
 
 def test_key_maps_round_trip(tiny_hf):
     hf_sd = tiny_hf.state_dict()
-    mg = ckpt.hf_to_minigpt(hf_sd)
+    mg = keymap.hf_to_minigpt(hf_sd)
     assert "lm_head.weight" not in mg
     assert mg["transformer.h.0.attn.c_attn.weight"].shape == (192, 64)        # (out, in)
     assert mg["transformer.h.0.mlp.c_fc.weight"].shape == (256, 64)
-    unprefixed = ckpt.hf_to_minigpt({k.removeprefix("transformer."): v for k, v in hf_sd.items()})
+    unprefixed = keymap.hf_to_minigpt({k.removeprefix("transformer."): v for k, v in hf_sd.items()})
     assert unprefixed.keys() == mg.keys()
-    back = ckpt.minigpt_to_hf(mg)
+    back = keymap.minigpt_to_hf(mg)
     assert back.keys() == {k for k in hf_sd if k != "lm_head.weight"}
     assert all(torch.equal(back[k], hf_sd[k]) for k in back)
-    assert set(ckpt.minigpt_to_hf(mg, prefix=False)) == {k.removeprefix("transformer.") for k in back}
-    assert ckpt.is_conv1d_weight("transformer.h.3.attn.c_proj.weight")
-    assert not ckpt.is_conv1d_weight("transformer.h.3.attn.c_proj.bias")
+    assert set(keymap.minigpt_to_hf(mg, prefix=False)) == {k.removeprefix("transformer.") for k in back}
+    assert keymap.is_conv1d_weight("transformer.h.3.attn.c_proj.weight")
+    assert not keymap.is_conv1d_weight("transformer.h.3.attn.c_proj.bias")
 
 
 def test_untied_lm_head_rejected(tiny_hf, tmp_path):
@@ -295,14 +292,14 @@ def test_openai_tf_checkpoint_parity(tf_hf, tf_dir, no_network):
 
 def test_tf_index_structure(tf_dir):
     d, spans = tf_dir
-    header, entries = ckpt.read_tf_index(d / "model.ckpt.index")
+    header, entries = tfbundle.read_tf_index(d / "model.ckpt.index")
     assert header["num_shards"] == 1 and header["endianness"] == 0
     assert entries.keys() == spans.keys()
     e = entries["model/h1/attn/c_attn/w"]
     assert e["dtype"] == 1 and e["shape"] == (1, 64, 192)
     assert (e["offset"], e["size"]) == spans["model/h1/attn/c_attn/w"]
     assert entries["model/wte"]["shape"] == (500, 64)
-    items = ckpt.read_sstable(d / "model.ckpt.index")
+    items = tfbundle.read_sstable(d / "model.ckpt.index")
     assert [k for k, _ in items] == sorted(k for k, _ in items) and items[0][0] == b""
 
 
@@ -364,16 +361,16 @@ def test_tf_missing_tensor(tf_hf, tmp_path):
 
 def test_crc32c_matches_reference():
     rng = np.random.default_rng(0)
-    assert ckpt.crc32c(b"123456789") == 0xE3069283                       # the CRC-32C check value
-    assert ckpt.crc32c(b"") == 0
+    assert tfbundle.crc32c(b"123456789") == 0xE3069283                       # the CRC-32C check value
+    assert tfbundle.crc32c(b"") == 0
     for n in (1, 3, 4097, 64 * 16 * 4 * 3 + 5, 512 * 32 * 4 + 64 * 16 * 4 + 7):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert ckpt.crc32c(data) == tf_bundle.crc32c(data), n
-        assert ckpt.crc32c(data[5:], ckpt.crc32c(data[:5])) == ckpt.crc32c(data)
+        assert tfbundle.crc32c(data) == tf_bundle.crc32c(data), n
+        assert tfbundle.crc32c(data[5:], tfbundle.crc32c(data[:5])) == tfbundle.crc32c(data)
     for c in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
-        assert ckpt.unmask_crc(ckpt.mask_crc(c)) == c
+        assert tfbundle.unmask_crc(tfbundle.mask_crc(c)) == c
     data = b"abc"
-    assert ckpt.mask_crc(ckpt.crc32c(data)) == tf_bundle.masked_crc32c(data)
+    assert tfbundle.mask_crc(tfbundle.crc32c(data)) == tf_bundle.masked_crc32c(data)
 
 
 def test_crc32c_fast_enough():
@@ -381,7 +378,7 @@ def test_crc32c_fast_enough():
 
     big = np.random.default_rng(1).integers(0, 256, 24 << 20, dtype=np.uint8)
     t0 = time.perf_counter()
-    ckpt.crc32c(big)
+    tfbundle.crc32c(big)
     dt = time.perf_counter() - t0
     assert 24 / dt > 30, f"crc32c ran at {24 / dt:.0f} MB/s"     # lenient: shared CI cores
 
@@ -405,7 +402,7 @@ def test_gpt2_124m_parity(tmp_path):
 def test_preset_from_cache(tiny_hf, tiny_dir, tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("MINIGPT_HOME", str(tmp_path))
     shutil.copytree(tiny_dir, tmp_path / "gpt2")
-    assert ckpt.cache_dir() == tmp_path and ckpt.is_preset_cached("gpt2")
+    assert hub.cache_dir() == tmp_path and hub.is_preset_cached("gpt2")
     model = GPT.from_pretrained("gpt2")
     assert _diff(model, tiny_hf, _ids(50257)) < TOL
     assert GPT.from_pretrained("openai-community/gpt2").config.n_layer == 2
@@ -427,7 +424,7 @@ def test_preset_offline_error(tmp_path, monkeypatch, no_network):
     msg = str(e.value)
     assert "\n" not in msg and "huggingface.co/gpt2/resolve/main/" in msg and "MINIGPT_HOME" in msg
     assert not any(tmp_path.rglob("*.tmp"))
-    assert not ckpt.is_preset_cached("gpt2")
+    assert not hub.is_preset_cached("gpt2")
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -443,11 +440,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 def test_preset_download_once(tiny_hf, tiny_dir, tmp_path, monkeypatch, capsys):
     # a local "hub" laid out like https://huggingface.co/<name>/resolve/main/<file>
-    hub = tmp_path / "hub"
-    (hub / "gpt2" / "resolve" / "main").mkdir(parents=True)
+    root = tmp_path / "hub"
+    (root / "gpt2" / "resolve" / "main").mkdir(parents=True)
     for f in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_dir / f, hub / "gpt2" / "resolve" / "main" / f)
-    handler = lambda *a, **k: _Handler(*a, directory=str(hub), **k)  # noqa: E731
+        shutil.copy(tiny_dir / f, root / "gpt2" / "resolve" / "main" / f)
+    handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -496,14 +493,14 @@ def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv("MINIGPT_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(ckpt, "_urlopen", lambda url, timeout=30.0: Broken())
+    monkeypatch.setattr(hub, "_urlopen", lambda url, timeout=30.0: Broken())
     with pytest.raises(CheckpointError, match="stopped after 100 of 1000 bytes"):
         GPT.from_pretrained("gpt2-large")
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
     def refuse(url, timeout=30.0):
         raise urllib.error.URLError("no route to host")
-    monkeypatch.setattr(ckpt, "_urlopen", refuse)
+    monkeypatch.setattr(hub, "_urlopen", refuse)
     with pytest.raises(CheckpointError, match="no route to host"):
         GPT.from_pretrained("gpt2-xl")
 
@@ -534,5 +531,5 @@ def test_sharded_safetensors_dir(tiny_hf, tiny_dir, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(tiny_dir / "config.json", tmp_path)
     assert _diff(GPT.from_pretrained(tmp_path), tiny_hf, _ids(50257)) < TOL
-    mg = ckpt.load_state_dict_any(tmp_path)
+    mg = checkpoint.load_state_dict_any(tmp_path)
     assert mg["transformer.h.0.attn.c_attn.weight"].shape == (192, 64)

@@ -1,17 +1,26 @@
 """Decoding tests. Reference: transformers' GPT2LMHeadModel on identical random weights."""
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-import copy
-import io
-
-from minigpt.generate import (DecodeLinear, apply_repetition_penalty, generate, prepare_for_decoding,
-                              sample_next, stream, stream_text, _top_p_drop, quantize_int4,
-                              dequantize_int4)
+from minigpt.generate import (
+    DecodeLinear,
+    _top_p_drop,
+    apply_repetition_penalty,
+    dequantize_int4,
+    generate,
+    prepare_for_decoding,
+    quantize_int4,
+    sample_next,
+    stream,
+    stream_text,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,17 +1,20 @@
-"""Instruction data: readers, templates, masking, truncation, collation, batching."""
+"""Instruction data: readers and splits (records), masking, truncation, collation, batching."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from minigpt import get_tokenizer
-from minigpt.instruct import (TEMPLATES, Collator, DataError, checkable_records, default_instructions_path,
-                              exact_match_accuracy, get_template, length_grouped_batches, load_records,
-                              shuffled_batches, split_records, tokenize_example, tokenize_records)
+from minigpt.errors import DataError
+from minigpt.instruct import Collator, exact_match_accuracy, length_grouped_batches, tokenize_example, tokenize_records
+from minigpt.records import checkable_records, default_instructions_path, load_records, split_records
+from minigpt.templates import TEMPLATE_NAMES, get_template
 
 EOS = 50256
 tok = get_tokenizer()
@@ -116,39 +119,42 @@ def test_missing_file(tmp_path):
         load_records(tmp_path / "nope.jsonl")
 
 
-# --- templates ----------------------------------------------------------------------------------
-
-def test_alpaca_template_strings():
-    t = get_template()
-    assert t is TEMPLATES["alpaca"] and get_template("alpaca") is t
-    assert t.render(alpaca("Add 2 and 3.", "5")) == [
-        ("### Instruction:\nAdd 2 and 3.\n\n### Response:\n", False), ("5", True)]
-    assert t.render_text(alpaca("Uppercase.", "HI", inp="hi")) == (
-        "### Instruction:\nUppercase.\n\n### Input:\nhi\n\n### Response:\nHI<|endoftext|>")
-    rec = {**alpaca("Q", "A"), "system": "Be nice."}
-    assert t.render_text(rec) == "Be nice.\n\n### Instruction:\nQ\n\n### Response:\nA<|endoftext|>"
-    assert "### Instruction:" in t.stop_strings
+@pytest.mark.parametrize("text,kind", [("null", "null"), ("null\n", "null"), ("  42 \n\n", "a number"),
+                                       ('"hello"', "a string"), ("true", "a boolean")])
+def test_json_scalar_is_not_records(tmp_path, text, kind):
+    p = write(tmp_path / "d.json", text)
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert str(e.value) == (f"{p}: expected a JSON array of records or JSON lines (one object per line), "
+                            f"got {kind}")
 
 
-def test_human_assistant_and_chat_templates():
-    conv = {"system": None, "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
-    ha = get_template("human-assistant")
-    assert ha.render(conv) == [("### Human: Hi\n### Assistant:", False), (" Hello", True),
-                               ("### Human: Bye\n### Assistant:", False), (" Ciao", True)]
-    assert ha.stop_strings == ("### Human:", "### Assistant:")
-    chat = get_template("chat")
-    assert chat.render_text({**conv, "system": "S"}) == (
-        "<|system|>\nS\n<|user|>\nHi\n<|assistant|>\nHello<|endoftext|>"
-        "<|user|>\nBye\n<|assistant|>\nCiao<|endoftext|>")
-    assert ha.render_text(alpaca("Do it.", "ok", inp="ctx")) == (
-        "### Human: Do it.\n\nctx\n### Assistant: ok<|endoftext|>")
-    with pytest.raises(ValueError, match="unknown prompt template"):
-        get_template("nope")
+def test_json_scalar_line_names_line(tmp_path):
+    p = write(tmp_path / "d.jsonl", '\nnull\n{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(DataError, match=r":2: expected a JSON array of records or JSON lines .*got null$"):
+        load_records(p)
+    p = write(tmp_path / "e.jsonl", '{"instruction": "a", "output": "b"}\nnull\n')
+    with pytest.raises(DataError, match=r":2: expected a JSON object, got null$"):
+        load_records(p)
+    with pytest.raises(DataError, match=r":1: expected a JSON list of records, got null$"):
+        load_records(write(tmp_path / "f.json", "null"), format="json")
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_not_a_regular_file_is_refused_before_reading(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_records("/dev/zero")            # reading it would never end
+    assert str(e.value) == "/dev/zero: not a regular file"
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)                          # opening a FIFO with no writer would block
+    with pytest.raises(DataError, match="not a regular file"):
+        load_records(fifo)
+    with pytest.raises(IsADirectoryError):
+        load_records(tmp_path)
+
+
+# --- templates: training tokens = chat prompt tokens (template strings: test_templates.py) ----------
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
 def test_prompt_for_new_turn_matches_training_tokens(name):
     t = get_template(name)
     msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
@@ -243,17 +249,13 @@ def test_length_grouped_batches_cover_all_once():
     assert max(lengths[i] for i in batches[0]) == max(lengths)
     assert batches == length_grouped_batches(lengths, batch_size=8, seed=3, mega_batch_mult=4)
     assert batches != length_grouped_batches(lengths, batch_size=8, seed=4, mega_batch_mult=4)
-    # grouping reduces padding compared to random batches
+    # grouping reduces padding compared to plain seeded random batches
     pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
-    assert pad(batches) < 0.5 * pad(shuffled_batches(len(lengths), 8, seed=3))
+    order = list(range(len(lengths)))
+    random.Random(3).shuffle(order)
+    assert pad(batches) < 0.5 * pad([order[i:i + 8] for i in range(0, len(order), 8)])
     dl = length_grouped_batches(lengths, batch_size=8, seed=3, drop_last=True)
     assert all(len(b) == 8 for b in dl) and len({i for b in dl for i in b}) == 8 * len(dl)
-
-
-def test_shuffled_batches():
-    b = shuffled_batches(10, 3, seed=1)
-    assert sorted(i for x in b for i in x) == list(range(10)) and [len(x) for x in b] == [3, 3, 3, 1]
-    assert [len(x) for x in shuffled_batches(10, 3, seed=1, drop_last=True)] == [3, 3, 3]
 
 
 # --- splits, evaluation, embedded data -----------------------------------------------------------

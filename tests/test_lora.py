@@ -11,9 +11,21 @@ import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, lm_loss
 from minigpt.instruct import Collator
-from minigpt.lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,
-                          lora_state_dict, merge_and_unload, merge_lora, read_adapter_config,
-                          remove_lora, save_adapter, unmerge_lora)
+from minigpt.lora import (
+    LoRALinear,
+    add_lora,
+    count_parameters,
+    load_adapter,
+    lora_disabled,
+    lora_layers,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    read_adapter_config,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=101)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig, get_tokenizer, lm_loss
-from minigpt.checkpoint import load_model
-from minigpt.data import DataError, TokenDataset, prepare_data
+from minigpt.data import TokenDataset, prepare_data
+from minigpt.errors import DataError
 from minigpt.evaluate import evaluate_bpb, evaluate_loss
 from minigpt.loss import CausalLMLoss, fused_lm_loss
 
@@ -84,7 +84,7 @@ def test_fused_loss_matches_reference_loss_and_grads(tiny_hf_gpt2):
 
 def test_loss_module_equals_transformers_loss(tiny_hf_gpt2, tmp_path):
     tiny_hf_gpt2.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = GPT.from_pretrained(tmp_path)
     x = torch.randint(0, 50257, (2, 12))
     ours = CausalLMLoss(model)(x[:, :-1], x[:, 1:])
     theirs = tiny_hf_gpt2(x, labels=x).loss
@@ -94,7 +94,7 @@ def test_loss_module_equals_transformers_loss(tiny_hf_gpt2, tmp_path):
 
 def test_bits_per_byte_against_transformers(tiny_hf_gpt2, tmp_path):
     tiny_hf_gpt2.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = GPT.from_pretrained(tmp_path)
     text = "Of Man's first disobedience, and the fruit\nOf that forbidden tree — whose mortal taste…\n" * 3
     tok = get_tokenizer()
     ids = tok.encode_ordinary(text)
@@ -127,11 +127,12 @@ def test_prepare_data_sources(tmp_path):
     ids.tofile(tmp_path / "tokens.bin")
     b = prepare_data(str(tmp_path / "tokens.bin"), tmp_path / "cache")
     assert np.fromfile(b / "train.bin", dtype=np.uint16).tolist() == list(range(950))
-    ds = TokenDataset(b / "train.bin", 16)
-    x1, y1 = ds.batch(4, seed=1, step=3)
-    x2, y2 = ds.batch(4, seed=1, step=3)
+    ds = TokenDataset(b / "train.bin", 16, batch_size=4, seed=1)
+    x1, y1, n = ds.batch(3)
+    x2, y2, _ = ds.batch(3)
+    assert n == x1.numel() == 4 * 16
     assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
-    assert not torch.equal(x1, ds.batch(4, seed=1, step=4)[0])
+    assert not torch.equal(x1, ds.batch(4)[0]) and not torch.equal(x1, ds.batch(3, micro=1)[0])
     bad = tmp_path / "bad.bin"
     np.array([60000], dtype=np.uint16).tofile(bad)
     with pytest.raises(DataError, match="outside GPT-2's vocabulary"):

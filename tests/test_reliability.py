@@ -22,7 +22,6 @@ SIGKILLs at seeded random moments, resumed each time, bit-identical to an uninte
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -30,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -40,30 +38,22 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
+import tf_bundle
 import torch
 from safetensors.torch import load_file, save_file
 
-import tf_bundle
 from minigpt import GPT, GPTConfig
-from minigpt.checkpoint import CheckpointError, minigpt_to_hf
-from minigpt.data import DataError, load_records
+from minigpt.commands import chat as chat_cli
+from minigpt.commands import finetune as ft
+from minigpt.commands import train
+from minigpt.errors import CheckpointError
 from minigpt.generate import generate
+from minigpt.keymap import minigpt_to_hf
 from minigpt.lora import add_lora, load_adapter, save_adapter
-from minigpt.trainer import STATE_FILE, TrainingStopped, latest_checkpoint
+from minigpt.runs import STATE_FILE, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import chat as chat_cli  # noqa: E402
-import train  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "finetune.py")
-if "finetune_script" in sys.modules:
-    ft = sys.modules["finetune_script"]
-else:
-    ft = importlib.util.module_from_spec(_spec)
-    sys.modules["finetune_script"] = ft
-    _spec.loader.exec_module(ft)
 
 
 
@@ -653,26 +643,27 @@ ROWS = [
     # --- flags and impossible values ---
     Row("unknown-flag", b_unknown_flag, "unrecognized arguments: --lora-rank", rc=2,
         remedy="see --help for the flag names (here: --lora-r)"),
-    Row("lora-r-zero", b_lora_r_zero, "--lora-r must be a positive integer",
+    Row("lora-r-zero", b_lora_r_zero, "--lora-r must be a positive integer", rc=2,
         remedy="use --lora-r 4, 8 or 16"),
-    Row("lr-not-finite", b_lr_not_finite, "invalid lr", remedy="pass a positive finite --lr"),
-    Row("block-size-above-context", b_block_above_context, "exceeds the model's context (64)",
+    Row("lr-not-finite", b_lr_not_finite, "--lr must be a finite number", rc=2,
+        remedy="pass a positive finite --lr"),
+    Row("block-size-above-context", b_block_above_context, "exceeds the --init-from model's context (64)",
         remedy="--block-size must be at most the --init-from model's context"),
-    Row("threads-negative", b_threads_negative, "--threads must be a positive integer",
+    Row("threads-negative", b_threads_negative, "--threads must be a positive integer", rc=2,
         remedy="pass --threads N with N >= 1 (or leave it out)"),
     Row("device-unknown", b_device_unknown, "unknown --device 'tpu'",
         remedy="use auto, cpu, cuda or cuda:N"),
-    Row("save-interval-negative", b_save_interval_negative, "invalid save-interval",
+    Row("save-interval-negative", b_save_interval_negative, "--save-interval must be >= 0", rc=2,
         remedy="pass a positive --save-interval (or leave it out: the eval interval)"),
-    Row("min-lr-negative", b_min_lr_negative, "invalid min-lr", remedy="--min-lr must be >= 0"),
+    Row("min-lr-negative", b_min_lr_negative, "--min-lr must be >= 0", rc=2, remedy="--min-lr must be >= 0"),
     # --- output folders, resume ---
-    Row("out-dir-is-init-from", b_out_dir_is_init_from, "is the --init-from model's folder",
+    Row("out-dir-is-init-from", b_out_dir_is_init_from, "whose files this run would replace",
         remedy="write the new run to another --out-dir; the source weights are left untouched"),
     Row("out-dir-under-a-file", b_out_dir_under_file, "is a file, not a folder",
         remedy="choose an --out-dir whose parents are folders (and writable)"),
     Row("finetune-out-dir-under-a-file", b_ft_out_dir_under_file, "is a file, not a folder",
         remedy="choose an --out-dir whose parents are folders (and writable)"),
-    Row("out-dir-holds-a-run", b_existing_run_no_resume, "already holds a run",
+    Row("out-dir-holds-a-run", b_existing_run_no_resume, "already holds a pretrain run",
         remedy="--resume to continue it, --overwrite to start over, or another --out-dir"),
     Row("resume-with-other-shape", b_resume_other_shape, "resume with the original run's model flags",
         remedy="resume with the same --n-layer/--n-head/--n-embd/--block-size as the original run"),
@@ -799,8 +790,7 @@ def save(obj, f, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(obj, f, *a, **k)
 torch.save = save
-sys.path.insert(0, sys.argv[1])
-import train
+from minigpt.commands import train
 sys.exit(train.main(sys.argv[2:]))
 """
 

@@ -1,6 +1,5 @@
 """train.py and the shared Trainer: end to end, exact resume after kill -9, DDP, Ctrl-C, bad flags."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from minigpt import GPT
+from minigpt.commands import train
 from minigpt.trainer import TrainConfig, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def test_train_end_to_end(tmp_path, corpus, capsys):
     assert "saved model to" in printed and "samples:" in printed
     # a second fresh run into the same folder refuses to mix with the first one's checkpoints
     assert train.main(["--data", str(corpus), "--out-dir", str(out), "--max-steps", "2", *TINY]) == 1
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a pretrain run" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-0000040").exists()
 
 
@@ -133,13 +132,13 @@ def test_ddp_two_processes_match_single(tmp_path, corpus):
 
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--lr", "-1"], "invalid lr"),
-    (["--max-steps", "0"], "invalid max-steps"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--precision", "fp8"], "invalid choice"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--resume", "--out-dir", "/nonexistent/run"], "no checkpoint"),
     (["--init-from", "/nonexistent/model"], "error:"),
-    (["--precision", "fp16", "--device", "cpu"], "fp16 training needs CUDA"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     r = run(["--out-dir", str(tmp_path / "o"), *args] if "--out-dir" not in args else args)

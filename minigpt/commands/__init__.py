@@ -1,0 +1,22 @@
+"""The command-line programs, as library code: `minigpt <command>` and the root train.py,
+finetune.py and chat.py shims all call `COMMANDS[name](argv)`.
+
+    args.py      typed dataclass flags, the flags both training commands share, one-line errors
+    train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
+    chat.py      terminal chat          info.py       versions, device, presets, cache
+"""
+from __future__ import annotations
+
+import importlib
+
+COMMANDS = {
+    "train": "pretrain a GPT-2 model (default: a small one on the embedded Shakespeare corpus)",
+    "finetune": "instruction-tune a model, with LoRA (--lora) or all weights",
+    "chat": "chat with a model in the terminal (default: the newest local run)",
+    "info": "versions, device, presets and the cache (also plain `minigpt`)",
+}
+
+
+def run(name: str, argv=None) -> int:
+    """Run command `name` with argv (a list of strings; None = sys.argv[2:] semantics of main)."""
+    return importlib.import_module(f"{__name__}.{name}").main(argv)

@@ -1,0 +1,328 @@
+"""Instruction-tune a GPT-2 model, with LoRA (--lora) or all weights, on the shared Trainer;
+with no arguments (plus --lora), GPT-2 or your train.py model on the embedded instruction set.
+
+examples:
+  minigpt finetune --lora                                    # embedded instructions, defaults
+  minigpt finetune --lora --base gpt2 --data my.jsonl --out-dir out-mine
+  minigpt finetune --lora --lora-r 16 --lora-targets c_attn c_proj --merge
+  minigpt finetune --base out --epochs 5 --lr 5e-5           # full fine-tuning
+  minigpt finetune --lora --resume                           # continue an interrupted run exactly
+  minigpt chat --model out-finetune                          # then talk to the result
+(`python finetune.py ...` is the same command.)
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from .args import CLIError, RunArgs, check, field, parse_args, run_main
+
+LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
+
+
+@dataclass
+class FinetuneArgs(RunArgs):
+    data: Optional[str] = field(None, "instruction data: Alpaca JSON/JSONL, chat JSONL (messages) or "
+                                      "'### Human:/### Assistant:' text (default: the embedded set)")
+    out_dir: str = field("out-finetune", "where the adapter (or model), checkpoints and metrics go")
+    max_steps: Optional[int] = field(None, "optimizer steps (default: from --epochs)")
+    batch_size: int = field(2, "examples per micro-batch")
+    grad_accum: int = field(4, "micro-batches per optimizer step")
+    lr: float = field(2e-4, "peak learning rate")
+    min_lr: Optional[float] = field(None, "final learning rate (default: 0 for linear decay, lr / 10 for cosine)")
+    warmup_steps: Optional[int] = field(None, "linear warmup steps (default: 5%% of the steps)")
+    schedule: str = field("linear", "learning-rate decay", choices=("linear", "cosine", "constant"))
+    weight_decay: float = field(0.0, "AdamW weight decay (matrices only)")
+    eval_interval: int = field(50, "steps between evaluations")
+    eval_batches: Optional[int] = field(None, "validation batches per evaluation (default: all; "
+                                              "0 = no evaluation)")
+    seed: int = field(42, "random seed (LoRA init, dropout, data order, split)")
+    val_fraction: float = field(0.1, "share held out for validation when the data has no 'split' field, in [0, 1)")
+    samples: int = field(3, "held-out prompts answered before and after training")
+    sample_tokens: int = field(64, "max new tokens per sample answer")
+    base: Optional[str] = field(None, "base model: any GPT.from_pretrained source (preset name, HF or "
+                                      "minigpt folder, OpenAI checkpoint). Default: gpt2 when cached, "
+                                      "else the latest train.py output (out/)")
+    lora: bool = field(False, "train a LoRA adapter (base frozen) instead of all weights")
+    lora_r: int = field(8, "LoRA rank")
+    lora_alpha: float = field(16.0, "LoRA alpha (update scaled by alpha / r)")
+    lora_dropout: float = field(0.05, "dropout on the LoRA input path")
+    lora_targets: list[str] = field(["c_attn"], "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
+                                                "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)")
+    rslora: bool = field(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    template: str = field(DEFAULT_TEMPLATE, "prompt template", choices=TEMPLATE_NAMES)
+    mask_prompt: bool = field(True, "train on responses only (--no-mask-prompt: on prompts too)")
+    max_length: Optional[int] = field(None, "max tokens per example, longer ones are cut at the end "
+                                            "(default: 256, or the base model's context if shorter)")
+    epochs: Optional[float] = field(None, "passes over the training data (default: 3; "
+                                          "use either --epochs or --max-steps)")
+    exact_match: int = field(16, "checkable validation records scored by exact match at each "
+                                 "evaluation (greedy decoding; 0 = off)")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
+    merge: bool = field(False, "also write OUT_DIR/merged: the adapter merged into a plain GPT-2 model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
+        check(self.max_length is None or self.max_length >= 2, "max_length", "at least 2", self.max_length)
+        check(self.exact_match >= 0, "exact_match", ">= 0", self.exact_match)
+        if self.epochs is not None and self.max_steps is not None:
+            raise CLIError("use either --epochs or --max-steps, not both")
+        check(self.epochs is None or (self.epochs > 0 and self.epochs < float("inf")), "epochs", "> 0", self.epochs)
+        if self.lora:
+            cfg = self.lora_config()
+            if self.merge and any(t.endswith("lm_head") for t in cfg.targets):
+                raise CLIError("--merge cannot fold a LoRA on lm_head (it is tied to the input embeddings); "
+                               "drop lm_head from --lora-targets or leave out --merge")
+
+    @property
+    def method(self) -> str:
+        return "lora" if self.lora else "full"
+
+    def lora_config(self):
+        from ..lora import LoRAConfig
+
+        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                          self.rslora, flags=LORA_FLAGS)
+
+
+def default_base() -> str:
+    """gpt2 when its weights are cached, else the newest train.py output."""
+    from ..hub import is_preset_cached
+    from ..runs import find_latest_run
+
+    if is_preset_cached("gpt2"):
+        return "gpt2"
+    run = find_latest_run("pretrain")
+    if run is not None:
+        return str(run)
+    raise CLIError("no base model: the gpt2 weights are not cached and no train.py output (out/) was "
+                   "found; run `minigpt train` first, or pass --base (e.g. --base gpt2 when online)")
+
+
+def _check_resume_method(args: FinetuneArgs) -> None:
+    from ..runs import read_finetune_meta
+
+    meta = read_finetune_meta(args.out_dir) if args.resume else None
+    if meta is not None and meta.get("method") != args.method:
+        raise CLIError(f"--resume: {args.out_dir} holds a {meta.get('method')} fine-tune; "
+                       f"resume it {'with' if meta.get('method') == 'lora' else 'without'} --lora")
+
+
+def answers(model, tok, template, records, max_new_tokens: int, device) -> list[str]:
+    """Greedy answers to each record's last user turn (one left-padded batch of 16 at a time)."""
+    import torch
+
+    from ..generate import generate
+
+    prompts = [template.prompt_ids(r["messages"][:-1], tok, r.get("system")) for r in records]
+    block = model.config.block_size
+    out: list[str] = []
+    for s in range(0, len(prompts), 16):
+        group = [p[-(block - 1):] for p in prompts[s:s + 16]]          # keep room for one token
+        T = max(len(p) for p in group)
+        idx = torch.full((len(group), T), tok.eot_token, dtype=torch.long)
+        mask = torch.zeros((len(group), T), dtype=torch.long)
+        for i, p in enumerate(group):
+            idx[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        ids = generate(model, idx.to(device), max(1, min(max_new_tokens, block - T)), temperature=0.0,
+                       eos_token_id=tok.eot_token, stop=list(template.stop_strings), tokenizer=tok,
+                       attention_mask=mask.to(device))
+        for row in ids[:, T:].tolist():
+            text = tok.decode(row[:row.index(tok.eot_token)] if tok.eot_token in row else row)
+            for stop in template.stop_strings:
+                text = text.split(stop)[0]
+            out.append(text.strip())
+    return out
+
+
+def _load_data(args: FinetuneArgs, tok, template, max_length: int):
+    """(train records, val records, train examples, val examples, stats) of --data."""
+    from ..instruct import tokenize_records
+    from ..records import default_instructions_path, load_records, split_records
+
+    data_path = Path(args.data) if args.data else default_instructions_path()
+    records = load_records(data_path)
+    train_recs, val_recs = split_records(records, args.val_fraction, seed=args.seed)
+    if not train_recs:
+        raise CLIError(f"{data_path}: no training records (all {len(records)} are in the validation split)")
+    train_ex, tstats = tokenize_records(train_recs, tok, template, max_length, args.mask_prompt)
+    val_ex, vstats = tokenize_records(val_recs, tok, template, max_length, args.mask_prompt)
+    if not train_ex:
+        raise CLIError(f"{data_path}: every training example's prompt is longer than --max-length {max_length}")
+    stats = {k: tstats[k] + vstats[k] for k in ("truncated", "dropped")}
+    return train_recs, val_recs, train_ex, val_ex, stats
+
+
+def _weights_io(args: FinetuneArgs, base_id: str):
+    from ..lora import load_adapter, save_adapter
+    from ..model import GPT
+
+    if args.lora:
+        return (lambda m, d: save_adapter(m, d, base_model_name_or_path=base_id)), (lambda m, d: load_adapter(m, d))
+    return (lambda m, d: m.save_pretrained(d)), (lambda m, d: m.load_state_dict(GPT.from_pretrained(d).state_dict()))
+
+
+def _evaluator(args: FinetuneArgs, precision: str, tok, template, val_ds, val_recs):
+    """evaluate(model) -> metrics: masked loss/accuracy on the validation batches + exact match."""
+    from ..device import autocast
+    from ..evaluate import evaluate_loss
+    from ..instruct import exact_match_accuracy
+    from ..records import checkable_records
+
+    val_batches = list(val_ds.sequential(args.batch_size * 4, args.eval_batches)) if val_ds else []
+    checkable = checkable_records(val_recs)[:args.exact_match]
+
+    def evaluate(m) -> dict:
+        out = {}
+        if val_batches:
+            r = evaluate_loss(m, val_batches, autocast=autocast(precision, m.device))
+            out.update(val_loss=r["loss"], val_acc=r["acc"])
+        if checkable:
+            longest = max(len(tok.encode_ordinary(r["messages"][-1]["content"])) for r in checkable)
+            got = answers(m, tok, template, checkable, longest + 4, m.device)
+            by_prompt = {template.prompt_text(r["messages"][:-1], r.get("system")): g for r, g in zip(checkable, got)}
+            em = exact_match_accuracy(checkable, lambda p: by_prompt[p], template)
+            out.update(exact_match=em["accuracy"], exact_match_n=em["total"])
+        return out
+    return evaluate
+
+
+def _show(title: str, recs, answers_: list[str]) -> None:
+    def one_line(text: str, width: int = 160) -> str:
+        text = text.replace("\n", "\\n")
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    if not answers_:
+        return
+    print(f"\n{title}")
+    for r, a in zip(recs, answers_):
+        user = r["messages"][-2]
+        q = user["content"] + (f"\n{user['input']}" if user.get("input") else "")
+        print("-" * 60 + f"\n>>> {one_line(q)}\n[expected] {one_line(r['messages'][-1]['content'])}"
+              f"\n[model]    {one_line(a)}")
+    print("-" * 60)
+
+
+def _write_meta(out_dir: Path, meta: dict) -> None:
+    from ..fileio import atomic_write_json
+    from ..runs import FINETUNE_META
+
+    atomic_write_json(out_dir / FINETUNE_META, meta)
+
+
+def _merge(model, out_dir: Path, meta: dict) -> None:
+    from ..lora import merge_and_unload
+
+    merged = merge_and_unload(model)
+    merged.save_pretrained(out_dir / "merged")
+    meta["merged"] = "merged"
+    _write_meta(out_dir / "merged", {**meta, "method": "full", "merged": None, "merged_from": str(out_dir.resolve())})
+    print(f"merged model written to {out_dir / 'merged'}")
+
+
+def finetune(args: FinetuneArgs) -> dict:
+    """The body of `minigpt finetune` (importable for tests and notebooks).
+
+    Returns the Trainer's result ({"step", "best_val_loss", last evaluation metrics}) plus
+    "out_dir", "samples" (before/after answers) and "model" (the trained model)."""
+    import torch
+
+    from ..device import process_rank, resolve_device, resolve_precision
+    from ..fileio import atomic_write_json
+    from ..instruct import InstructionDataset
+    from ..lora import count_parameters
+    from ..model import GPT
+    from ..runs import RunInput, check_run_dir, claim_run_dir, resolve_base
+    from ..templates import get_template
+    from ..tokenizer import get_tokenizer
+    from ..trainer import Trainer, TrainConfig
+
+    # every check first: flags, data, the run folder, the base model; nothing is deleted before
+    precision = resolve_precision(args.precision, resolve_device(args.device))
+    base_src = args.base or default_base()
+    run = dict(resume=args.resume, overwrite=args.overwrite, main_process=process_rank() == 0,
+               inputs=[RunInput("--base", base_src, model=True), RunInput("--data", args.data)])
+    check_run_dir(args.out_dir, "finetune", **run)
+    _check_resume_method(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok, template = get_tokenizer(), get_template(args.template)
+    model = GPT.from_pretrained(base_src)
+    block = model.config.block_size
+    max_length = args.max_length if args.max_length is not None else min(256, block)
+    if max_length > block:
+        raise CLIError(f"--max-length {max_length} exceeds the base model's context ({block} tokens)")
+    train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
+    train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum)
+    val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
+    max_steps = args.max_steps or train_ds.steps_for(args.epochs or 3.0)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * max_steps))
+    cfg = TrainConfig.from_args(args, max_steps=max_steps, warmup_steps=warmup)
+    claim_run_dir(args.out_dir, "finetune", **run)
+    base_id = resolve_base(base_src)
+
+    torch.manual_seed(args.seed)
+    lora_cfg = args.lora_config() if args.lora else None
+    if lora_cfg is not None:
+        lora_cfg.apply(model)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    trainable, total = count_parameters(model)
+    meta = {"kind": "finetune", "method": args.method, "base": base_id, "template": template.name,
+            "mask_prompt": args.mask_prompt, "max_length": max_length,
+            "lora": lora_cfg.to_dict() if lora_cfg else None,
+            "data": str(args.data) if args.data else "embedded:instructions", "merged": None}
+    evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs) if args.eval_batches != 0 else None
+    save, load = _weights_io(args, base_id)
+    trainer = Trainer(model, cfg, train_ds, evaluate, save, load, run_info={"kind": "finetune", "finetune": meta})
+    out_dir = Path(args.out_dir)
+    sample_recs = (val_recs or train_recs)[:args.samples]
+    if trainer.is_main:
+        _write_meta(out_dir, meta)
+        what = (f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}"
+                if lora_cfg else "full fine-tuning")
+        print(f"base: {base_src} ({model.config.n_layer} layers x {model.config.n_embd} dims) | {what}: "
+              f"{trainable:,} of {total:,} params trainable ({trainable / total:.2%})")
+        print(f"data: {args.data or 'embedded instructions'}: {len(train_ex)} train / {len(val_ex)} val examples "
+              f"(template {template.name}, max length {max_length}, {stats['truncated']} truncated, "
+              f"{stats['dropped']} dropped) | {max_steps} steps of {args.batch_size}x{args.grad_accum} examples "
+              f"(~{max_steps / train_ds.steps_for(1.0):.2g} epochs) | device {trainer.device} {trainer.precision}")
+    before = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) \
+        if trainer.is_main and sample_recs else []
+    if trainer.is_main:
+        _show("samples before fine-tuning:", sample_recs, before)
+
+    result = trainer.fit(resume=args.resume)
+
+    if trainer.is_main:
+        after = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) if sample_recs else []
+        _show("samples after fine-tuning:", sample_recs, after)
+        samples = [{"prompt": template.prompt_text(r["messages"][:-1], r.get("system")),
+                    "expected": r["messages"][-1]["content"], "before": b, "after": a}
+                   for r, b, a in zip(sample_recs, before, after)]
+        atomic_write_json(out_dir / "samples.json", samples)
+        if args.merge and args.lora:
+            _merge(model, out_dir, meta)
+        elif args.merge:
+            print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
+        _write_meta(out_dir, meta)
+        print(f"saved {'adapter' if args.lora else 'model'} to {out_dir}  (load with "
+              f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
+        result = {**result, "out_dir": str(out_dir), "samples": samples}
+    return {**result, "model": model}
+
+
+def main(argv=None) -> int:
+    from ..device import reuse_freed_memory
+
+    args = parse_args(FinetuneArgs, argv, __doc__, prog="minigpt finetune")
+    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
+    return run_main(lambda: (finetune(args), 0)[1], args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Pretrain a GPT-2 model; with no arguments, a small model on the embedded Shakespeare corpus.
+
+examples:
+  minigpt train                                   # quickstart, ~5 min on 2 CPU cores
+  minigpt train --data my.txt --out-dir out-my    # your own text (file, folder of .txt, or .bin)
+  minigpt train --model gpt2 --precision bf16     # GPT-2 124M shape, on a GPU
+  minigpt train --init-from gpt2 --data my.txt    # continue pretraining from weights
+  minigpt train --resume                          # continue an interrupted run exactly
+  torchrun --nproc_per_node 4 train.py --model gpt2   # data parallel
+(`python train.py ...` is the same command.)
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .args import CLIError, RunArgs, check, field, parse_args, run_main
+
+
+@dataclass
+class TrainArgs(RunArgs):
+    data: Optional[str] = field(None, "text file, folder of .txt files, or uint16 .bin of token ids "
+                                      "(default: the embedded Shakespeare corpus)")
+    out_dir: str = field("out", "where checkpoints, metrics and the final model go")
+    max_steps: int = field(320, "optimizer steps")
+    lr: float = field(2e-3, "peak learning rate")
+    min_lr: Optional[float] = field(None, "final learning rate (default: lr / 10)")
+    warmup_steps: int = field(20, "linear warmup steps")
+    eval_interval: int = field(160, "steps between evaluations and checkpoints")
+    seed: int = field(1337, "random seed (init and data order)")
+    val_fraction: float = field(0.05, "share of the tokens held out for validation, in (0, 0.5)")
+    samples: int = field(3, "text samples printed at the end")
+    sample_tokens: int = field(80, "tokens per sample")
+    model: Optional[str] = field(None, "preset shape to train from scratch (gpt2, gpt2-medium, ...)")
+    init_from: Optional[str] = field(None, "continue pretraining from any GPT.from_pretrained source")
+    n_layer: int = field(4, "layers (ignored with --model/--init-from)")
+    n_head: int = field(4, "attention heads (ignored with --model/--init-from)")
+    n_embd: int = field(256, "embedding width (ignored with --model/--init-from)")
+    block_size: int = field(128, "context length in tokens")
+    dropout: float = field(0.0, "dropout probability")
+    eval_text: Optional[str] = field(None, "also report bits per byte on this held-out text file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 < self.val_fraction < 0.5, "val_fraction", "in (0, 0.5)", self.val_fraction)
+        if self.model and self.init_from:
+            raise CLIError("use either --model (fresh weights) or --init-from (existing weights), not both")
+
+    def model_config(self):
+        """The GPTConfig of a fresh model (validated); None with --init-from."""
+        from ..config import GPTConfig
+
+        if self.init_from:
+            return None
+        if self.model:
+            return GPTConfig.from_name(self.model, dropout=self.dropout)
+        try:
+            return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                             block_size=self.block_size, dropout=self.dropout, name="minigpt-train")
+        except ValueError as e:                    # name the flag, not the config field
+            raise CLIError(str(e).replace("GPTConfig.", "--").replace("_", "-")) from None
+
+
+def _read_eval_text(path: Optional[str]) -> Optional[str]:
+    from ..data import check_data_source
+
+    if path is None:
+        return None
+    check_data_source(path, "--eval-text")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--eval-text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _load_model(args: TrainArgs, mcfg):
+    from ..model import GPT
+
+    if mcfg is not None:
+        return GPT(mcfg)
+    model = GPT.from_pretrained(args.init_from)
+    if args.block_size > model.config.block_size:
+        raise CLIError(f"--block-size {args.block_size} exceeds the --init-from model's context "
+                       f"({model.config.block_size})")
+    return model
+
+
+def _sampler(tok, seed: int):
+    import torch
+
+    def sample(m, n_tokens: int = 32, seed: int = seed) -> str:
+        """A short sample from <|endoftext|>; its own generator keeps the global RNG untouched."""
+        dev = next(m.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        out = m.generate(torch.tensor([[tok.eot_token]], device=dev), max_new_tokens=min(n_tokens, m.config.block_size - 1),
+                         temperature=0.8, top_k=200, generator=gen)
+        return tok.decode(out[0, 1:].tolist()).strip()
+    return sample
+
+
+def _weights_io(model):
+    from ..model import GPT
+
+    def save(m, d):
+        m.save_pretrained(d)
+
+    def load(m, d):
+        saved = GPT.from_pretrained(d)
+        shape = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+        if [getattr(saved.config, k) for k in shape] != [getattr(m.config, k) for k in shape]:
+            have = ", ".join(f"{k}={getattr(saved.config, k)}" for k in shape)
+            want = ", ".join(f"{k}={getattr(m.config, k)}" for k in shape)
+            raise CLIError(f"--resume: checkpoint {d} holds a model with {have} but this run builds "
+                           f"{want}; resume with the original run's model flags")
+        m.load_state_dict(saved.state_dict())
+    return save, load
+
+
+def train(args: TrainArgs) -> dict:
+    """The body of `minigpt train` (importable for tests and notebooks): returns the Trainer's result."""
+    import torch
+
+    from ..data import TokenDataset, check_data_source, prepare_data
+    from ..device import process_rank, resolve_device, resolve_precision
+    from ..evaluate import evaluate_bpb, evaluate_loss
+    from ..runs import RunInput, check_run_dir, claim_run_dir
+    from ..tokenizer import get_tokenizer
+    from ..trainer import Trainer, TrainConfig
+
+    # every check first: flags, inputs, the run folder; nothing is written or deleted before
+    mcfg = args.model_config()
+    cfg = TrainConfig.from_args(args)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
+    check_data_source(args.data)
+    eval_text = _read_eval_text(args.eval_text)
+    inputs = [RunInput("--init-from", args.init_from, model=True), RunInput("--data", args.data),
+              RunInput("--eval-text", args.eval_text)]
+    run = dict(resume=args.resume, overwrite=args.overwrite, main_process=process_rank() == 0, inputs=inputs)
+    check_run_dir(args.out_dir, "pretrain", **run)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = _load_model(args, mcfg)
+    block = min(args.block_size, model.config.block_size)
+    claim_run_dir(args.out_dir, "pretrain", **run)
+
+    data_dir = prepare_data(args.data, f"{args.out_dir}/data", val_fraction=args.val_fraction)
+    train_ds = TokenDataset(data_dir / "train.bin", block, args.batch_size, args.seed)
+    val_ds = TokenDataset(data_dir / "val.bin", block)
+
+    def evaluate(m):
+        r = evaluate_loss(m, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast())
+        out = {"val_loss": r["loss"], "val_bpb": r["bpb"]}
+        if eval_text is not None:
+            out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
+        return out
+
+    sample = _sampler(get_tokenizer(), args.seed)
+    save, load = _weights_io(model)
+    trainer = Trainer(model, cfg, train_ds, evaluate if args.eval_batches else None, save, load,
+                      sample=(lambda m: "sample: " + " / ".join(sample(m).splitlines()[:4])) if args.samples else None,
+                      run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
+                                "model": model.config.to_dict(), "seed": args.seed})
+    if trainer.is_main:
+        print(f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
+              f"params | data: {len(train_ds):,} train / {len(val_ds):,} val tokens | device {trainer.device} "
+              f"{trainer.precision}" + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)"))
+    result = trainer.fit(resume=args.resume)
+    if trainer.is_main:
+        if args.samples:
+            print("\nsamples:")
+        for i in range(args.samples):
+            print("-" * 40 + "\n" + sample(model, args.sample_tokens, seed=args.seed + i))
+        print("-" * 40)
+        print(f"saved model to {args.out_dir}  (load with GPT.from_pretrained({args.out_dir!r}) "
+              f"or chat with: minigpt chat --model {args.out_dir})")
+    return result
+
+
+def main(argv=None) -> int:
+    from ..device import reuse_freed_memory
+
+    args = parse_args(TrainArgs, argv, __doc__, prog="minigpt train")
+    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
+    return run_main(lambda: (train(args), 0)[1], args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
