@@ -235,7 +235,8 @@ def flops_info(ctx: Context, size: str, block: int) -> dict:
     and peak_flops, plus the count with N = non-embedding parameters only."""
     if "flops" not in ctx.notes:
         from minigpt import GPT
-        from minigpt.trainer import flops_per_token, peak_flops
+        from minigpt.device import peak_flops
+        from minigpt.trainer import flops_per_token
         model = GPT.from_pretrained(ctx.weights(size))
         f = flops_per_token(model)
         n_all, n_nonemb = model.num_params(), model.num_params(non_embedding=True)
@@ -246,7 +247,7 @@ def flops_info(ctx: Context, size: str, block: int) -> dict:
             "trained_block": block, "peak_flops": peak,
             "formula": "minigpt.trainer.flops_per_token: 6N + 12*L*H*Q*T (N = all parameters, tied "
                        "wte/lm_head once; T = context); non_embedding_N: N without wte and wpe",
-            "peak_source": "--peak-tflops" if ctx.args.peak_tflops else "minigpt.trainer.peak_flops"}
+            "peak_source": "--peak-tflops" if ctx.args.peak_tflops else "minigpt.device.peak_flops"}
         if block != model.config.block_size:
             ctx.notes["flops"]["warning"] = "trained block != context: the attention term uses the context"
         del model
@@ -533,7 +534,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128, help="decode new tokens (--quick 32)")
     ap.add_argument("--decode-rounds", type=int, default=None, help="timed generate calls per system (3; --quick 2)")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="peak bf16 TFLOPS for MFU (default: minigpt.trainer.peak_flops by device name)")
+                    help="peak bf16 TFLOPS for MFU (default: minigpt.device.peak_flops by device name)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="time for the whole run; a part starts only with >= 15 s left")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on --device cpu)")

@@ -37,7 +37,7 @@ garbage is collected and malloc_trim(0) run, the kernel's RSS high-water mark is
 what training adds to the loaded model (activations, gradients, optimizer state, loss
 temporaries). Absolute peaks are in the JSON too.
 --threads auto (default) uses every core on an idle machine and 1 thread on a busy one (see
-pick_threads); --allocator reuse applies minigpt.trainer.reuse_freed_memory() in every process.
+pick_threads); --allocator reuse applies minigpt.device.reuse_freed_memory() in every process.
 Results: benchmarks/results/train_step_{lora,pretrain}[_quick][_tN][_reuse][_maskF].json, with
 machine info, the load average before/after and per round.
 """
@@ -114,14 +114,14 @@ class MinigptSystem:
                           schedule="constant", weight_decay=OPT["weight_decay"],
                           beta1=OPT["betas"][0], beta2=OPT["betas"][1], grad_clip=OPT["grad_clip"],
                           precision="fp32", device=device, compile=bool(spec.get("compile", False)))
-        self.trainer = Trainer(model, cfg, get_batch=lambda step, micro: self.data[self.i % len(self.data)],
+        self.trainer = Trainer(model, cfg, data=lambda step, micro: self.data[self.i % len(self.data)],
                                evaluate=lambda m: {}, save_weights=lambda m, d: None,
                                load_weights=lambda m, d: None, quiet=True)
         self.model = model
 
     def step(self, precision: str) -> float:
         self.trainer.precision = precision          # the Trainer reads it at each step (autocast)
-        loss = self.trainer.train_step()
+        loss, _ = self.trainer.train_step()
         self.i += 1
         return loss
 
@@ -213,7 +213,7 @@ def _rss_split() -> dict:
 
 def worker(spec: dict) -> dict:
     if spec.get("allocator") == "reuse":     # what train.py / finetune.py do (process-wide)
-        from minigpt.trainer import reuse_freed_memory
+        from minigpt.device import reuse_freed_memory
         reuse_freed_memory()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(1234)                                 # LoRA A init, dropout masks
@@ -561,7 +561,7 @@ def main(argv=None) -> dict:
                     help="torch threads in every process; auto: all cores on an idle machine, 1 on a busy one")
     ap.add_argument("--allocator", choices=["default", "reuse"], default="default",
                     help="reuse: every process (both libraries) keeps freed memory for reuse, as "
-                         "minigpt's train.py/finetune.py do (minigpt.trainer.reuse_freed_memory)")
+                         "minigpt's train.py/finetune.py do (minigpt.device.reuse_freed_memory)")
     ap.add_argument("--out", default=None, help="results file name under benchmarks/results")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
