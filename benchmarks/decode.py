@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
+
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.keymap import hf_to_minigpt  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
+from minigpt.keymap import hf_to_minigpt  # noqa: E402
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor, prompt: int) -> dict:
@@ -116,7 +117,8 @@ def main(argv=None) -> dict:
     ref_t = times["transformers fp32"]
     n_weights = sum(p.numel() for n, p in base.named_parameters()
                     if n.endswith(".weight") and p.dim() == 2 and "wpe" not in n)   # Linears + tied head
-    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}  # int4: + bf16 scale and zero per 32
+    # int4: + a bf16 scale and zero per group of 32
+    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}
     results = {}
     for name, ts in times.items():
         mb = n_weights * bytes_per_weight[name.split()[1]] / 1e6

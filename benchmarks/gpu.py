@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE))
 
 from common import machine_info, write_json  # noqa: E402
 from decode import agreement  # noqa: E402
-from train_step import HFSystem, MinigptSystem, make_batches, make_weights, LORA, OPT, SIZES  # noqa: E402
+from train_step import LORA, OPT, SIZES, HFSystem, MinigptSystem, make_batches, make_weights  # noqa: E402
 
 MFU_TARGET = 0.55
 DECODE_TARGET_TOK_S = 3000.0
@@ -257,7 +257,8 @@ def flops_info(ctx: Context, size: str, block: int) -> dict:
 def add_mfu(res: dict, fl: dict) -> dict:
     if fl["peak_flops"]:
         res["mfu"] = round(res["tok_per_s"] * fl["flops_per_token"] / fl["peak_flops"], 4)
-        res["mfu_non_embedding_N"] = round(res["tok_per_s"] * fl["flops_per_token_non_embedding_N"] / fl["peak_flops"], 4)
+        res["mfu_non_embedding_N"] = round(
+            res["tok_per_s"] * fl["flops_per_token_non_embedding_N"] / fl["peak_flops"], 4)
     else:
         res["mfu"] = None
     return res
@@ -328,8 +329,9 @@ def bench_pretrain_hf(args, ctx: Context, remaining) -> dict:
            "size": size, "batch": batch, "block": block, "flops": fl, **res}
     a = ctx.step0.get("pretrain minigpt")
     if a is not None:
-        out["step0_loss_check"] = {"minigpt": a, "transformers": res["step0_loss"], "abs_diff": abs(a - res["step0_loss"]),
-                                   "tol": LOSS_TOL_BF16, "ok": abs(a - res["step0_loss"]) < LOSS_TOL_BF16}
+        diff = abs(a - res["step0_loss"])
+        out["step0_loss_check"] = {"minigpt": a, "transformers": res["step0_loss"], "abs_diff": diff,
+                                   "tol": LOSS_TOL_BF16, "ok": diff < LOSS_TOL_BF16}
     return out
 
 
@@ -577,8 +579,8 @@ def main(argv=None) -> dict:
                "targets": {"pretrain_mfu": MFU_TARGET, "decode_tok_per_s": DECODE_TARGET_TOK_S,
                            "step0_loss_tol_bf16": LOSS_TOL_BF16},
                "machine": machine, "parts": {}, "part_wall_s": {}}
-    print(f"gpu benchmark on {args.device}"
-          f"{' (' + machine['cuda']['device_name'] + ')' if 'cuda' in machine and 'device_name' in machine['cuda'] else ''}"
+    name = machine.get("cuda", {}).get("device_name")
+    print(f"gpu benchmark on {args.device}{f' ({name})' if name else ''}"
           f", parts {','.join(parts)}, compile {'on' if args.compile_on else 'off'}, budget {args.budget_s:.0f} s",
           flush=True)
     path = None

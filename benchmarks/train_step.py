@@ -60,8 +60,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (machine_info, peak_rss_mb, release_free_memory, reset_peak_rss,  # noqa: E402
-                    rss_mb, run_worker, write_json)
+from common import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, run_worker, write_json  # noqa: E402
 
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=("c_attn",))
 OPT = dict(weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0)
@@ -144,7 +143,8 @@ class HFSystem:
     def __init__(self, spec, batches):
         _quiet_hf()
         from transformers import GPT2LMHeadModel
-        from minigpt.trainer import param_groups            # same groups rule: identical AdamW work
+
+        from minigpt.trainer import param_groups  # same groups rule: identical AdamW work
         self.device = torch.device(spec.get("device", "cpu"))
         model = GPT2LMHeadModel.from_pretrained(spec["weights"], dtype=torch.float32)
         if spec["bench"] == "lora":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +46,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .errors import ConfigError
+from .sampling import NAMES as SAMPLING_NAMES
+from .sampling import SamplingConfig, check_sampling, parse_number
 from .templates import DEFAULT_TEMPLATE, Template, get_template
 
 __all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
@@ -65,14 +66,12 @@ class ChatError(ConfigError):
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class ChatSettings:
-    """Sampling settings of a session. temperature 0 = greedy; top_k None/0 = off; top_p 1 = off;
-    seed None = torch's global RNG (otherwise a generator seeded once and on every change)."""
+class ChatSettings(SamplingConfig):
+    """Sampling settings of a session (SamplingConfig's, with chat's defaults) + reply length and
+    seed. seed None = torch's global RNG (otherwise a generator seeded once and on every change)."""
 
     temperature: float = 0.7
-    top_k: Optional[int] = None
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
+    top_p: Optional[float] = 0.9
     max_new_tokens: int = 256
     seed: Optional[int] = None
 
@@ -85,27 +84,6 @@ class ChatSettings:
 _OFF = ("none", "off", "null", "")
 
 
-def _parse_number(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, str):
-        s = value.strip()
-        try:
-            v = int(s, 10) if kind is int else float(s)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise ChatError(f"{name} must be {what}, got {value!r}") from None
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ChatError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    elif kind is int and isinstance(value, float):
-        if not value.is_integer():
-            raise ChatError(f"{name} must be an integer, got {value!r}")
-        v = int(value)
-    else:
-        v = kind(value)
-    if kind is float and not math.isfinite(v):
-        raise ChatError(f"{name} must be finite, got {value!r}")
-    return v
-
-
 def validate_setting(name: str, value: Any, block_size: Optional[int] = None) -> Any:
     """Parse and check one setting (value may be a string, as typed after /set). Returns the
     normalised value; raises ChatError with a one-line reason."""
@@ -113,43 +91,21 @@ def validate_setting(name: str, value: Any, block_size: Optional[int] = None) ->
     if name not in ChatSettings.NAMES:
         raise ChatError(f"unknown setting {name!r}; settings: {', '.join(ChatSettings.NAMES)}")
     if isinstance(value, str) and value.strip().lower() in _OFF or value is None:
-        if name == "top_k":
-            return None
-        if name == "top_p":
-            return 1.0
-        if name == "seed":
-            return None
+        if name in ("top_k", "top_p", "seed"):
+            return 1.0 if name == "top_p" else None
         raise ChatError(f"{name} needs a value")
-    if name == "temperature":
-        v = _parse_number(name, value, float)
-        if v < 0:
-            raise ChatError(f"temperature must be >= 0 (0 = greedy), got {v:g}")
-        return v
-    if name == "top_k":
-        v = _parse_number(name, value, int)
-        if v < 0:
-            raise ChatError(f"top_k must be >= 0 (0 or 'none' = off), got {v}")
-        return v or None
-    if name == "top_p":
-        v = _parse_number(name, value, float)
-        if not 0.0 < v <= 1.0:
-            raise ChatError(f"top_p must be in (0, 1] (1 = off), got {v:g}")
-        return v
-    if name == "repetition_penalty":
-        v = _parse_number(name, value, float)
-        if v <= 0:
-            raise ChatError(f"repetition_penalty must be > 0 (1 = off), got {v:g}")
-        return v
-    if name == "max_new_tokens":
-        v = _parse_number(name, value, int)
-        if v < 1:
-            raise ChatError(f"max_new_tokens must be >= 1, got {v}")
-        if block_size is not None and v >= block_size:
-            raise ChatError(f"max_new_tokens must be below the model's context of {block_size} tokens "
-                            f"(the prompt needs room too), got {v}")
-        return v
-    v = _parse_number(name, value, int)                                   # seed
-    if not 0 <= v < 2 ** 63:
+    try:
+        if name in SAMPLING_NAMES:
+            return check_sampling(name, parse_number(name, value, int if name == "top_k" else float))
+        v = parse_number(name, value, int)
+    except ConfigError as e:
+        raise ChatError(str(e)) from None
+    if name == "max_new_tokens" and v < 1:
+        raise ChatError(f"max_new_tokens must be >= 1, got {v}")
+    if name == "max_new_tokens" and block_size is not None and v >= block_size:
+        raise ChatError(f"max_new_tokens must be below the model's context of {block_size} tokens "
+                        f"(the prompt needs room too), got {v}")
+    if name == "seed" and not 0 <= v < 2 ** 63:
         raise ChatError(f"seed must be in [0, 2**63), got {v}")
     return v
 

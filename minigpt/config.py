@@ -96,11 +96,11 @@ class GPTConfig:
             return cls.from_dict(d)
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported activation_function {act!r} (GPT-2 uses tanh GELU)")
+            raise ConfigError(f"unsupported activation_function {act!r} (GPT-2 uses tanh GELU)")
         if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
-            raise ValueError("unsupported GPT-2 variant (scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn)")
+            raise ConfigError("unsupported GPT-2 variant (scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn)")
         if d.get("n_inner") not in (None, 4 * d["n_embd"]):
-            raise ValueError(f"unsupported n_inner {d['n_inner']} (must be 4 * n_embd)")
+            raise ConfigError(f"unsupported n_inner {d['n_inner']} (must be 4 * n_embd)")
         return cls(
             n_layer=d["n_layer"],
             n_head=d["n_head"],

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import DataError
 from .fileio import atomic_write
 from .tokenizer import get_tokenizer
 
 EMBEDDED_CORPUS = "shakespeare"
-
-
-from .errors import DataError
 
 
 def embedded_corpus_text() -> str:
@@ -63,7 +61,7 @@ def _tokenize_texts(texts, desc: str) -> np.ndarray:
     """Tokenise an iterable of (name, text) documents, separated by <|endoftext|>."""
     tok = get_tokenizer()
     chunks = []
-    for name, text in tqdm(texts, desc=desc, unit="file", leave=False):
+    for _name, text in tqdm(texts, desc=desc, unit="file", leave=False):
         # encode in paragraph-sized pieces so the progress bar and memory stay smooth
         pieces = text.split("\n\n")
         ids = tok.encode_ordinary_batch([p + "\n\n" for p in pieces[:-1]] + pieces[-1:], num_threads=2)

@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .tokenizer import get_tokenizer
 
 
@@ -51,7 +52,7 @@ def evaluate_bpb(model, text: Optional[str] = None, *, tokens: Optional[Sequence
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     if len(ids) < 2:
-        raise ValueError("need at least two tokens to evaluate bits per byte")
+        raise ConfigError("need at least two tokens to evaluate bits per byte")
     T = block_size or model.config.block_size
     device = device or next(model.parameters()).device
     was_training = model.training

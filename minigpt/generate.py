@@ -128,6 +128,55 @@ def _eos_list(eos_token_id: EosArg) -> list[int]:
     return [int(e) for e in eos_token_id]
 
 
+def _check_inputs(model, idx: torch.Tensor, max_new_tokens: int, stop, tokenizer,
+                  attention_mask: Optional[torch.Tensor]) -> tuple[list[str], Optional[torch.Tensor]]:
+    """Validate generate's inputs; returns the stop strings and the left-padding mask (bool, on the
+    model's device) or None when there is no padding."""
+    if idx.dim() != 2:
+        raise ConfigError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if B == 0 or T == 0:
+        raise ConfigError(f"the batch must hold at least one prompt of at least one token, got shape {(B, T)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_token_ids(idx, model.config.vocab_size)
+    _check_lengths(model, T, max_new_tokens)
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
+    if stops and tokenizer is None:
+        raise ConfigError("stop strings need a tokenizer (pass tokenizer=...)")
+    if attention_mask is None or bool(attention_mask.all()):
+        return stops, None
+    am = attention_mask.to(model.device).bool()
+    if am.shape != idx.shape:
+        raise ConfigError(f"attention_mask shape {tuple(am.shape)} != idx shape {tuple(idx.shape)}")
+    if not bool(am[:, -1].all()) or bool((am[:, :-1] & ~am[:, 1:]).any()):
+        raise ConfigError("attention_mask must be left-padded: zeros (padding) first, then ones")
+    return stops, am
+
+
+def _seen(idx: torch.Tensor, am: Optional[torch.Tensor], V: int) -> torch.Tensor:
+    """(B, V) bool mask of the prompt's tokens, padding left out (for the repetition penalty)."""
+    real = torch.where(am, idx, V) if am is not None else idx                  # pads -> dummy column
+    seen = torch.zeros(idx.size(0), V + 1, dtype=torch.bool, device=idx.device)
+    seen.scatter_(1, real, True)
+    return seen[:, :V]
+
+
+def _track_stops(tokens: list[int], alive: list[bool], tails: list[bytes], stop_bytes: list[bytes],
+                 tokenizer, unfinished: torch.Tensor) -> None:
+    """Mark rows whose new bytes complete a stop string finished; keep each row's tail (the bytes a
+    stop string split across tokens may still need)."""
+    keep = max(len(s) for s in stop_bytes) - 1
+    for b, t in enumerate(tokens):
+        if alive[b]:
+            buf = tails[b] + _token_bytes(tokenizer, t)
+            if any(s in buf for s in stop_bytes):
+                unfinished[b] = False
+            tails[b] = buf[max(len(buf) - keep, 0):] if keep else b""
+
+
 def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None,
                   repetition_penalty: float = 1.0, eos_token_id: EosArg = None,
@@ -140,40 +189,18 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     Rows that have finished (eos or stop string) get pad_token_id. Computation runs under
     torch.inference_mode(), entered per step, so nothing leaks to the caller between steps.
     """
-    if idx.dim() != 2:
-        raise ConfigError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-    B, T = idx.shape
-    if B == 0 or T == 0:
-        raise ConfigError(f"the batch must hold at least one prompt of at least one token, got shape {(B, T)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    check_token_ids(idx, model.config.vocab_size)
-    _check_lengths(model, T, max_new_tokens)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)     # validates them
-    temperature, top_k, top_p, repetition_penalty = (sampling.temperature, sampling.top_k, sampling.top_p,
-                                                     sampling.repetition_penalty)
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
-    if stops and tokenizer is None:
-        raise ConfigError("stop strings need a tokenizer (pass tokenizer=...)")
+    stops, am = _check_inputs(model, idx, max_new_tokens, stop, tokenizer, attention_mask)
     if max_new_tokens == 0:
         return
+    B, T = idx.shape
     eos = _eos_list(eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     device = model.device
     idx = idx.to(device)
-
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if padded:
-        am = attention_mask.to(device).bool()
-        if am.shape != idx.shape:
-            raise ConfigError(f"attention_mask shape {tuple(am.shape)} != idx shape {tuple(idx.shape)}")
-        if not bool(am[:, -1].all()) or bool((am[:, :-1] & ~am[:, 1:]).any()):
-            raise ConfigError("attention_mask must be left-padded: zeros (padding) first, then ones")
+    padded = am is not None
     stop_bytes = [s.encode("utf-8") for s in stops]
-    keep = max((len(s) for s in stop_bytes), default=1) - 1
     tails = [b""] * B
     eos_t = torch.tensor(eos, device=device) if eos else None
 
@@ -196,17 +223,11 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
             key_mask = torch.ones(B, 1, 1, caches[0].k.size(2), dtype=torch.bool, device=device)
             if padded:
                 key_mask[:, 0, 0, :T] = am                                       # static, (B, 1, 1, L)
-        seen = None
-        if repetition_penalty != 1.0:
-            V = logits.size(-1)
-            real = torch.where(am, idx, V) if padded else idx                   # pads -> dummy column
-            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
-            seen.scatter_(1, real, True)
-            seen = seen[:, :V]
+        seen = _seen(idx, am, logits.size(-1)) if sampling.repetition_penalty != 1.0 else None
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, generator=generator)
+        sample_kw = dict(vars(sampling), generator=generator)
 
+    nxt = idx[:, -1]                              # (B,) the token fed next: each sampled one in turn
     for step in range(max_new_tokens):
         with torch.inference_mode(), _eval_mode(model):
             if step > 0:
@@ -221,7 +242,7 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
                                    caches=caches, start=start)
                 else:
                     logits = model(nxt[:, None], caches=caches, start=start)
-            nxt = sample_next(logits[:, -1], seen=seen, **sampling)            # (B,)
+            nxt = sample_next(logits[:, -1], seen=seen, **sample_kw)           # (B,)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             alive = unfinished.tolist() if stop_bytes else None
@@ -229,12 +250,7 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
             if eos_t is not None:
                 unfinished &= ~torch.isin(nxt, eos_t)
             if stop_bytes:
-                for b, t in enumerate(out.tolist()):
-                    if alive[b]:
-                        buf = tails[b] + _token_bytes(tokenizer, t)
-                        if any(s in buf for s in stop_bytes):
-                            unfinished[b] = False
-                        tails[b] = buf[max(len(buf) - keep, 0):] if keep else b""
+                _track_stops(out.tolist(), alive, tails, stop_bytes, tokenizer, unfinished)
             # (no eos and no stop strings: nothing can finish early, and no device sync per step)
             done = (eos_t is not None or bool(stop_bytes)) and not bool(unfinished.any())
         yield out
@@ -302,7 +318,7 @@ def _compiled_step(model, batch_size: int, length: int):
         except Exception as e:                       # no C++ compiler, unsupported op, ...
             store["failed"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(f"generate(compile=True) could not compile the decoding step "
-                          f"({store['failed']}); decoding without compilation", RuntimeWarning)
+                          f"({store['failed']}); decoding without compilation", RuntimeWarning, stacklevel=2)
             return _static_step(*args)
     return run, store[key]
 

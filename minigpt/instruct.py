@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
 from .templates import DEFAULT_TEMPLATE, EOS_TEXT, Template, get_template
 
 __all__ = ["EOS_ID", "IGNORE_INDEX", "Collator", "InstructionDataset", "exact_match_accuracy", "length_grouped_batches",
@@ -68,7 +69,7 @@ def tokenize_example(record: dict, tokenizer=None, template: str | Template = DE
     whose first prompt reaches max_length (no response token would fit) is dropped (None).
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise ConfigError(f"max_length must be >= 2, got {max_length}")
     ids, labels, first_resp = _encode(record, tokenizer or _default_tokenizer(), template, mask_prompt)
     if first_resp >= max_length:
         return None

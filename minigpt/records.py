@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 __all__ = ["ROLES", "checkable_records", "default_instructions_path", "load_records", "parse_text_conversations",
            "split_records"]
@@ -289,7 +289,7 @@ def load_records(path, format: str = "auto") -> list[dict]:
     elif format == "text":
         records = parse_text_conversations(text, name)
     else:
-        raise ValueError(f"unknown format {format!r}; use auto, json, jsonl or text")
+        raise ConfigError(f"unknown format {format!r}; use auto, json, jsonl or text")
     if not records:
         raise DataError(f"{name}:1: empty dataset (no records)")
     return records
@@ -308,7 +308,7 @@ def split_records(records: Sequence[dict], val_fraction: float = 0.1, seed: int 
         train = [r for r in records if r.get("split", "train").lower() not in _VAL_NAMES]
         return train, val
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("val_fraction must be in [0, 1)")
+        raise ConfigError("val_fraction must be in [0, 1)")
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
     n_val = round(len(records) * val_fraction)

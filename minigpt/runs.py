@@ -29,8 +29,8 @@ from .fileio import atomic_write_json
 from .templates import DEFAULT_TEMPLATE
 
 __all__ = ["FINETUNE_META", "RUN_INFO", "METRICS_FILE", "CKPT_DIR", "STATE_FILE", "RUN_OUTPUTS",
-           "RunInput", "check_run_dir", "claim_run_dir", "latest_checkpoint", "read_run_info", "read_finetune_meta", "has_model",
-           "has_adapter", "find_latest_run", "resolve_base", "load_finetuned"]
+           "RunInput", "check_run_dir", "claim_run_dir", "latest_checkpoint", "read_run_info", "read_finetune_meta",
+           "has_model", "has_adapter", "find_latest_run", "resolve_base", "load_finetuned"]
 
 RUN_INFO = "run.json"
 FINETUNE_META = "minigpt_finetune.json"

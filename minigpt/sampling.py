@@ -12,15 +12,28 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
-__all__ = ["SamplingConfig", "check_sampling"]
+__all__ = ["SamplingConfig", "check_sampling", "parse_number"]
+NAMES = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def _number(name: str, v: Any, kind: type) -> Any:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
     if not math.isfinite(v):
         raise ConfigError(f"{name} must be finite, got {v!r}")
+    if kind is int and not float(v).is_integer():
+        raise ConfigError(f"{name} must be an integer, got {v!r}")
     return kind(v)
+
+
+def parse_number(name: str, value: Any, kind: type) -> Any:
+    """A number of type `kind` from a number or its text (as typed after chat's /set)."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 10) if kind is int else float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    return _number(name, value, kind)
 
 
 def check_sampling(name: str, v: Any) -> Any:
@@ -63,5 +76,5 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        for name in NAMES:
             setattr(self, name, check_sampling(name, getattr(self, name)))

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 __all__ = ["DEFAULT_TEMPLATE", "EOS_TEXT", "STOP_STRINGS", "TEMPLATES", "TEMPLATE_NAMES", "Segment", "Template",
            "get_template"]
 
@@ -71,7 +73,7 @@ class Template:
                 prompt = ""
                 segs.append((self.response_fmt.format(content=m["content"]), True))
             else:
-                raise ValueError(f"unexpected role {m['role']!r} in a conversation")
+                raise ConfigError(f"unexpected role {m['role']!r} in a conversation")
         if prompt:
             segs.append((prompt, False))
         return segs
@@ -94,13 +96,13 @@ class Template:
         allowed_special={"<|endoftext|>"} or better use prompt_ids.
         """
         if not messages or messages[-1]["role"] != "user":
-            raise ValueError("the prompt's last message must be a user message")
+            raise ConfigError("the prompt's last message must be a user message")
         return self.render_text(list(messages), system)
 
     def prompt_ids(self, messages: Sequence[dict], tokenizer=None, system: str | None = None) -> list[int]:
         """Token ids of prompt_text, encoded segment by segment exactly as in training."""
         if not messages or messages[-1]["role"] != "user":
-            raise ValueError("the prompt's last message must be a user message")
+            raise ConfigError("the prompt's last message must be a user message")
         if tokenizer is None:
             from .tokenizer import get_tokenizer
             tokenizer = get_tokenizer()
@@ -149,5 +151,5 @@ def get_template(name: str | Template | None = None) -> Template:
         return name
     name = name or DEFAULT_TEMPLATE
     if name not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r}; choose from {', '.join(TEMPLATE_NAMES)}")
+        raise ConfigError(f"unknown prompt template {name!r}; choose from {', '.join(TEMPLATE_NAMES)}")
     return TEMPLATES[name]

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 from minigpt import GPT, GPTConfig, get_tokenizer
 from minigpt.chat import ChatError, ChatSession, find_latest_run, load_chat_model
 from minigpt.commands import chat as chat_cli
 from minigpt.generate import generate
 from minigpt.lora import add_lora, merge_and_unload, save_adapter
 from minigpt.templates import get_template
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOK = get_tokenizer()
 EOT = TOK.eot_token

@@ -250,7 +250,8 @@ def test_length_grouped_batches_cover_all_once():
     assert batches == length_grouped_batches(lengths, batch_size=8, seed=3, mega_batch_mult=4)
     assert batches != length_grouped_batches(lengths, batch_size=8, seed=4, mega_batch_mult=4)
     # grouping reduces padding compared to plain seeded random batches
-    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    def pad(bs):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
     order = list(range(len(lengths)))
     random.Random(3).shuffle(order)
     assert pad(batches) < 0.5 * pad([order[i:i + 8] for i in range(0, len(order), 8)])
@@ -289,7 +290,8 @@ def test_embedded_instruction_set():
     train, val = split_records(recs)
     assert 0.07 * len(recs) <= len(val) <= 0.13 * len(recs)
     assert len(checkable_records(val)) >= 30
-    prompts = lambda rs: {json.dumps(r["messages"][:-1]) for r in rs}
+    def prompts(rs):
+        return {json.dumps(r["messages"][:-1]) for r in rs}
     assert not prompts(train) & prompts(val)          # no validation prompt is also trained on
     assert any(len(r["messages"]) > 2 for r in recs)  # some multi-turn chats
     assert sum(r.get("task") == "support" for r in recs) >= 80

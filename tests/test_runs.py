@@ -20,7 +20,7 @@ from minigpt.records import load_records
 from minigpt.runs import FINETUNE_META, RunInput, check_run_dir
 from minigpt.templates import get_template
 from minigpt.tokenizer import get_tokenizer
-from minigpt.trainer import Trainer, TrainConfig
+from minigpt.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
@@ -31,7 +31,8 @@ TUNE = ["--batch-size", "2", "--grad-accum", "1", "--max-length", "48", "--threa
 
 
 def snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def run(cmd, argv) -> int:

@@ -31,7 +31,8 @@ def corpus(tmp_path_factory):
 
 def losses(out):
     recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in recs if "loss" in r], [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    return ([(r["step"], r["loss"]) for r in recs if "loss" in r],
+            [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r])
 
 
 def run(args, **kw):
@@ -196,7 +197,7 @@ def test_concurrent_data_preparation_is_safe(tmp_path, corpus):
         cache = tmp_path / f"cache{attempt}"
         results, errors = [], []
 
-        def work():
+        def work(cache=cache, results=results, errors=errors):
             try:
                 results.append(prepare_data(str(corpus), cache))
             except Exception as e:                                  # noqa: BLE001 (collected)

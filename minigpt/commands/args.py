@@ -8,7 +8,7 @@ import math
 import sys
 import typing
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, ClassVar, Optional, Sequence, TypeVar
 
 from ..device import PRECISIONS
 from ..errors import ConfigError, MinigptError
@@ -38,7 +38,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or action.option_strings == ["-h", "--help"]:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings \
+                or "--help" in action.option_strings:
             return text
         return f"{text} (default: {action.default})"
 
@@ -61,8 +62,9 @@ def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
                        metavar=f.metadata.get("metavar"), help=help_ + " (repeatable)")
     else:
         choices = f.metadata.get("choices")
+        metavar = f.metadata.get("metavar") or (None if choices else {int: "N", float: "X"}.get(tp))
         p.add_argument(flag, type=tp, default=default, help=help_, choices=list(choices) if choices else None,
-                       metavar=f.metadata.get("metavar"))
+                       metavar=metavar)
 
 
 def parse_args(cls: type[T], argv: Optional[Sequence[str]], doc: str = "", prog: Optional[str] = None) -> T:
@@ -87,11 +89,13 @@ def parse_args(cls: type[T], argv: Optional[Sequence[str]], doc: str = "", prog:
         p.error(str(e))
 
 
-def run_main(fn: Callable[[], Optional[int]], debug: bool) -> int:
+def run_main(fn: Callable[[], object], debug: bool) -> int:
     """Run a command body; a MinigptError or an OSError of the machine (disk full, no permission)
-    becomes one line and exit code 1, Ctrl-C exit code 130 (tracebacks with --debug)."""
+    becomes one line and exit code 1, Ctrl-C exit code 130 (tracebacks with --debug). The exit code
+    is the body's result when it is an int, else 0."""
     try:
-        return fn() or 0
+        rc = fn()
+        return rc if isinstance(rc, int) else 0
     except (MinigptError, OSError) as e:
         if debug:
             raise
@@ -105,6 +109,17 @@ def run_main(fn: Callable[[], Optional[int]], debug: bool) -> int:
         return 130
 
 
+def command_main(cls: type[T], body: Callable[[T], object], argv, doc: str, prog: str,
+                 training: bool = False) -> int:
+    """A command's main(argv): parse argv into `cls`, run body(args) under run_main."""
+    args = parse_args(cls, argv, doc, prog=prog)
+    if training:
+        from ..device import reuse_freed_memory
+
+        reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
+    return run_main(lambda: body(args), args.debug)
+
+
 def check(ok: bool, flag: str, rule: str, value) -> None:
     """Raise ConfigError "--flag must be RULE, got VALUE" unless ok."""
     if not ok:
@@ -113,16 +128,20 @@ def check(ok: bool, flag: str, rule: str, value) -> None:
 
 @dataclass
 class RunArgs:
-    """The flags both training commands share (each command sets its own defaults and help)."""
+    """The flags both training commands share. A command's class sets its own defaults and help
+    texts for them in DEFAULTS / HELP (they become its fields: TrainArgs().lr is train's default)."""
+
+    DEFAULTS: ClassVar[dict] = {}
+    HELP: ClassVar[dict] = {}
 
     data: Optional[str] = field(None, "training data")
     out_dir: str = field("out", "where checkpoints, metrics and the result go")
     max_steps: Optional[int] = field(None, "optimizer steps")
-    batch_size: int = field(16, "sequences per micro-batch")
+    batch_size: int = field(16, "sequences (examples) per micro-batch")
     grad_accum: int = field(1, "micro-batches per optimizer step")
     lr: float = field(1e-3, "peak learning rate")
-    min_lr: Optional[float] = field(None, "final learning rate")
-    warmup_steps: Optional[int] = field(None, "linear warmup steps")
+    min_lr: Optional[float] = field(None, "final learning rate (default: 0 for linear decay, lr / 10 for cosine)")
+    warmup_steps: Optional[int] = field(None, "linear warmup steps (default: 5%% of the steps)")
     schedule: str = field("cosine", "learning-rate decay", choices=SCHEDULES)
     weight_decay: float = field(0.1, "AdamW weight decay (matrices only)")
     grad_clip: float = field(1.0, "max gradient norm (0 = off)")
@@ -136,13 +155,24 @@ class RunArgs:
     compile: bool = field(False, "torch.compile the model")
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
     threads: Optional[int] = field(None, "CPU threads for torch (default: all cores)")
-    seed: int = field(0, "random seed")
+    seed: int = field(0, "random seed (init, dropout, data order and split)")
     resume: bool = field(False, "continue from the newest checkpoint in --out-dir")
     overwrite: bool = field(False, "start over in an --out-dir that holds an earlier run (deletes it)")
     val_fraction: float = field(0.1, "share of the data held out for validation")
-    samples: int = field(3, "samples shown at the end")
+    samples: int = field(3, "text samples shown at the end (0 = none)")
     sample_tokens: int = field(64, "max new tokens per sample")
     debug: bool = field(False, "show tracebacks")
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)                      # runs before @dataclass sees cls
+        own, shared, hints = vars(cls), RunArgs.__dataclass_fields__, typing.get_type_hints(RunArgs)
+        annotations = dict(own.get("__annotations__", {}))
+        for name in {**own.get("DEFAULTS", {}), **own.get("HELP", {})}:
+            meta = {**shared[name].metadata, "help": own.get("HELP", {}).get(name, shared[name].metadata["help"])}
+            default = own.get("DEFAULTS", {}).get(name, shared[name].default)
+            setattr(cls, name, dataclasses.field(default=default, metadata=meta))
+            annotations[name] = hints[name]
+        cls.__annotations__ = annotations
 
     def __post_init__(self) -> None:
         TrainConfig.validate(self)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
-from .args import CLIError, field, parse_args, run_main
+from .args import CLIError, command_main, field
 
 HELP = """commands:
   /help                 this help
@@ -54,7 +54,7 @@ class ChatArgs:
     repetition_penalty: float = field(1.0, "penalty for tokens already in the prompt or reply (1 = off)")
     max_new_tokens: Optional[int] = field(None, "longest reply in tokens (default min(256, context/2))")
     seed: Optional[int] = field(None, "random seed for sampling (default: unseeded)")
-    stop: list[str] = field([], "extra stop string(s); repeatable: --stop A --stop B or --stop A B")
+    stop: list[str] = field([], "extra stop string(s): --stop A --stop B or --stop A B")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
                                  "fp16, bf16, int8, int4 (CPU, approximate, faster), plain")
@@ -271,8 +271,7 @@ def chat(args: ChatArgs) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(ChatArgs, argv, __doc__, prog="minigpt chat")
-    return run_main(lambda: chat(args), args.debug)
+    return command_main(ChatArgs, chat, argv, __doc__, "minigpt chat")
 
 
 if __name__ == "__main__":

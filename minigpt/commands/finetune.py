@@ -18,31 +18,23 @@ from pathlib import Path
 from typing import Optional
 
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
-from .args import CLIError, RunArgs, check, field, parse_args, run_main
+from .args import CLIError, RunArgs, check, command_main, field
 
 LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
 
 
 @dataclass
 class FinetuneArgs(RunArgs):
-    data: Optional[str] = field(None, "instruction data: Alpaca JSON/JSONL, chat JSONL (messages) or "
-                                      "'### Human:/### Assistant:' text (default: the embedded set)")
-    out_dir: str = field("out-finetune", "where the adapter (or model), checkpoints and metrics go")
-    max_steps: Optional[int] = field(None, "optimizer steps (default: from --epochs)")
-    batch_size: int = field(2, "examples per micro-batch")
-    grad_accum: int = field(4, "micro-batches per optimizer step")
-    lr: float = field(2e-4, "peak learning rate")
-    min_lr: Optional[float] = field(None, "final learning rate (default: 0 for linear decay, lr / 10 for cosine)")
-    warmup_steps: Optional[int] = field(None, "linear warmup steps (default: 5%% of the steps)")
-    schedule: str = field("linear", "learning-rate decay", choices=("linear", "cosine", "constant"))
-    weight_decay: float = field(0.0, "AdamW weight decay (matrices only)")
-    eval_interval: int = field(50, "steps between evaluations")
-    eval_batches: Optional[int] = field(None, "validation batches per evaluation (default: all; "
-                                              "0 = no evaluation)")
-    seed: int = field(42, "random seed (LoRA init, dropout, data order, split)")
-    val_fraction: float = field(0.1, "share held out for validation when the data has no 'split' field, in [0, 1)")
-    samples: int = field(3, "held-out prompts answered before and after training")
-    sample_tokens: int = field(64, "max new tokens per sample answer")
+    DEFAULTS = dict(out_dir="out-finetune", max_steps=None, batch_size=2, grad_accum=4, lr=2e-4,
+                    schedule="linear", weight_decay=0.0, eval_interval=50, eval_batches=None, seed=42)
+    HELP = dict(data="instruction data: Alpaca JSON/JSONL, chat JSONL (messages) or '### Human:/### Assistant:' "
+                     "text (default: the embedded set)",
+                out_dir="where the adapter (or model), checkpoints and metrics go",
+                max_steps="optimizer steps (default: from --epochs)",
+                eval_batches="validation batches per evaluation (default: all; 0 = no evaluation)",
+                val_fraction="share held out for validation when the data has no 'split' field, in [0, 1)",
+                samples="held-out prompts answered before and after training")
+
     base: Optional[str] = field(None, "base model: any GPT.from_pretrained source (preset name, HF or "
                                       "minigpt folder, OpenAI checkpoint). Default: gpt2 when cached, "
                                       "else the latest train.py output (out/)")
@@ -233,14 +225,12 @@ def finetune(args: FinetuneArgs) -> dict:
     import torch
 
     from ..device import process_rank, resolve_device, resolve_precision
-    from ..fileio import atomic_write_json
     from ..instruct import InstructionDataset
     from ..lora import count_parameters
-    from ..model import GPT
     from ..runs import RunInput, check_run_dir, claim_run_dir, resolve_base
     from ..templates import get_template
     from ..tokenizer import get_tokenizer
-    from ..trainer import Trainer, TrainConfig
+    from ..trainer import TrainConfig, Trainer
 
     # every check first: flags, data, the run folder, the base model; nothing is deleted before
     precision = resolve_precision(args.precision, resolve_device(args.device))
@@ -252,11 +242,7 @@ def finetune(args: FinetuneArgs) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok, template = get_tokenizer(), get_template(args.template)
-    model = GPT.from_pretrained(base_src)
-    block = model.config.block_size
-    max_length = args.max_length if args.max_length is not None else min(256, block)
-    if max_length > block:
-        raise CLIError(f"--max-length {max_length} exceeds the base model's context ({block} tokens)")
+    model, max_length = _load_base(args, base_src)
     train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
     train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum)
     val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
@@ -297,31 +283,46 @@ def finetune(args: FinetuneArgs) -> dict:
         _show("samples before fine-tuning:", sample_recs, before)
 
     result = trainer.fit(resume=args.resume)
-
     if trainer.is_main:
         after = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) if sample_recs else []
         _show("samples after fine-tuning:", sample_recs, after)
-        samples = [{"prompt": template.prompt_text(r["messages"][:-1], r.get("system")),
-                    "expected": r["messages"][-1]["content"], "before": b, "after": a}
-                   for r, b, a in zip(sample_recs, before, after)]
-        atomic_write_json(out_dir / "samples.json", samples)
-        if args.merge and args.lora:
-            _merge(model, out_dir, meta)
-        elif args.merge:
-            print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
-        _write_meta(out_dir, meta)
-        print(f"saved {'adapter' if args.lora else 'model'} to {out_dir}  (load with "
-              f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
-        result = {**result, "out_dir": str(out_dir), "samples": samples}
+        result = {**result, **_finish(args, model, template, sample_recs, before, after, meta)}
     return {**result, "model": model}
 
 
-def main(argv=None) -> int:
-    from ..device import reuse_freed_memory
+def _load_base(args: FinetuneArgs, base_src: str):
+    """The base model and the example length (--max-length, checked against its context)."""
+    from ..model import GPT
 
-    args = parse_args(FinetuneArgs, argv, __doc__, prog="minigpt finetune")
-    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
-    return run_main(lambda: (finetune(args), 0)[1], args.debug)
+    model = GPT.from_pretrained(base_src)
+    block = model.config.block_size
+    max_length = args.max_length if args.max_length is not None else min(256, block)
+    if max_length > block:
+        raise CLIError(f"--max-length {max_length} exceeds the base model's context ({block} tokens)")
+    return model, max_length
+
+
+def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, meta: dict) -> dict:
+    """After training (main process): samples.json, --merge, the metadata, the closing line."""
+    from ..fileio import atomic_write_json
+
+    out_dir = Path(args.out_dir)
+    samples = [{"prompt": template.prompt_text(r["messages"][:-1], r.get("system")),
+                "expected": r["messages"][-1]["content"], "before": b, "after": a}
+               for r, b, a in zip(sample_recs, before, after)]
+    atomic_write_json(out_dir / "samples.json", samples)
+    if args.merge and args.lora:
+        _merge(model, out_dir, meta)
+    elif args.merge:
+        print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
+    _write_meta(out_dir, meta)
+    print(f"saved {'adapter' if args.lora else 'model'} to {out_dir}  (load with "
+          f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
+    return {"out_dir": str(out_dir), "samples": samples}
+
+
+def main(argv=None) -> int:
+    return command_main(FinetuneArgs, finetune, argv, __doc__, "minigpt finetune", training=True)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,15 @@ def _device_line() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="minigpt info", description="Show minigpt's environment: versions, device, presets and where they are cached.")
+    parser = argparse.ArgumentParser(prog="minigpt info", description="Show minigpt's environment: versions, "
+                                     "device, presets and where they are cached.")
     parser.parse_args(list(argv) if argv is not None else None)
 
     import torch
 
     from .. import __version__
-    from ..hub import cache_dir, is_preset_cached, preset_dir
     from ..config import PRESETS
+    from ..hub import cache_dir, is_preset_cached, preset_dir
 
     out = sys.stdout
     print(f"minigpt {__version__}", file=out)

@@ -16,23 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .args import CLIError, RunArgs, check, field, parse_args, run_main
+from .args import CLIError, RunArgs, check, command_main, field
 
 
 @dataclass
 class TrainArgs(RunArgs):
-    data: Optional[str] = field(None, "text file, folder of .txt files, or uint16 .bin of token ids "
-                                      "(default: the embedded Shakespeare corpus)")
-    out_dir: str = field("out", "where checkpoints, metrics and the final model go")
-    max_steps: int = field(320, "optimizer steps")
-    lr: float = field(2e-3, "peak learning rate")
-    min_lr: Optional[float] = field(None, "final learning rate (default: lr / 10)")
-    warmup_steps: int = field(20, "linear warmup steps")
-    eval_interval: int = field(160, "steps between evaluations and checkpoints")
-    seed: int = field(1337, "random seed (init and data order)")
-    val_fraction: float = field(0.05, "share of the tokens held out for validation, in (0, 0.5)")
-    samples: int = field(3, "text samples printed at the end")
-    sample_tokens: int = field(80, "tokens per sample")
+    DEFAULTS = dict(max_steps=320, lr=2e-3, warmup_steps=20, eval_interval=160, seed=1337, val_fraction=0.05,
+                    sample_tokens=80)
+    HELP = dict(data="text file, folder of .txt files, or uint16 .bin of token ids (default: the embedded "
+                     "Shakespeare corpus)",
+                out_dir="where checkpoints, metrics and the final model go",
+                min_lr="final learning rate (default: lr / 10 for cosine, 0 for linear)",
+                warmup_steps="linear warmup steps",
+                val_fraction="share of the tokens held out for validation, in (0, 0.5)")
+
     model: Optional[str] = field(None, "preset shape to train from scratch (gpt2, gpt2-medium, ...)")
     init_from: Optional[str] = field(None, "continue pretraining from any GPT.from_pretrained source")
     n_layer: int = field(4, "layers (ignored with --model/--init-from)")
@@ -94,7 +91,7 @@ def _sampler(tok, seed: int):
         """A short sample from <|endoftext|>; its own generator keeps the global RNG untouched."""
         dev = next(m.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(seed)
-        out = m.generate(torch.tensor([[tok.eot_token]], device=dev), max_new_tokens=min(n_tokens, m.config.block_size - 1),
+        out = m.generate(torch.tensor([[tok.eot_token]], device=dev), min(n_tokens, m.config.block_size - 1),
                          temperature=0.8, top_k=200, generator=gen)
         return tok.decode(out[0, 1:].tolist()).strip()
     return sample
@@ -127,7 +124,7 @@ def train(args: TrainArgs) -> dict:
     from ..evaluate import evaluate_bpb, evaluate_loss
     from ..runs import RunInput, check_run_dir, claim_run_dir
     from ..tokenizer import get_tokenizer
-    from ..trainer import Trainer, TrainConfig
+    from ..trainer import TrainConfig, Trainer
 
     # every check first: flags, inputs, the run folder; nothing is written or deleted before
     mcfg = args.model_config()
@@ -180,11 +177,7 @@ def train(args: TrainArgs) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..device import reuse_freed_memory
-
-    args = parse_args(TrainArgs, argv, __doc__, prog="minigpt train")
-    reuse_freed_memory()   # large per-step tensors: keep freed memory instead of re-faulting it
-    return run_main(lambda: (train(args), 0)[1], args.debug)
+    return command_main(TrainArgs, train, argv, __doc__, "minigpt train", training=True)
 
 
 if __name__ == "__main__":
