@@ -54,7 +54,8 @@ class ChatArgs:
     repetition_penalty: float = field(1.0, "penalty for tokens already in the prompt or reply (1 = off)")
     max_new_tokens: Optional[int] = field(None, "longest reply in tokens (default min(256, context/2))")
     seed: Optional[int] = field(None, "random seed for sampling (default: unseeded)")
-    stop: list[str] = field([], "extra stop string(s): --stop A --stop B or --stop A B")
+    stop: list[str] = field([], "extra stop string(s): --stop A --stop B or --stop A B",
+                           metavar="TEXT")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
                                  "fp16, bf16, int8, int4 (CPU, approximate, faster), plain")

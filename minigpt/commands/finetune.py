@@ -43,7 +43,8 @@ class FinetuneArgs(RunArgs):
     lora_alpha: float = field(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = field(0.05, "dropout on the LoRA input path")
     lora_targets: list[str] = field(["c_attn"], "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
-                                                "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)")
+                                                "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)",
+                                    metavar="NAME")
     rslora: bool = field(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
     template: str = field(DEFAULT_TEMPLATE, "prompt template", choices=TEMPLATE_NAMES)
     mask_prompt: bool = field(True, "train on responses only (--no-mask-prompt: on prompts too)")
