@@ -50,7 +50,7 @@ from .sampling import NAMES as SAMPLING_NAMES
 from .sampling import SamplingConfig, check_sampling, parse_number
 from .templates import DEFAULT_TEMPLATE, Template, get_template
 
-__all__ = ["ChatSession", "ChatSettings", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
+__all__ = ["ChatSession", "ChatSettings", "ReplyTrim", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
            "find_latest_run", "validate_setting", "NO_MODEL_MESSAGE"]
 
 NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.py` (writes out-finetune/), "
@@ -127,6 +127,26 @@ class PromptInfo:
     @property
     def user_truncated(self) -> bool:
         return self.user_kept_tokens < self.user_tokens
+
+
+class ReplyTrim:
+    """A reply's leading and trailing whitespace is not shown (chat and the server alike):
+    feed(piece) returns the text to show now; whitespace at the end is held until text follows,
+    and dropped when the reply ends."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.held + piece
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
 
 
 class ChatSession:
@@ -318,17 +338,11 @@ class ChatSession:
 
     def _record(self, pieces: Iterator[str], used_text: str, typed: str) -> Iterator[str]:
         parts: list[str] = []
-        held = ""
+        trim = ReplyTrim()
         finished = False
         try:
             for piece in pieces:
-                if not parts and not held:
-                    piece = piece.lstrip()
-                    if not piece:
-                        continue
-                text = held + piece
-                body = text.rstrip()
-                held = text[len(body):]
+                body = trim.feed(piece)
                 if body:
                     parts.append(body)
                     yield body

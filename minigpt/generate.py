@@ -26,7 +26,7 @@ from .model import check_token_ids
 from .sampling import SamplingConfig
 from .templates import STOP_STRINGS as DEFAULT_STOP  # every template's turn markers
 
-__all__ = ["generate", "stream", "stream_text", "sample_next", "apply_repetition_penalty",
+__all__ = ["generate", "stream", "stream_text", "TextStream", "sample_next", "apply_repetition_penalty",
            "prepare_for_decoding", "DecodeLinear", "quantize_int4", "dequantize_int4",
            "DEFAULT_STOP"]
 
@@ -422,29 +422,56 @@ def stream_text(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int
     return _text_pieces(tokens, tokenizer, stops, set(_eos_list(eos_token_id)))
 
 
+class TextStream:
+    """Token ids in, text safe to show out: multi-byte UTF-8 characters split across tokens are held
+    until complete (genuinely invalid bytes decode to U+FFFD), and text that could begin a stop
+    string is held back until it clearly does not. feed(token) returns the new safe text; once a
+    stop string appears it returns the text before it and `stopped` is True (the marker itself is
+    never returned). finish() returns what is still held at the end."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer, self.stops, self.stopped = tokenizer, [s for s in stops if s], False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def _cut(self) -> int:
+        return min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
+
+    def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(_token_bytes(self.tokenizer, token))
+        cut = self._cut()
+        if cut >= 0:
+            out, self._pending, self.stopped = self._pending[:cut], "", True
+            return out
+        ready = len(self._pending) - _held_back(self._pending, self.stops)
+        out, self._pending = self._pending[:ready], self._pending[ready:]
+        return out
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(b"", final=True)
+        cut = self._cut()
+        out, self._pending = (self._pending[:cut] if cut >= 0 else self._pending), ""
+        return out
+
+
 def _text_pieces(tokens: Iterator[int], tokenizer, stops: Sequence[str], eos: set) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
+    text = TextStream(tokenizer, stops)
     with contextlib.closing(tokens):
         for t in tokens:
             if t in eos:
                 break
-            pending += decoder.decode(_token_bytes(tokenizer, t))
-            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield pending[:cut]
+            piece = text.feed(t)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            ready = len(pending) - _held_back(pending, stops)
-            if ready:
-                yield pending[:ready]
-                pending = pending[ready:]
-    pending += decoder.decode(b"", final=True)
-    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        pending = pending[:cut]
-    if pending:
-        yield pending
+    tail = text.finish()
+    if tail:
+        yield tail
 
 
 # --- fast decoding weights ----------------------------------------------------------------------

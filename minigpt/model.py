@@ -27,7 +27,8 @@ class KVCache(nn.Module):
     views of everything up to the write's end, so decoding never re-allocates or concatenates.
     With `start` a 1-element LongTensor (compiled decoding) the write is an index_copy_ and the
     whole buffers are returned: every step then has the same shapes, and a mask hides the
-    positions not yet written.
+    positions not yet written. With `start` a (B,) LongTensor each row writes its one new token at
+    its own position (continuous batching: rows hold sequences of different lengths).
     """
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -39,6 +40,11 @@ class KVCache(nn.Module):
 
     def update(self, start: int | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, torch.Tensor) and start.numel() > 1:     # one position per row
+            rows = torch.arange(k.size(0), device=start.device)
+            self.k[rows, :, start] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, start] = v[:, :, 0].to(self.v.dtype)
+            return self.k, self.v
         if isinstance(start, torch.Tensor):                            # static shapes
             where = start + torch.arange(k.size(2), device=start.device)
             self.k.index_copy_(2, where, k.to(self.k.dtype))
@@ -50,6 +56,15 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def view(self, rows: slice, length: Optional[int] = None) -> "KVCache":
+        """A cache over `rows` (and the first `length` positions) of this one: views, so writes
+        through it land here."""
+        out = KVCache.__new__(KVCache)
+        nn.Module.__init__(out)
+        out.register_buffer("k", self.k[rows, :, :length], persistent=False)
+        out.register_buffer("v", self.v[rows, :, :length], persistent=False)
+        return out
 
 
 class CausalSelfAttention(nn.Module):

@@ -3,7 +3,8 @@ finetune.py and chat.py shims all call `COMMANDS[name](argv)`.
 
     args.py      typed dataclass flags, the flags both training commands share, one-line errors
     train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
-    chat.py      terminal chat          info.py       versions, device, presets, cache
+    chat.py      terminal chat          serve.py      OpenAI-compatible API + chat page
+    info.py      versions, device, presets, cache
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ COMMANDS = {
     "train": "pretrain a GPT-2 model (default: a small one on the embedded Shakespeare corpus)",
     "finetune": "instruction-tune a model, with LoRA (--lora) or all weights",
     "chat": "chat with a model in the terminal (default: the newest local run)",
+    "serve": "serve a model over an OpenAI-compatible API with a browser chat page",
     "info": "versions, device, presets and the cache (also plain `minigpt`)",
 }
 
