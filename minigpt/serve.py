@@ -142,13 +142,17 @@ class _Service:
         system, turns, last = _turns(body.get("messages"))
         bs = self.engine.block_size
         max_new = common["max_tokens"] or min(256, bs // 2)
+        if max_new >= bs:
+            raise ApiError(400, f"max_tokens {max_new} must be below the model's context of {bs} tokens (the "
+                                "prompt needs room too)", "max_tokens", "context_length_exceeded")
         try:
             session = ChatSession(self.engine.model, self.engine.tokenizer, template=self.template, system=system,
                                   stop=common["stops"], max_new_tokens=min(max_new, bs - 1))
             session.turns = turns
             ids, _, _ = session.build_prompt(last)
-        except ChatError as e:
-            raise ApiError(400, f"{e} (context {bs} tokens)", "max_tokens", "context_length_exceeded") from None
+        except ChatError as e:                             # the chat's words for it, in the API's terms
+            msg = str(e).replace(" with /set max_new_tokens N", "").replace("max_new_tokens", "max_tokens")
+            raise ApiError(400, f"{msg} (context {bs} tokens)", "max_tokens", "context_length_exceeded") from None
         return ids, session.stop_strings, max_new
 
     def completion_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
