@@ -193,10 +193,14 @@ class Engine:
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits (len(rows), V); emit text; retire the finished."""
         logp = logits.float().log_softmax(-1) if any(r.req.logprobs is not None for r in rows) else None
+        greedy = logits.argmax(-1).tolist()                       # what plain greedy rows take (one pass)
         for i, row in enumerate(rows):
             req, s = row.req, row.req.sampling
-            t = int(sample_next(logits[i:i + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                repetition_penalty=s.repetition_penalty, seen=row.seen, generator=row.gen)[0])
+            if s.temperature == 0 and row.seen is None:
+                t = greedy[i]
+            else:
+                t = int(sample_next(logits[i:i + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                    repetition_penalty=s.repetition_penalty, seen=row.seen, generator=row.gen)[0])
             req.tokens.append(t)
             if row.seen is not None:
                 row.seen[0, t] = True

@@ -313,3 +313,40 @@ def test_serve_command_without_the_extra_says_which_to_install(monkeypatch, caps
     assert serve.main(["--model", "gpt2-nonexistent"]) == 1
     err = capsys.readouterr().err
     assert 'pip install -e ".[serve]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_command_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    tiny().save_pretrained(tmp_path / "m")
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(tmp_path / "m"), "--port",
+                          str(port), "--max-batch", "2", "--threads", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/").text.lstrip().lower().startswith("<!doctype html")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert f"http://127.0.0.1:{port}" in out
+
+
+def test_serve_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from minigpt.commands import serve
+
+    monkeypatch.chdir(tmp_path)
+    assert serve.main([]) == 1
+    err = capsys.readouterr().err
+    assert "no model to chat with" in err and len(err.strip().splitlines()) == 1
