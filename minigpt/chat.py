@@ -415,7 +415,7 @@ def _is_finetune_dir(d: Path) -> bool:
 
 def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
                     device: Union[str, torch.device, None] = None, root: Union[str, os.PathLike] = ".",
-                    merge: bool = True) -> LoadedModel:
+                    merge: bool = True, quantize: Optional[str] = None) -> LoadedModel:
     """Load what chat.py should talk to.
 
     model:   any GPT.from_pretrained source, or a finetune.py output dir (LoRA or full).
@@ -438,18 +438,18 @@ def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, 
     if adapter is None and model is not None and _is_finetune_dir(Path(model).expanduser()):
         model, adapter = None, model                          # a finetune output dir as --model
     if adapter is None:
-        m = GPT.from_pretrained(model, device=device)
+        m = GPT.from_pretrained(model, device=device, quantize=quantize)
         template, source = None, str(model)
     else:
         ad = Path(adapter).expanduser()
         if not ad.is_dir():
             raise ChatError(f"adapter directory {adapter} not found")
-        m, template = runs.load_finetuned(ad, base=model, device=device)
+        m, template = runs.load_finetuned(ad, base=model, device=device, quantize=quantize)
         meta = runs.read_finetune_meta(ad) or {}
         if not meta.get("template"):
             template = None                                   # runs says alpaca when it cannot know
         source = f"{model} + {adapter}" if model is not None else str(adapter)
-        if merge and lora_layers(m):
+        if merge and lora_layers(m) and not quantize:
             try:
                 m = merge_and_unload(m)
             except ValueError:                                # LoRA on the tied lm_head: keep as is

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from .errors import AdapterError, ConfigError
 from .fileio import atomic_write
+from .quant import QuantLinear
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
@@ -67,6 +68,8 @@ class LoRALinear(nn.Module):
     """An nn.Linear plus a low-rank update, keeping the base layer's `weight`/`bias` names.
 
     base:         the nn.Linear to adapt; its Parameters are reused (not copied), so ties hold.
+                  Or a frozen minigpt.quant.QuantLinear (QLoRA): kept as `quant`, run as is, never
+                  merged into (merge into the full-precision base instead).
     r, alpha:     rank and scale; scaling = alpha / r, or alpha / sqrt(r) when use_rslora.
     dropout:      dropout on the LoRA input path only.
     out_slices:   optional tuple of booleans splitting out_features into equal chunks (e.g.
@@ -79,7 +82,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         _check_hparams(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight                                  # (out, in), same Parameter
+        self.quant = base if isinstance(base, QuantLinear) else None
+        self.weight = None if self.quant is not None else base.weight   # (out, in), same Parameter
         self.bias = base.bias                                      # (out,) or None
         self.r, self.alpha, self.use_rslora = int(r), alpha, bool(use_rslora)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -98,15 +102,19 @@ class LoRALinear(nn.Module):
                 chunk = self.out_features // k
                 idx = torch.cat([torch.arange(i * chunk, (i + 1) * chunk)
                                  for i, on in enumerate(out_slices) if on])
-                self.register_buffer("lora_out_idx", idx.to(self.weight.device), persistent=False)
+                self.register_buffer("lora_out_idx", idx.to(self._device), persistent=False)
                 n_out = idx.numel()
-        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        factory = dict(device=self._device, dtype=torch.float32 if self.quant is not None else self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.empty(n_out, self.r, **factory))              # (out', r)
         self.merged = False
         self.enabled = True
         self.reset_lora_parameters()
         self.train(base.training)                                  # inherit train/eval mode
+
+    @property
+    def _device(self) -> torch.device:
+        return self.quant.codes.device if self.quant is not None else self.weight.device
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -129,6 +137,9 @@ class LoRALinear(nn.Module):
         """W += B A * scaling (computed in float32). A merged layer's forward skips the LoRA path."""
         if self.merged:
             raise RuntimeError("LoRA layer is already merged")
+        if self.quant is not None:
+            raise ConfigError("cannot merge LoRA into a quantized (nf4/int8) base: load the base in full "
+                              "precision, load the adapter there and merge")
         self.weight.data = (self.weight.data.float() + self.delta_weight()).to(self.weight.dtype)
         self.merged = True
 
@@ -141,7 +152,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)                            # (..., out)
+        y = self.quant(x) if self.quant is not None else F.linear(x, self.weight, self.bias)   # (..., out)
         if self.merged or not self.enabled:
             return y
         h = self.lora_dropout(x).to(self.lora_A.dtype)
@@ -156,7 +167,10 @@ class LoRALinear(nn.Module):
         return y + d.to(y.dtype)
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear sharing this layer's weight/bias Parameters (LoRA part dropped)."""
+        """A plain nn.Linear sharing this layer's weight/bias Parameters (LoRA part dropped); the
+        QuantLinear itself for a quantized base."""
+        if self.quant is not None:
+            return self.quant
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device="meta")
         lin.weight = self.weight
@@ -295,7 +309,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
             continue
         if isinstance(mod, LoRALinear):
             raise ConfigError(f"{name} already has a LoRA layer")
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, (nn.Linear, QuantLinear)):
             raise ConfigError(f"LoRA target {hits[0]!r} matched {name}, a {type(mod).__name__}, "
                               "not an nn.Linear")
         matched_targets.update(hits)
@@ -596,7 +610,7 @@ def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Modul
         except AttributeError:
             raise AdapterError(f"adapter targets {name!r}, which this model does not have "
                                f"(key {PEFT_PREFIX}{name}.lora_A.weight)") from None
-        if not isinstance(mod, (nn.Linear, LoRALinear)):
+        if not isinstance(mod, (nn.Linear, QuantLinear, LoRALinear)):
             raise AdapterError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
         A, B = ab["A"], ab["B"]
         out_f, in_f = mod.out_features, mod.in_features
@@ -626,7 +640,7 @@ def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Modul
         for p in model.parameters():
             p.requires_grad_(False)
     for name, mod, A, B, r, alpha, slices in plan:
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, (nn.Linear, QuantLinear)):
             mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, out_slices=slices)
             _set_module(model, name, mod)
         else:

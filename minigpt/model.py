@@ -229,10 +229,18 @@ class GPT(nn.Module):
 
     # --- checkpoints and generation live in their own modules; thin methods here -------------
     @classmethod
-    def from_pretrained(cls, src, *, dtype: Optional[torch.dtype] = None, device=None, **kw) -> "GPT":
-        """Load from a preset name, an HF directory/file, an OpenAI TF checkpoint, or our own dir."""
+    def from_pretrained(cls, src, *, dtype: Optional[torch.dtype] = None, device=None,
+                        quantize: Optional[str] = None, **kw) -> "GPT":
+        """Load from a preset name, an HF directory/file, an OpenAI TF checkpoint, or our own dir.
+        quantize="nf4" | "int8": the blocks' Linear weights become frozen quantized layers
+        (minigpt.quant; the base of QLoRA / 8-bit inference)."""
         from .checkpoint import load_model
-        return load_model(src, model_cls=cls, dtype=dtype, device=device, **kw)
+        from .quant import QUANT_MODES, quantize_model
+
+        if quantize is not None and quantize not in QUANT_MODES:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}")
+        model = load_model(src, model_cls=cls, dtype=dtype, device=device, **kw)
+        return quantize_model(model, quantize) if quantize else model
 
     def save_pretrained(self, out_dir) -> None:
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""

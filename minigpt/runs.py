@@ -243,7 +243,7 @@ def resolve_base(src: str) -> str:
 
 
 def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, dtype=None,
-                   merge: bool = False):
+                   merge: bool = False, quantize: Optional[str] = None):
     """Load what finetune.py wrote: returns (model, template_name).
 
     path:  a finetune.py --out-dir (or one of its checkpoints/step-N folders, or its merged/
@@ -252,6 +252,8 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
            merged folder) loads the weights directly.
     base:  override the recorded base model source (e.g. when it has moved).
     merge: fold the adapter into the weights (a plain GPT; faster to decode).
+    quantize: load the base quantized ("nf4" | "int8", minigpt.quant): the adapter then stays
+           unmerged on it (as in QLoRA training); a full fine-tune is quantized after loading.
     The model is returned in eval mode. template_name is the prompt template the run was trained
     with ("alpaca" when the folder carries no metadata).
     """
@@ -273,14 +275,14 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
             raise CheckpointError(f"{d}: the adapter does not say which base model it was trained on; "
                                   "pass base=... (or --base)")
         try:
-            model = GPT.from_pretrained(src, dtype=dtype, device=device)
+            model = GPT.from_pretrained(src, dtype=dtype, device=device, quantize=quantize)
         except CheckpointError as e:
             raise CheckpointError(f"base model of {d} could not be loaded: {e}") from e
         load_adapter(model, d)
-        if merge:
+        if merge and not quantize:
             model = merge_and_unload(model)
     elif has_model(d) or (d / "config.json").is_file():
-        model = GPT.from_pretrained(d, dtype=dtype, device=device)
+        model = GPT.from_pretrained(d, dtype=dtype, device=device, quantize=quantize)
     else:
         raise CheckpointError(f"{d}: no fine-tuned model found (expected adapter_config.json + "
                               "adapter_model.safetensors, or config.json + model.safetensors)")

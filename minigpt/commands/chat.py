@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from ..quant import QUANT_MODES
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from .args import CLIError, command_main, field
 
@@ -59,6 +60,9 @@ class ChatArgs:
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
                                  "fp16, bf16, int8, int4 (CPU, approximate, faster), plain")
+    quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (minigpt.quant; a LoRA "
+                                          "adapter stays unmerged on it, as trained with QLoRA)",
+                                    choices=QUANT_MODES)
     compile: bool = field(False, "compile each decoding step (CUDA graphs on a GPU; the first "
                                  "reply waits for the compiler)")
     debug: bool = field(False, "show tracebacks")
@@ -185,10 +189,20 @@ def _read_line(interactive: bool) -> Optional[str]:
     return line.rstrip("\r\n")
 
 
-def _prepare_weights(model, weights: str, device, compile: bool) -> str:
+def _prepare_weights(model, weights: str, device, compile: bool, quantize: Optional[str] = None) -> str:
     """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks;
-    returns what the model decodes with, for the banner."""
+    returns what the model decodes with, for the banner. A --quantize base keeps its own layers
+    (int8: torch's weight-only int8 kernel; nf4 on CPU: dense fp16 copies of the NF4 numbers)."""
     from ..generate import DECODE_MODES, prepare_for_decoding
+    from ..quant import densify
+
+    if quantize is not None:
+        if weights != "auto":
+            raise CLIError("use either --quantize (a quantized base) or --weights (decoding weights), not both")
+        if quantize == "nf4" and device.type == "cpu":
+            densify(model)
+            return "nf4 (dense fp16 copies for decoding)"
+        return quantize + (" (weight-only int8 kernel)" if quantize == "int8" and device.type == "cpu" else "")
 
     if weights not in ("auto", "plain") + DECODE_MODES:
         raise CLIError(f"--weights must be one of auto, plain, {', '.join(DECODE_MODES)}; got {weights!r}")
@@ -218,8 +232,8 @@ def chat(args: ChatArgs) -> int:
     if not interactive and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")            # undecodable input bytes: U+FFFD, not a crash
     device = resolve_device(args.device)
-    loaded = load_chat_model(args.model, args.adapter, device=device)
-    weights = _prepare_weights(loaded.model, args.weights, device, args.compile)
+    loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
+    weights = _prepare_weights(loaded.model, args.weights, device, args.compile, args.quantize)
     template = args.template or loaded.template or DEFAULT_TEMPLATE
     try:
         session = ChatSession(loaded.model, template=template, system=args.system, stop=args.stop,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..quant import QUANT_MODES
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from .args import CLIError, RunArgs, check, command_main, field
 
@@ -54,6 +55,8 @@ class FinetuneArgs(RunArgs):
                                           "use either --epochs or --max-steps)")
     exact_match: int = field(16, "checkable validation records scored by exact match at each "
                                  "evaluation (greedy decoding; 0 = off)")
+    quantize: Optional[str] = field(None, "QLoRA: load the base quantized and frozen, nf4 (4-bit NormalFloat, "
+                                          "double-quantised) or int8; needs --lora", choices=QUANT_MODES)
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
     merge: bool = field(False, "also write OUT_DIR/merged: the adapter merged into a plain GPT-2 model")
 
@@ -62,6 +65,9 @@ class FinetuneArgs(RunArgs):
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
         check(self.max_length is None or self.max_length >= 2, "max_length", "at least 2", self.max_length)
         check(self.exact_match >= 0, "exact_match", ">= 0", self.exact_match)
+        if self.quantize and not self.lora:
+            raise CLIError("--quantize needs --lora: a quantized base is frozen, so full fine-tuning would have "
+                           "nothing to train")
         if self.epochs is not None and self.max_steps is not None:
             raise CLIError("use either --epochs or --max-steps, not both")
         check(self.epochs is None or (self.epochs > 0 and self.epochs < float("inf")), "epochs", "> 0", self.epochs)
@@ -209,9 +215,13 @@ def _write_meta(out_dir: Path, meta: dict) -> None:
 
 
 def _merge(model, out_dir: Path, meta: dict) -> None:
+    """out_dir/merged: the adapter folded into the full-precision base. model=None (a QLoRA run): the
+    base is loaded again unquantized and the saved adapter merged there (merging into 4-bit weights
+    would change the model: the quantisation is not additive)."""
     from ..lora import merge_and_unload
+    from ..runs import load_finetuned
 
-    merged = merge_and_unload(model)
+    merged = merge_and_unload(model) if model is not None else load_finetuned(out_dir, merge=True)[0]
     merged.save_pretrained(out_dir / "merged")
     meta["merged"] = "merged"
     _write_meta(out_dir / "merged", {**meta, "method": "full", "merged": None, "merged_from": str(out_dir.resolve())})
@@ -260,7 +270,7 @@ def finetune(args: FinetuneArgs) -> dict:
     model.gradient_checkpointing = args.gradient_checkpointing
     trainable, total = count_parameters(model)
     meta = {"kind": "finetune", "method": args.method, "base": base_id, "template": template.name,
-            "mask_prompt": args.mask_prompt, "max_length": max_length,
+            "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
             "lora": lora_cfg.to_dict() if lora_cfg else None,
             "data": str(args.data) if args.data else "embedded:instructions", "merged": None}
     evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs) if args.eval_batches != 0 else None
@@ -271,6 +281,7 @@ def finetune(args: FinetuneArgs) -> dict:
     if trainer.is_main:
         _write_meta(out_dir, meta)
         what = (f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}"
+                f"{f' over a frozen {args.quantize} base (QLoRA)' if args.quantize else ''}"
                 if lora_cfg else "full fine-tuning")
         print(f"base: {base_src} ({model.config.n_layer} layers x {model.config.n_embd} dims) | {what}: "
               f"{trainable:,} of {total:,} params trainable ({trainable / total:.2%})")
@@ -295,7 +306,7 @@ def _load_base(args: FinetuneArgs, base_src: str):
     """The base model and the example length (--max-length, checked against its context)."""
     from ..model import GPT
 
-    model = GPT.from_pretrained(base_src)
+    model = GPT.from_pretrained(base_src, quantize=args.quantize)
     block = model.config.block_size
     max_length = args.max_length if args.max_length is not None else min(256, block)
     if max_length > block:
@@ -313,7 +324,7 @@ def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, met
                for r, b, a in zip(sample_recs, before, after)]
     atomic_write_json(out_dir / "samples.json", samples)
     if args.merge and args.lora:
-        _merge(model, out_dir, meta)
+        _merge(model if not args.quantize else None, out_dir, meta)
     elif args.merge:
         print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
     _write_meta(out_dir, meta)

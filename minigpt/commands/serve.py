@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..quant import QUANT_MODES
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from .args import CLIError, check, command_main, field
 
@@ -31,6 +32,8 @@ class ServeArgs:
     template: Optional[str] = field(None, "prompt template (default: the one the model was tuned with, "
                                           "else alpaca)", choices=TEMPLATE_NAMES)
     weights: str = field("auto", "decoding weights, as in minigpt chat: auto, fp16, bf16, int8, int4, plain")
+    quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (as in minigpt chat)",
+                                    choices=QUANT_MODES)
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = field(8000, "TCP port")
@@ -75,8 +78,8 @@ def serve(args: ServeArgs) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    loaded = load_chat_model(args.model, args.adapter, device=device)
-    weights = _prepare_weights(loaded.model, args.weights, device, False)
+    loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
+    weights = _prepare_weights(loaded.model, args.weights, device, False, args.quantize)
     template = args.template or loaded.template or DEFAULT_TEMPLATE
     model_id = args.model_id or Path(str(args.adapter or loaded.source).split(" + ")[-1]).name or "minigpt"
     engine = Engine(loaded.model, get_tokenizer(), max_batch=args.max_batch, max_waiting=args.max_waiting).start()
