@@ -306,6 +306,12 @@ def save_model(model, out_dir: PathLike) -> None:
     no lm_head) so that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads it. Atomic."""
     from safetensors.torch import save_file
 
+    from .quant import is_quantized
+
+    if is_quantized(model):
+        raise CheckpointError("a quantized (nf4/int8) model cannot be saved as GPT-2 weights: save its LoRA "
+                              "adapter (save_adapter), or merge into the full-precision base and save that")
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
