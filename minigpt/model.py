@@ -146,6 +146,19 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each block's activations in backward (less memory). Quantized layers
+        (minigpt.quant) then keep their dense weight from the recomputation to the backward."""
+        return self.__dict__.get("_gradient_checkpointing", False)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.__dict__["_gradient_checkpointing"] = bool(on)
+        for m in self.modules():
+            if hasattr(m, "save_dense"):
+                m.save_dense = bool(on)
+
     def __getstate__(self):
         # generate(compile=True) keeps its compiled step and KV caches on the model: not part of
         # the model's state (rebuilt on demand), and not picklable

@@ -74,29 +74,34 @@ def _pair_table(dtype: torch.dtype, device) -> torch.Tensor:
 def nf4_dequantize(state: dict, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight of an NF4 state, in `dtype`."""
     packed = state["codes"]
-    pairs = F.embedding(packed.int(), _pair_table(dtype, packed.device))         # (blocks * 32, 2)
+    pairs = _pair_table(dtype, packed.device).index_select(0, packed.int())     # (blocks * 32, 2)
     amq = state["absmax_q"]
-    scale = state["absmax_scale"].repeat_interleave(ABSMAX_BLOCK)[:amq.numel()]
-    absmax = amq.float() * scale + state["absmax_mean"]                          # (blocks,)
-    w = pairs.view(-1, BLOCK) * absmax.to(dtype)[:, None]                        # (blocks, 64)
+    groups = F.pad(amq.float(), (0, -amq.numel() % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)
+    absmax = (groups * state["absmax_scale"][:, None] + state["absmax_mean"]).view(-1)[:amq.numel()]   # (blocks,)
+    w = pairs.view(-1, BLOCK).mul_(absmax.to(dtype)[:, None])                    # (blocks, 64)
     return w.view(-1)[:state["numel"]].view(shape)
 
 
 # --- the layer ------------------------------------------------------------------------------------
 
 class _DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with W dequantised in forward and again in backward (never saved)."""
+    """y = x W^T + b with W dequantised in forward and, for backward, either dequantised again or
+    (layer.save_dense, set under gradient checkpointing) kept from the recomputed forward: there
+    the checkpoint holds it only from a block's recomputation to the end of its backward."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         ctx.layer = layer
         kind = x.device.type
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype   # compute dtype
-        return F.linear(x.to(dt), layer.dense(dt), None if bias is None else bias.to(dt))
+        w = layer.dense(dt)
+        ctx.save_for_backward(w if layer.save_dense else None)
+        return F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
 
     @staticmethod
     def backward(ctx, g):
-        return g @ ctx.layer.dense(g.dtype), None, None
+        (w,) = ctx.saved_tensors
+        return g @ (w.to(g.dtype) if w is not None else ctx.layer.dense(g.dtype)), None, None
 
 
 class QuantLinear(nn.Module):
@@ -121,6 +126,7 @@ class QuantLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._dense: Optional[torch.Tensor] = None                                # densify()'s cache
+        self.save_dense = False                                # set by GPT.gradient_checkpointing
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantised (out, in) weight in `dtype`."""
@@ -167,7 +173,9 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         raise ConfigError("quantize the base before adding LoRA layers (or merge them first)")
     for name, lin in list(_block_linears(model)):
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear(lin, mode))
+        q = QuantLinear(lin, mode)
+        q.save_dense = bool(getattr(model, "gradient_checkpointing", False))
+        setattr(model.get_submodule(parent), child, q)
     for p in model.parameters():
         p.requires_grad_(False)
     model.quantized = mode

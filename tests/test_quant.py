@@ -107,10 +107,10 @@ def tiny():
     return m
 
 
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_qlora_gradients_equal_a_dense_model_with_the_same_numbers(mode):
-    """Backward through the frozen quantized base (recomputed, never saved) gives the LoRA factors
-    exactly the gradients of a dense fp32 model holding the dequantised weights."""
+@pytest.mark.parametrize("mode, checkpointing", [("nf4", False), ("int8", False), ("nf4", True)])
+def test_qlora_gradients_equal_a_dense_model_with_the_same_numbers(mode, checkpointing):
+    """Backward through the frozen quantized base (dequantised again, or kept from the checkpoint's
+    recomputation) gives the LoRA factors the gradients of a dense fp32 model with the same numbers."""
     q = quantize_model(tiny(), mode)
     dense = tiny()
     with torch.no_grad():
@@ -127,6 +127,7 @@ def test_qlora_gradients_equal_a_dense_model_with_the_same_numbers(mode):
     losses = []
     for m in (q, dense):
         m.train()
+        m.gradient_checkpointing = checkpointing
         loss = torch.nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         losses.append(loss.item())
@@ -134,6 +135,7 @@ def test_qlora_gradients_equal_a_dense_model_with_the_same_numbers(mode):
     for a, b in zip(lora_parameters(q), lora_parameters(dense)):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4)
     assert all(not p.requires_grad for n, p in q.named_parameters() if "lora_" not in n)
+    assert all(m.save_dense == checkpointing for m in q.modules() if isinstance(m, QuantLinear))
 
 
 def test_bad_input():
