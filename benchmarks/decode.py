@@ -63,6 +63,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt", type=int, default=32, help="prompt length")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="fp32,fp16,bf16,int8,int4", help="prepare_for_decoding modes")
+    ap.add_argument("--bases", default="", help="quantized bases too (minigpt.quant): nf4, int8 "
+                                                "(nf4 decodes from dense fp16 copies, int8 with the int8 kernel)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = process CPU time: with --threads 1 it ignores time spent waiting "
                          "for a busy, shared CPU (with more threads it counts spin-waiting)")
@@ -98,6 +100,11 @@ def main(argv=None) -> dict:
         fast = prepare_for_decoding(copy.deepcopy(base), mode)
         systems[f"minigpt {mode} (prepare_for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(fast)
 
+    for mode in [m for m in args.bases.split(",") if m]:
+        from minigpt.quant import for_decoding, quantize_model
+        q = quantize_model(copy.deepcopy(base), mode)
+        for_decoding(q)
+        systems[f"minigpt {mode}-base (quantize_model + for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(q)
     for f in systems.values():                                   # warm-up: allocators, oneDNN
         f(4)
     times = {k: [] for k in systems}
@@ -118,7 +125,8 @@ def main(argv=None) -> dict:
     n_weights = sum(p.numel() for n, p in base.named_parameters()
                     if n.endswith(".weight") and p.dim() == 2 and "wpe" not in n)   # Linears + tied head
     # int4: + a bf16 scale and zero per group of 32
-    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}
+    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32,
+                        "nf4-base": 2, "int8-base": 1}             # decoding copies: fp16 / int8 throughout
     results = {}
     for name, ts in times.items():
         mb = n_weights * bytes_per_weight[name.split()[1]] / 1e6

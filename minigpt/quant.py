@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "densify", "is_quantized",
+__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "densify", "for_decoding", "is_quantized",
            "quant_bytes", "nf4_quantize", "nf4_dequantize"]
 
 QUANT_MODES = ("nf4", "int8")
@@ -193,6 +193,22 @@ def densify(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
         if isinstance(m, QuantLinear) and m.mode == "nf4":
             m._dense = m.dense(torch.float32).to(dtype)
     return model
+
+
+def for_decoding(model: nn.Module) -> str:
+    """CPU inference on a quantized base at the speed of prepare_for_decoding: NF4 blocks get dense
+    fp16 copies (densify), and the tied head a decoding copy (fp16 for nf4, int8 per channel for
+    int8); the input embeddings keep their own full-precision weight. Returns what it did."""
+    from .generate import DecodeLinear
+
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantLinear)}
+    if not modes:
+        raise ConfigError("for_decoding needs a quantized model (quantize_model)")
+    head = "fp16" if "nf4" in modes else "int8"
+    if "nf4" in modes:
+        densify(model)
+    model.lm_head = DecodeLinear(model.lm_head.weight, None, head)
+    return f"{'/'.join(sorted(modes))} blocks{' (dense fp16 copies)' if 'nf4' in modes else ''}, {head} head"
 
 
 def quant_bytes(model: nn.Module) -> dict:

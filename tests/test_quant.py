@@ -229,6 +229,10 @@ def test_chat_on_a_quantized_base_with_an_adapter(setup, tmp_path, capsys, mode)
     reply = capsys.readouterr().out.strip()
     from minigpt.chat import ChatSession, load_chat_model
     loaded = load_chat_model(str(root / "base"), str(tmp_path / "ad"), quantize=mode)
+    from minigpt.lora import lora_layers
+    from minigpt.quant import for_decoding
+    assert lora_layers(loaded.model) and all(m.quant is not None for m in lora_layers(loaded.model).values())
+    for_decoding(loaded.model)                                   # what chat does on a CPU
     assert reply == ChatSession(loaded.model, template="alpaca", temperature=0.0, max_new_tokens=8).reply("Hi")
     assert chat_cli.main([*argv, "--weights", "int8"]) == 1
     assert "use either --quantize" in capsys.readouterr().err

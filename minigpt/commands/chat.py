@@ -194,15 +194,12 @@ def _prepare_weights(model, weights: str, device, compile: bool, quantize: Optio
     returns what the model decodes with, for the banner. A --quantize base keeps its own layers
     (int8: torch's weight-only int8 kernel; nf4 on CPU: dense fp16 copies of the NF4 numbers)."""
     from ..generate import DECODE_MODES, prepare_for_decoding
-    from ..quant import densify
+    from ..quant import for_decoding
 
     if quantize is not None:
         if weights != "auto":
             raise CLIError("use either --quantize (a quantized base) or --weights (decoding weights), not both")
-        if quantize == "nf4" and device.type == "cpu":
-            densify(model)
-            return "nf4 (dense fp16 copies for decoding)"
-        return quantize + (" (weight-only int8 kernel)" if quantize == "int8" and device.type == "cpu" else "")
+        return f"{quantize} base: " + (for_decoding(model) if device.type == "cpu" else "as loaded")
 
     if weights not in ("auto", "plain") + DECODE_MODES:
         raise CLIError(f"--weights must be one of auto, plain, {', '.join(DECODE_MODES)}; got {weights!r}")
