@@ -12,7 +12,8 @@ Sources accepted by `load_model(src, model_cls=...)` (what `GPT.from_pretrained`
   `n_head=` is passed;
 * an OpenAI TF checkpoint directory (hparams.json + model.ckpt.index + model.ckpt.data-*), a
   `.index` file or a checkpoint prefix: read by minigpt.tfbundle, no TensorFlow;
-* a directory written by `save_model` / `GPT.save_pretrained` (same layout as the HF one).
+* a directory written by `save_model` / `GPT.save_pretrained` (same layout as the HF one);
+* a llama.cpp `.gguf` file of architecture gpt2 (f32/f16/bf16/q8_0, dequantized; minigpt.gguf).
 
 Every state dict is converted to minigpt's layout by minigpt.keymap. This module does not import
 minigpt.model: the model class is passed in (`model_cls`), so `GPT.from_pretrained` can call it.
@@ -186,9 +187,13 @@ def load_checkpoint(src: PathLike, *, n_head: int | None = None, need_config: bo
     if path.is_file():
         if path.suffix == ".index":
             return _load_tf(path)
+        if path.suffix == ".gguf":                                  # llama.cpp's format (minigpt.gguf)
+            from .gguf import load_gguf_checkpoint
+            cfg, sd = load_gguf_checkpoint(path)
+            return (_named(cfg) if need_config else None), sd
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError(f"{path}: unknown checkpoint file type (expected .safetensors, .bin, "
-                                  ".pt, .pth or a TF .index)")
+                                  ".pt, .pth, .gguf or a TF .index)")
         sd = hf_to_minigpt(read_tensors(path))
         cfg_path = path.parent / "config.json"
         if not need_config:

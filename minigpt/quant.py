@@ -145,9 +145,11 @@ class QuantLinear(nn.Module):
         if (self.mode == "int8" and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and x.numel() <= 16 * self.in_features and hasattr(torch, "_weight_int8pack_mm")):
             # decoding (a few rows, no autograd): torch's weight-only int8 GEMV on bf16 inputs
+            if getattr(self, "_scale_bf16", None) is None or self._scale_bf16.device != self.scale.device:
+                self._scale_bf16 = self.scale.to(torch.bfloat16)
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.codes,
-                                          self.scale.to(torch.bfloat16)).view(*x.shape[:-1], -1)
-            return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y).to(x.dtype)
+                                          self._scale_bf16).view(*x.shape[:-1], -1)
+            return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)     # fp32 + bf16 -> fp32
         return _DequantLinear.apply(x, self, self.bias)
 
     def extra_repr(self) -> str:

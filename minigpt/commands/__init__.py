@@ -4,6 +4,7 @@ finetune.py and chat.py shims all call `COMMANDS[name](argv)`.
     args.py      typed dataclass flags, the flags both training commands share, one-line errors
     train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
     chat.py      terminal chat          serve.py      OpenAI-compatible API + chat page
+    export.py    GGUF for llama.cpp
     info.py      versions, device, presets, cache
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS = {
     "finetune": "instruction-tune a model, with LoRA (--lora) or all weights",
     "chat": "chat with a model in the terminal (default: the newest local run)",
     "serve": "serve a model over an OpenAI-compatible API with a browser chat page",
+    "export": "write a model (or a LoRA adapter) as a GGUF file for llama.cpp",
     "info": "versions, device, presets and the cache (also plain `minigpt`)",
 }
 
