@@ -7,8 +7,9 @@ bf16 and an fp32 base (peak memory and step time), each system in its own proces
 The step: LoRA r=8 on c_attn (finetune's default), batch 2 x 256 tokens, gradient checkpointing
 (the QLoRA recipe) in all three, fused head + loss, fused AdamW, 2 threads; random weights with
 GPT-2's init. fp32: fp32 base, fp32 compute. bf16: base in bf16, LoRA in bf16, bf16 autocast
-(what a user gets loading the base with dtype=bfloat16). nf4: NF4 base (double-quantised), LoRA in
-fp32, bf16 autocast (finetune --lora --quantize nf4 --gradient-checkpointing). Peak memory is the
+(what a user gets loading the base with dtype=bfloat16). nf4: NF4 blocks (double-quantised), the
+rest of the base in bf16, LoRA in fp32, bf16 autocast (finetune --lora --quantize nf4
+--gradient-checkpointing on a bf16 machine). Peak memory is the
 peak RSS of the process over the timed steps (after setup, so the fp32 weights an NF4 base is
 quantised from are gone), the model state included. Targets: NF4 peak <= 0.35x fp32 LoRA and
 <= 0.6x bf16 LoRA; NF4 step time within 1.5x of bf16 LoRA.
@@ -52,7 +53,7 @@ def state_bytes(cfg: GPTConfig) -> dict:
 def worker(spec: dict) -> dict:
     from minigpt.device import reuse_freed_memory
     from minigpt.lora import add_lora
-    from minigpt.quant import quant_bytes, quantize_model
+    from minigpt.quant import cast_unquantized, quant_bytes, quantize_model
     from minigpt.trainer import TrainConfig, Trainer
 
     reuse_freed_memory()
@@ -62,6 +63,8 @@ def worker(spec: dict) -> dict:
     role = spec["role"]
     if role == "nf4":
         quantize_model(model, "nf4")
+        cast_unquantized(model, torch.bfloat16)                    # as finetune --quantize does in bf16
+        release_free_memory()                                      # the fp32 weights it was made from
     elif role == "bf16":
         model = model.to(torch.bfloat16)
     add_lora(model, r=8, alpha=16, dropout=0.05, targets=("c_attn",))

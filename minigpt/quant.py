@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "densify", "for_decoding", "is_quantized",
+__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "cast_unquantized", "densify", "for_decoding",
+           "is_quantized",
            "quant_bytes", "nf4_quantize", "nf4_dequantize"]
 
 QUANT_MODES = ("nf4", "int8")
@@ -181,6 +182,19 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.quantized = mode
+    return model
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the rest of a quantized base (embeddings and the tied head, LayerNorms, biases) in
+    `dtype` too, as a bf16 base would hold them (QLoRA with bf16 compute); the codes and their
+    scales keep their own types, LoRA factors stay fp32."""
+    for mod in model.modules():
+        if hasattr(mod, "lora_A"):
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
     return model
 
 

@@ -205,6 +205,18 @@ def test_qlora_resume_is_exact(setup, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_qlora_in_bf16_keeps_the_rest_of_the_base_in_bf16(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    root, data = setup
+    argv = ["--lora", "--quantize", "nf4", "--base", root / "base", "--data", data, "--out-dir", tmp_path / "o",
+            "--max-steps", "2", *TUNE]
+    argv[argv.index("--precision") + 1] = "bf16"
+    assert run(argv) == 0
+    adapter = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+
+
 def test_quantize_flags(setup, tmp_path, capsys):
     root, data = setup
     assert run(["--quantize", "nf4", "--base", root / "base", "--data", data, "--out-dir", tmp_path / "o"]) == 2

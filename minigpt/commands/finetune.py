@@ -254,6 +254,9 @@ def finetune(args: FinetuneArgs) -> dict:
         torch.set_num_threads(args.threads)
     tok, template = get_tokenizer(), get_template(args.template)
     model, max_length = _load_base(args, base_src)
+    if args.quantize and precision == "bf16":         # QLoRA in bf16: the rest of the base in bf16 too
+        from ..quant import cast_unquantized
+        cast_unquantized(model, torch.bfloat16)
     train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
     train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum)
     val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
