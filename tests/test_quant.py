@@ -256,3 +256,11 @@ def test_quantized_forward_on_cuda():
     ids = torch.randint(0, 50257, (1, 8), device="cuda")
     with torch.no_grad():
         assert torch.allclose(m(ids).cpu(), quantize_model(tiny(), "nf4")(ids.cpu()), atol=1e-3)
+
+
+def test_a_quantized_model_is_not_exported_to_gguf(tmp_path):
+    from minigpt.gguf import export_gguf
+
+    with pytest.raises(CheckpointError, match="quantized .* cannot be exported"):
+        export_gguf(quantize_model(tiny(), "int8"), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
