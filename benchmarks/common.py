@@ -90,6 +90,19 @@ def cuda_info() -> dict:
     return info
 
 
+def decoding_parser(doc: str):
+    """The flags both decoding benchmarks share (decode.py, gguf.py)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (< 1 minute)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt length")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

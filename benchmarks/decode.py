@@ -15,7 +15,6 @@ first different token, so both the agreeing prefix and the overall match are giv
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_json  # noqa: E402
+from common import decoding_parser, machine_info, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
@@ -56,12 +55,7 @@ def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (< 1 minute)")
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--prompt", type=int, default=32, help="prompt length")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = decoding_parser(__doc__)
     ap.add_argument("--modes", default="fp32,fp16,bf16,int8,int4", help="prepare_for_decoding modes")
     ap.add_argument("--bases", default="", help="quantized bases too (minigpt.quant): nf4, int8 "
                                                 "(nf4 decodes from dense fp16 copies, int8 with the int8 kernel)")

@@ -15,7 +15,6 @@ Needs llama-cpp-python (pip install llama-cpp-python; builds llama.cpp from sour
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_json  # noqa: E402
+from common import decoding_parser, machine_info, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
@@ -85,12 +84,7 @@ def build_systems(args, tmp: Path, prompt: list[int]) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds")
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--prompt", type=int, default=32, help="prompt length")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = decoding_parser(__doc__)
     ap.add_argument("--out", default="gguf.json", help="results file name under benchmarks/results ('' = none)")
     args = ap.parse_args(argv)
     n_new = args.new_tokens or (32 if args.quick else 128)
