@@ -28,5 +28,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(name, rest)
 
 
+def _main() -> int:
+    """The console entry point: `minigpt ... | head` ends quietly when the reader goes away."""
+    try:
+        return main()
+    except BrokenPipeError:
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())
