@@ -31,6 +31,7 @@ import torch
 
 from .errors import ConfigError, MinigptError
 from .generate import TextStream, sample_next
+from .model import check_token_ids
 from .sampling import SamplingConfig
 
 __all__ = ["Engine", "EngineBusy", "Request", "Event"]
@@ -120,6 +121,8 @@ class Engine:
     def submit(self, req: Request) -> Request:
         """Queue a request (ConfigError when it cannot fit the context; EngineBusy when full)."""
         n = len(req.prompt)
+        if n:
+            check_token_ids(torch.tensor([list(req.prompt)]), self.vocab)
         if n < 1 or req.max_new_tokens < 1 or n + req.max_new_tokens > self.block_size:
             raise ConfigError(f"prompt of {n} tokens + max_tokens {req.max_new_tokens} must fit the model's "
                               f"context of {self.block_size} tokens (and both be >= 1)")

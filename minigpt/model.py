@@ -16,8 +16,10 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
     """ConfigError (a ValueError) unless idx is a (B, T) integer tensor of ids in [0, vocab_size)."""
     if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
         raise ConfigError(f"idx must be (B, T) integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
-        raise ConfigError(f"token ids must be in [0, {vocab_size}), got {int(idx.min())}..{int(idx.max())}")
+    if idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(idx))                    # one pass, one sync
+        if lo < 0 or hi >= vocab_size:
+            raise ConfigError(f"token ids must be in [0, {vocab_size}), got {lo}..{hi}")
 
 
 class KVCache(nn.Module):

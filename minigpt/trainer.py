@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .device import PRECISIONS, autocast, peak_flops, resolve_device, resolve_precision
+from .device import PRECISIONS, autocast, peak_flops, process_rank, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingStopped
 from .fileio import atomic_write_json
 from .loss import CausalLMLoss
@@ -167,8 +167,7 @@ class _DeferredInterrupt:
 
 
 def _ddp_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+    return process_rank(), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _metric_step(line: str) -> Optional[int]:

@@ -350,3 +350,12 @@ def test_serve_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys
     assert serve.main([]) == 1
     err = capsys.readouterr().err
     assert "no model to chat with" in err and len(err.strip().splitlines()) == 1
+
+
+def test_engine_refuses_ids_outside_the_vocabulary():
+    from minigpt.errors import ConfigError
+
+    engine = Engine(tiny(), TOK, max_batch=1)                 # not started: submit checks first
+    with pytest.raises(ConfigError, match=r"token ids must be in \[0, 50257\)"):
+        engine.submit(Request([1, 50257], 4))
+    assert not engine.waiting

@@ -189,7 +189,7 @@ def _read_line(interactive: bool) -> Optional[str]:
     return line.rstrip("\r\n")
 
 
-def _prepare_weights(model, weights: str, device, compile: bool, quantize: Optional[str] = None) -> str:
+def prepare_weights(model, weights: str, device, compile: bool, quantize: Optional[str] = None) -> str:
     """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks;
     returns what the model decodes with, for the banner. A --quantize base keeps its own layers
     (int8: torch's weight-only int8 kernel; nf4 on CPU: dense fp16 copies of the NF4 numbers)."""
@@ -230,7 +230,7 @@ def chat(args: ChatArgs) -> int:
         sys.stdin.reconfigure(errors="replace")            # undecodable input bytes: U+FFFD, not a crash
     device = resolve_device(args.device)
     loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
-    weights = _prepare_weights(loaded.model, args.weights, device, args.compile, args.quantize)
+    weights = prepare_weights(loaded.model, args.weights, device, args.compile, args.quantize)
     template = args.template or loaded.template or DEFAULT_TEMPLATE
     try:
         session = ChatSession(loaded.model, template=template, system=args.system, stop=args.stop,

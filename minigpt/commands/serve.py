@@ -72,16 +72,16 @@ def serve(args: ServeArgs) -> int:
     from ..engine import Engine
     from ..serve import create_app
     from ..tokenizer import get_tokenizer
-    from .chat import _prepare_weights
+    from .chat import prepare_weights
 
     uvicorn = _server_modules()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
-    weights = _prepare_weights(loaded.model, args.weights, device, False, args.quantize)
+    weights = prepare_weights(loaded.model, args.weights, device, False, args.quantize)
     template = args.template or loaded.template or DEFAULT_TEMPLATE
-    model_id = args.model_id or Path(str(args.adapter or loaded.source).split(" + ")[-1]).name or "minigpt"
+    model_id = args.model_id or Path(loaded.adapter or loaded.source).name or "minigpt"
     engine = Engine(loaded.model, get_tokenizer(), max_batch=args.max_batch, max_waiting=args.max_waiting).start()
     app = create_app(engine, model_id, template=template, api_key=args.api_key)
     host = f"[{args.host}]" if ":" in args.host else args.host
