@@ -25,6 +25,10 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
 class KVCache(nn.Module):
     """Static, preallocated key/value cache for one attention layer.
 
+    `offset` slots at the front hold a model's virtual-token keys/values (prefix or prompt tuning,
+    minigpt.prompts): filled once when the caches are made, never overwritten. Every `start`
+    below counts real tokens; writes land `offset` slots further on and reads include the prefix.
+
     Holds (B, H, max_len, D) buffers; `update` writes new keys/values at `start` and returns
     views of everything up to the write's end, so decoding never re-allocates or concatenates.
     With `start` a 1-element LongTensor (compiled decoding) the write is an index_copy_ and the
@@ -34,14 +38,16 @@ class KVCache(nn.Module):
     """
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, offset: int = 0):
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)
+        self.offset = offset
+        shape = (batch_size, n_head, offset + max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = start + self.offset if self.offset else start
         if isinstance(start, torch.Tensor) and start.numel() > 1:     # one position per row
             rows = torch.arange(k.size(0), device=start.device)
             self.k[rows, :, start] = k[:, :, 0].to(self.k.dtype)
@@ -54,7 +60,8 @@ class KVCache(nn.Module):
             return self.k, self.v                                      # (B, H, max_len, D)
         end = start + k.size(2)
         if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
+            raise ValueError(f"KV cache holds {self.k.size(2) - self.offset} positions, asked to write up to "
+                             f"{end - self.offset}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -64,9 +71,30 @@ class KVCache(nn.Module):
         through it land here."""
         out = KVCache.__new__(KVCache)
         nn.Module.__init__(out)
-        out.register_buffer("k", self.k[rows, :, :length], persistent=False)
-        out.register_buffer("v", self.v[rows, :, :length], persistent=False)
+        out.offset = self.offset
+        end = None if length is None else self.offset + length
+        out.register_buffer("k", self.k[rows, :, :end], persistent=False)
+        out.register_buffer("v", self.v[rows, :, :end], persistent=False)
         return out
+
+    def fill_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write virtual-token keys/values (1 or B, H, offset, D) into the first `offset` slots."""
+        self.k[:, :, :self.offset] = k.to(self.k.dtype)
+        self.v[:, :, :self.offset] = v.to(self.v.dtype)
+
+    def copy_row(self, dst: int, src: int, length: int) -> None:
+        """Row `dst` := row `src` over the prefix and the first `length` real positions."""
+        end = self.offset + length
+        self.k[dst, :, :end] = self.k[src, :, :end]
+        self.v[dst, :, :end] = self.v[src, :, :end]
+
+
+def _with_prefix(mask: Optional[torch.Tensor], T: int, K: int, P: int, device=None) -> torch.Tensor:
+    """The attention mask over P virtual-token keys followed by K - P real keys: every query may see
+    the whole prefix. mask None means causal over the real keys (the last T of them are the queries)."""
+    if mask is None:
+        return torch.ones(T, K, dtype=torch.bool, device=device).tril_(K - T)   # (T, K)
+    return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)                 # (..., T, K)
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,14 +106,25 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, start: int | torch.Tensor = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, start: int | torch.Tensor = 0,
+                prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """prefix: virtual-token (keys, values), each (1 or B, H, P, D), for calls without a cache
+        (a cache made by GPT.new_caches already holds them)."""
         B, T, C = x.shape                                              # (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)             # (B, H, T, D)
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        P = 0
         if cache is not None:
-            k, v = cache.update(start, k, v)                           # (B, H, start+T, D)
+            k, v = cache.update(start, k, v)                           # (B, H, P+start+T, D)
+            P = cache.offset
+        elif prefix is not None:
+            P = prefix[0].size(2)
+            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, H, P+T, D)
+            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if P and (mask is not None or T > 1):
+            mask = _with_prefix(mask, T, k.size(2), P, k.device)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             # no padding: plain causal attention (a single new token may see every cached key)
@@ -112,7 +151,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block. attn_adapter / mlp_adapter: optional modules applied to
+    each sublayer's output before the residual sum (bottleneck adapters, minigpt.bottleneck)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -120,10 +160,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
+        self.attn_adapter: Optional[nn.Module] = None
+        self.mlp_adapter: Optional[nn.Module] = None
 
-    def forward(self, x, mask=None, cache=None, start=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, start)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, mask=None, cache=None, start=0, prefix=None):
+        h = self.attn(self.ln_1(x), mask, cache, start, prefix)
+        if self.attn_adapter is not None:
+            h = self.attn_adapter(h)
+        x = x + h
+        h = self.mlp(self.ln_2(x))
+        if self.mlp_adapter is not None:
+            h = self.mlp_adapter(h)
+        return x + h
 
 
 class GPT(nn.Module):
@@ -141,6 +189,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight               # tied
+        self.kv_prefix: Optional[nn.Module] = None   # virtual tokens (minigpt.prompts): prefix/prompt tuning
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -185,6 +234,16 @@ class GPT(nn.Module):
         return n
 
     @property
+    def num_virtual_tokens(self) -> int:
+        """Virtual tokens in front of every sequence (prefix / prompt tuning; 0 for a plain model)."""
+        return 0 if self.kv_prefix is None else self.kv_prefix.num_virtual_tokens
+
+    @property
+    def context_length(self) -> int:
+        """Real tokens a sequence may hold: block_size less the virtual tokens."""
+        return self.config.block_size - self.num_virtual_tokens
+
+    @property
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
@@ -216,31 +275,55 @@ class GPT(nn.Module):
                       mask: Optional[torch.Tensor] = None, caches: Optional[list[KVCache]] = None,
                       start: int | torch.Tensor = 0) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, n_embd): everything but the head (see forward).
-        Token ids are checked on calls without caches (decoding checks its prompt once)."""
+        Token ids are checked on calls without caches (decoding checks its prompt once).
+
+        With virtual tokens (kv_prefix, P of them) positions and `start` still count real tokens:
+        the model puts them after the prefix (position ids + P), as PEFT's prefix/prompt tuning do."""
         if caches is None and not torch.compiler.is_compiling():
             check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
+        P = self.num_virtual_tokens
         if pos is None and isinstance(start, torch.Tensor):
             pos = start + torch.arange(T, device=idx.device)                 # (T,)
         elif pos is None:
-            if start + T > self.config.block_size:
+            if start + T > self.context_length:
+                virtual = f" less {P} virtual tokens" if P else ""
                 raise ConfigError(f"sequence of {start + T} tokens exceeds the context length "
-                                 f"({self.config.block_size})")
+                                  f"({self.config.block_size}{virtual})")
             pos = torch.arange(start, start + T, device=idx.device)         # (T,)
+        prefix = [None] * self.config.n_layer
+        if P:
+            pos = pos + P
+            if caches is None:
+                prefix = self.kv_prefix.layer_kv(self)                   # per layer (1, H, P, D) keys, values
+            elif caches[0].offset != P:
+                raise ConfigError(f"KV caches hold {caches[0].offset} virtual tokens, the model {P}: "
+                                  "make them with model.new_caches")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             cache = caches[i] if caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, start, prefix[i], use_reentrant=False)
             else:
-                x = block(x, mask, cache, start)
+                x = block(x, mask, cache, start, prefix[i])
         return self.transformer.ln_f(x)
 
     def new_caches(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> list[KVCache]:
-        """Preallocated KV caches for `generate`-style decoding (one per layer)."""
-        c = self.config
-        return [KVCache(batch_size, c.n_head, max_len, c.head_dim, dtype or self.dtype, self.device)
-                for _ in range(c.n_layer)]
+        """Preallocated KV caches for `generate`-style decoding (one per layer), max_len real tokens
+        each; a model with virtual tokens gets them written in front (see KVCache)."""
+        c, P = self.config, self.num_virtual_tokens
+        caches = [KVCache(batch_size, c.n_head, max_len, c.head_dim, dtype or self.dtype, self.device, offset=P)
+                  for _ in range(c.n_layer)]
+        if P:
+            self.fill_prefix(caches)
+        return caches
+
+    @torch.no_grad()
+    def fill_prefix(self, caches: list[KVCache]) -> None:
+        """(Re)write the virtual tokens' keys/values into caches made by new_caches."""
+        if self.num_virtual_tokens:
+            for cache, (k, v) in zip(caches, self.kv_prefix.layer_kv(self)):
+                cache.fill_prefix(k, v)
 
     # --- checkpoints and generation live in their own modules; thin methods here -------------
     @classmethod
