@@ -1,4 +1,4 @@
-"""LoRA for minigpt's GPT, with adapters saved and read in PEFT's on-disk layout.
+"""LoRA and DoRA for minigpt's GPT, with adapters saved and read in PEFT's on-disk layout.
 
 `LoRALinear` replaces an `nn.Linear` *in place of it* and keeps its parameter names: the wrapped
 layer's `weight` / `bias` Parameters are held directly, so state-dict keys such as
@@ -9,18 +9,30 @@ layer's `weight` / `bias` Parameters are held directly, so state-dict keys such 
 
 A is Kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B is zero, so a fresh adapter is a no-op.
 
+DoRA (weight-decomposed LoRA, Liu et al. 2024; use_dora=True) adds a trainable magnitude
+`...lora_magnitude` [out], initialised to the row norms of W + scaling B A, and rescales each
+output row of the adapted weight to it:
+
+    W' = m * (W + scaling B A) / ||W + scaling B A||      (norm per output row, treated as a constant)
+    y  = x W^T + b + (m/n - 1) * x W^T + (m/n) * dropout(x) A^T B^T * scaling   (n = that norm)
+
+The bias is not rescaled; with dropout active in training the `(m/n - 1) x W^T` term sees the
+dropped-out input (PEFT's numerics exactly).
+
     add_lora(model, r=8, alpha=16, dropout=0.05, targets=("c_attn",))  # freezes everything else
-    merge_lora(model); unmerge_lora(model)           # W += B A * scaling and back
+    LoRAConfig(r=8, use_dora=True).apply(model)      # or method_config("dora", r=8)
+    merge_lora(model); unmerge_lora(model)           # W' as above and back
     remove_lora(model, merge=True)                   # == merge_and_unload: a plain GPT again
     save_adapter(model, dir); load_adapter(model, dir)
 
 Targets match module names by suffix on a dot boundary, as PEFT does with a list of names:
 "c_attn", "c_proj" (attention and MLP), "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head".
 The pseudo-targets "q", "k", "v" put LoRA on chosen slices of the fused c_attn only (lora_B then
-covers just those output rows). PEFT has no such option for GPT-2's fused projection; on save the
-adapter is written as an ordinary c_attn adapter whose lora_B rows for the other slices are zero,
-which PEFT loads with identical outputs, and the slice choice is kept in the safetensors metadata
-(`minigpt_qkv`) so minigpt reads it back with the smaller shape.
+covers just those output rows; not with DoRA, whose row norms span the whole layer). PEFT has no
+such option for GPT-2's fused projection; on save the adapter is written as an ordinary c_attn
+adapter whose lora_B rows for the other slices are zero, which PEFT loads with identical outputs,
+and the slice choice is kept in the safetensors metadata (`minigpt_qkv`) so minigpt reads it back
+with the smaller shape.
 
 lm_head is tied to transformer.wte. A LoRA on lm_head keeps the tie (its `weight` *is* the wte
 Parameter) and changes only the output projection, exactly like PEFT. Merging it would also change
@@ -28,13 +40,16 @@ the input embeddings, so `merge_lora` refuses to merge a tied lm_head (`remove_l
 drops it instead).
 
 On-disk layout (PEFT, readable by `peft.PeftModel.from_pretrained(GPT2LMHeadModel, dir)`):
-adapter_config.json and adapter_model.safetensors with keys
-`base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+adapter_config.json (peft_type LORA, use_dora) and adapter_model.safetensors with keys
+`base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r] and, for DoRA,
+`...lora_magnitude_vector` [out]. The files themselves are read and written by minigpt.peft.
+
+This module is minigpt.peft's "lora" and "dora" method: attached, save, load, method_config,
+merge_and_unload.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -46,22 +61,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import AdapterError, ConfigError
-from .fileio import atomic_write
+from .peft import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    NAMES,
+    PEFT_PREFIX,
+    adapter_method,
+    base_name,
+    count_parameters,
+    read_config,
+    read_tensors,
+    write_adapter,
+)
 from .quant import QuantLinear
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "merge_and_unload",
     "lora_layers", "lora_parameters", "lora_disabled", "lora_state_dict", "load_lora_state_dict",
     "save_adapter", "load_adapter", "read_adapter_config", "count_parameters",
+    "attached", "save", "load", "method_config",
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "KNOWN_TARGETS",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_BIN_NAME = "adapter_model.bin"       # older PEFT releases; read only
-PEFT_PREFIX = "base_model.model."
 KNOWN_TARGETS = ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head", "q", "k", "v")
 _QKV = ("q", "k", "v")
+_METHODS = ("lora", "dora")
 
 
 class LoRALinear(nn.Module):
@@ -75,14 +99,20 @@ class LoRALinear(nn.Module):
     out_slices:   optional tuple of booleans splitting out_features into equal chunks (e.g.
                   (True, False, True) for q and v of a fused qkv projection); lora_B then has only
                   the selected rows and the update is zero elsewhere. None = all outputs.
+    use_dora:     DoRA: add the magnitude `lora_magnitude` (out,) (see the module docstring).
+                  Not on a quantized base, not with out_slices.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False, out_slices: Optional[Sequence[bool]] = None):
+                 use_rslora: bool = False, out_slices: Optional[Sequence[bool]] = None, use_dora: bool = False):
         super().__init__()
         _check_hparams(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.quant = base if isinstance(base, QuantLinear) else None
+        self.use_dora = bool(use_dora)
+        if self.use_dora and self.quant is not None:
+            raise ConfigError("DoRA on a quantized (nf4/int8) base is not supported: use LoRA there, or DoRA "
+                              "on a full-precision base")
         self.weight = None if self.quant is not None else base.weight   # (out, in), same Parameter
         self.bias = base.bias                                      # (out,) or None
         self.r, self.alpha, self.use_rslora = int(r), alpha, bool(use_rslora)
@@ -90,27 +120,37 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_p = float(dropout)
         self.out_slices: Optional[tuple[bool, ...]] = None
-        n_out = self.out_features
-        if out_slices is not None:
-            out_slices = tuple(bool(s) for s in out_slices)
-            k = len(out_slices)
-            if k == 0 or self.out_features % k or not any(out_slices):
-                raise ConfigError(f"out_slices {out_slices} must split {self.out_features} outputs into "
-                                  f"equal chunks and select at least one")
-            if not all(out_slices):
-                self.out_slices = out_slices
-                chunk = self.out_features // k
-                idx = torch.cat([torch.arange(i * chunk, (i + 1) * chunk)
-                                 for i, on in enumerate(out_slices) if on])
-                self.register_buffer("lora_out_idx", idx.to(self._device), persistent=False)
-                n_out = idx.numel()
+        n_out = self._init_slices(out_slices)
         factory = dict(device=self._device, dtype=torch.float32 if self.quant is not None else self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.empty(n_out, self.r, **factory))              # (out', r)
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory))   # (out,)
+            self.register_buffer("dora_factor", None, persistent=False)   # m / n while merged (out,)
         self.merged = False
         self.enabled = True
         self.reset_lora_parameters()
         self.train(base.training)                                  # inherit train/eval mode
+
+    def _init_slices(self, out_slices) -> int:
+        """Set out_slices / lora_out_idx; returns lora_B's row count."""
+        if out_slices is None:
+            return self.out_features
+        out_slices = tuple(bool(s) for s in out_slices)
+        k = len(out_slices)
+        if k == 0 or self.out_features % k or not any(out_slices):
+            raise ConfigError(f"out_slices {out_slices} must split {self.out_features} outputs into "
+                              f"equal chunks and select at least one")
+        if all(out_slices):
+            return self.out_features
+        if self.use_dora:
+            raise ConfigError("DoRA cannot adapt slices (q, k, v) of c_attn: its magnitude rescales whole "
+                              "output rows of the layer; target c_attn instead")
+        self.out_slices = out_slices
+        chunk = self.out_features // k
+        idx = torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i, on in enumerate(out_slices) if on])
+        self.register_buffer("lora_out_idx", idx.to(self._device), persistent=False)
+        return idx.numel()
 
     @property
     def _device(self) -> torch.device:
@@ -119,6 +159,13 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: m = row norms of W + scaling B A (the adapted layer's output is then unchanged)."""
+        self.lora_magnitude.copy_(self.weight_norm())
 
     # --- the update as a dense (out, in) matrix --------------------------------------------
     def full_lora_B(self) -> torch.Tensor:
@@ -133,28 +180,65 @@ class LoRALinear(nn.Module):
         return (self.full_lora_B().float() @ self.lora_A.float()) * self.scaling
 
     @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's n: row norms of the unmerged W + scaling B A, float32 (out,), no gradient."""
+        return torch.linalg.norm(self.base_weight() + self.delta_weight(), dim=1)
+
+    @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """The base W in float32 (out, in), as it is without the adapter (also while merged)."""
+        if self.quant is not None:
+            return self.quant.dense(torch.float32)
+        w = self.weight.detach().float()
+        if not self.merged:
+            return w
+        if self.use_dora:
+            w = w / self.dora_factor[:, None]
+        return w - self.delta_weight()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The adapted dense weight in float32 (out, in): W + scaling B A, or DoRA's m/n (W + scaling B A)."""
+        if self.merged:
+            return self.weight.detach().float()
+        w = self.base_weight() + self.delta_weight()
+        if self.use_dora:
+            w = (self.lora_magnitude.float() / torch.linalg.norm(w, dim=1))[:, None] * w
+        return w
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """W += B A * scaling (computed in float32). A merged layer's forward skips the LoRA path."""
+        """Fold the update into W (computed in float32); a merged layer's forward skips the adapter."""
         if self.merged:
             raise RuntimeError("LoRA layer is already merged")
         if self.quant is not None:
             raise ConfigError("cannot merge LoRA into a quantized (nf4/int8) base: load the base in full "
                               "precision, load the adapter there and merge")
-        self.weight.data = (self.weight.data.float() + self.delta_weight()).to(self.weight.dtype)
+        w = self.weight.data.float() + self.delta_weight()                  # (out, in)
+        if self.use_dora:
+            self.dora_factor = self.lora_magnitude.detach().float() / torch.linalg.norm(w, dim=1)   # (out,)
+            w = self.dora_factor[:, None] * w
+        self.weight.data = w.to(self.weight.dtype)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= B A * scaling: undoes merge() up to floating-point rounding."""
+        """Undo merge() up to floating-point rounding (DoRA divides by the factor kept from merge)."""
         if not self.merged:
             raise RuntimeError("LoRA layer is not merged")
-        self.weight.data = (self.weight.data.float() - self.delta_weight()).to(self.weight.dtype)
+        w = self.weight.data.float()
+        if self.use_dora:
+            w = w / self.dora_factor[:, None]
+            self.dora_factor = None
+        self.weight.data = (w - self.delta_weight()).to(self.weight.dtype)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant(x) if self.quant is not None else F.linear(x, self.weight, self.bias)   # (..., out)
         if self.merged or not self.enabled:
             return y
+        if self.use_dora:
+            return self._dora_forward(x, y)
         h = self.lora_dropout(x).to(self.lora_A.dtype)
         u = F.linear(h, self.lora_A) * self.scaling                        # (..., r): scale the small side
         if self.out_slices is None and u.dtype == y.dtype:
@@ -165,6 +249,18 @@ class LoRALinear(nn.Module):
         if self.out_slices is not None:
             d = d.new_zeros(*d.shape[:-1], self.out_features).index_copy(-1, self.lora_out_idx, d)
         return y + d.to(y.dtype)
+
+    def _dora_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + (m/n - 1) x W^T + (m/n) dropout(x) A^T B^T scaling; n detached, bias not rescaled."""
+        scale = (self.lora_magnitude / self.weight_norm().to(self.lora_magnitude.dtype)).view(1, -1)   # (1, out)
+        dropout_on = self.training and self.dropout_p > 0
+        h = self.lora_dropout(x) if dropout_on else x
+        lora = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)   # (..., out)
+        if dropout_on:
+            base = F.linear(h, self.weight)                                # the dropped-out input, no bias
+        else:
+            base = y if self.bias is None else y - self.bias
+        return y + ((scale - 1) * base + scale * lora * self.scaling).to(y.dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's weight/bias Parameters (LoRA part dropped); the
@@ -180,6 +276,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
              f"alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}")
+        if self.use_dora:
+            s += ", use_dora=True"
         if self.out_slices is not None:
             s += f", out_slices={self.out_slices}"
         return s
@@ -197,33 +295,66 @@ def _check_hparams(r, alpha, dropout, names: Sequence[str] = ("LoRA rank r", "Lo
         raise ConfigError(f"{names[2]} must be in [0, 1), got {dropout!r}")
 
 
+def split_targets(targets) -> tuple[str, ...]:
+    """Module-name targets from a string ("a,b c") or a sequence of such strings."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return tuple(t for item in items for t in re.split(r"[,\s]+", item) if t)
+
+
 @dataclass
 class LoRAConfig:
-    """LoRA hyperparameters, validated: what `add_lora` takes and a fine-tune records.
-    targets: module-name suffixes and/or q, k, v (see add_lora); comma-separated strings are split."""
+    """LoRA / DoRA hyperparameters, validated: what `add_lora` takes and a fine-tune records.
+    targets: module-name suffixes and/or q, k, v (see add_lora); comma-separated strings are split.
+    use_dora: weight-decomposed LoRA (a magnitude per output row; not with q, k, v)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("c_attn",)
     rslora: bool = False
+    use_dora: bool = False
     flags: Sequence[str] = field(default=("LoRA rank r", "LoRA alpha", "LoRA dropout"), repr=False,
                                  compare=False)        # what error messages call r, alpha, dropout
 
     def __post_init__(self) -> None:
         _check_hparams(self.r, self.alpha, self.dropout, self.flags)
-        items = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        self.targets = tuple(t for item in items for t in re.split(r"[,\s]+", item) if t)
-        _normalise_targets(self.targets)
+        self.targets = split_targets(self.targets)
+        _, qkv = _normalise_targets(self.targets)
+        self.rslora, self.use_dora = bool(self.rslora), bool(self.use_dora)
+        if self.use_dora and qkv is not None:
+            raise ConfigError("DoRA cannot adapt slices (q, k, v) of c_attn (its magnitude rescales whole output "
+                              "rows); target c_attn instead")
+
+    @property
+    def method(self) -> str:
+        """"dora" or "lora": the minigpt.peft method name."""
+        return "dora" if self.use_dora else "lora"
 
     def to_dict(self) -> dict:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
-                "rslora": self.rslora}
+                "rslora": self.rslora, "use_dora": self.use_dora}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """add_lora with these settings."""
+        """add_lora with these settings (freezes the rest of the model)."""
         return add_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                        use_rslora=self.rslora)
+                        use_rslora=self.rslora, use_dora=self.use_dora)
+
+    def describe(self) -> str:
+        """One line, e.g. "DoRA r=8 alpha=16 on c_attn"."""
+        extra = ", rsLoRA" if self.rslora else ""
+        return f"{NAMES[self.method]} r={self.r} alpha={self.alpha:g} on {', '.join(self.targets)}{extra}"
+
+
+def method_config(method: str = "lora", **kw) -> LoRAConfig:
+    """minigpt.peft's entry: LoRAConfig for "lora" or "dora" from r, alpha, dropout, targets, rslora
+    (None = default)."""
+    if method not in _METHODS:
+        raise ConfigError(f"minigpt.lora provides {' and '.join(_METHODS)}, not {method!r}")
+    allowed = ("r", "alpha", "dropout", "targets", "rslora")
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{NAMES[method]} has no setting {', '.join(unknown)} (it takes {', '.join(allowed)})")
+    return LoRAConfig(**{k: v for k, v in kw.items() if v is not None}, use_dora=method == "dora")
 
 
 def _name_matches(name: str, target: str) -> bool:
@@ -232,9 +363,7 @@ def _name_matches(name: str, target: str) -> bool:
 
 def _normalise_targets(targets) -> tuple[tuple[str, ...], Optional[tuple[bool, bool, bool]]]:
     """Split user targets into module-name targets and an optional q/k/v selection for c_attn."""
-    if isinstance(targets, str):
-        targets = [t for t in re.split(r"[,\s]+", targets) if t]
-    targets = tuple(targets)
+    targets = split_targets(targets)
     if not targets:
         raise ConfigError("LoRA targets must name at least one module")
     qkv = tuple(t in targets for t in _QKV)
@@ -253,9 +382,40 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def find_targets(model: nn.Module, names: Sequence[str], wrapper: type, what: str,
+                 known: Sequence[str] = KNOWN_TARGETS) -> list[str]:
+    """Names of the modules matched (by dotted suffix) by `names`: each must be an nn.Linear (or a
+    QuantLinear) not yet wrapped in `wrapper`, and every target must match one (ConfigError)."""
+    found: list[str] = []
+    matched: set[str] = set()
+    for name, mod in model.named_modules():
+        hits = [t for t in names if _name_matches(name, t)]
+        if not hits:
+            continue
+        if isinstance(mod, wrapper):
+            raise ConfigError(f"{name} already has a {what} layer")
+        if not isinstance(mod, (nn.Linear, QuantLinear)):
+            raise ConfigError(f"{what} target {hits[0]!r} matched {name}, a {type(mod).__name__}, not an nn.Linear")
+        matched.update(hits)
+        found.append(name)
+    missing = [t for t in names if t not in matched]
+    if not found or missing:
+        raise ConfigError(f"{what} target(s) {missing or list(names)} match no module; "
+                          f"known targets: {', '.join(known)}")
+    return found
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """{module name: LoRALinear} for every LoRA layer in the model."""
+    """{module name: LoRALinear} for every LoRA (or DoRA) layer in the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def attached(model: nn.Module) -> Optional[str]:
+    """minigpt.peft's probe: "dora" or "lora" when the model has LoRA layers, else None."""
+    layers = lora_layers(model).values()
+    if not layers:
+        return None
+    return "dora" if any(m.use_dora for m in layers) else "lora"
 
 
 @contextlib.contextmanager
@@ -274,58 +434,46 @@ def lora_disabled(model: nn.Module):
             m.enabled = e
 
 
+def _own_params(m: LoRALinear) -> tuple[nn.Parameter, ...]:
+    return (m.lora_A, m.lora_B, m.lora_magnitude) if m.use_dora else (m.lora_A, m.lora_B)
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA A/B Parameters (what an optimizer should get)."""
-    return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
+    """The LoRA A/B (and DoRA magnitude) Parameters: what an optimizer should get."""
+    return [p for m in lora_layers(model).values() for p in _own_params(m)]
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) Parameters count once."""
-    ps = list(model.parameters())    # nn.Module.parameters() already de-duplicates tied tensors
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
-
-
-def _is_tied(model: nn.Module, layer: nn.Module) -> bool:
+def is_tied(model: nn.Module, layer: nn.Module) -> bool:
+    """True when `layer`'s weight is the model's token embedding (the tied lm_head)."""
     wte = getattr(getattr(model, "transformer", None), "wte", None)
     return wte is not None and getattr(layer, "weight", None) is wte.weight
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
              targets: Union[str, Iterable[str]] = ("c_attn",), use_rslora: bool = False,
-             freeze: bool = True) -> nn.Module:
+             freeze: bool = True, use_dora: bool = False) -> nn.Module:
     """Wrap every nn.Linear whose name ends with a target in a LoRALinear; freeze the rest.
 
     targets: module-name suffixes ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc",
              "lm_head") and/or "q", "k", "v" for slices of the fused c_attn; also a
-             comma-separated string. Returns the model (modified in place).
+             comma-separated string. use_dora: DoRA layers. Returns the model (modified in place).
     """
     _check_hparams(r, alpha, dropout)
     names, qkv = _normalise_targets(targets)
-    found: list[str] = []
-    matched_targets: set[str] = set()
-    for name, mod in list(model.named_modules()):
-        hits = [t for t in names if _name_matches(name, t)]
-        if not hits:
-            continue
-        if isinstance(mod, LoRALinear):
-            raise ConfigError(f"{name} already has a LoRA layer")
-        if not isinstance(mod, (nn.Linear, QuantLinear)):
-            raise ConfigError(f"LoRA target {hits[0]!r} matched {name}, a {type(mod).__name__}, "
-                              "not an nn.Linear")
-        matched_targets.update(hits)
-        found.append(name)
-    missing = [t for t in names if t not in matched_targets]
-    if not found or missing:
-        raise ConfigError(f"LoRA target(s) {missing or list(names)} match no module; "
-                          f"known targets: {', '.join(KNOWN_TARGETS)}")
+    if use_dora and qkv is not None:
+        raise ConfigError("DoRA cannot adapt slices (q, k, v) of c_attn; target c_attn instead")
+    found = find_targets(model, names, LoRALinear, "LoRA")
+    if use_dora and any(isinstance(model.get_submodule(n), QuantLinear) for n in found):
+        raise ConfigError("DoRA on a quantized (nf4/int8) base is not supported: use LoRA there, or DoRA "
+                          "on a full-precision base")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name in found:
         base = model.get_submodule(name)
         slices = qkv if (qkv is not None and _name_matches(name, "c_attn")) else None
-        _set_module(model, name, LoRALinear(base, r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, out_slices=slices))
+        _set_module(model, name, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                            out_slices=slices, use_dora=use_dora))
     return model
 
 
@@ -333,7 +481,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every (unmerged) LoRA update into its base weight. Undo with unmerge_lora."""
     layers = lora_layers(model)
     for name, m in layers.items():
-        if not m.merged and _is_tied(model, m):
+        if not m.merged and is_tied(model, m):
             raise ConfigError(f"{name} shares its weight with transformer.wte; merging its LoRA would "
                               "change the input embeddings too. Keep it as an adapter, or drop it with "
                               "remove_lora(model, merge=False)")
@@ -344,7 +492,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Subtract every merged LoRA update from its base weight again."""
+    """Take every merged LoRA update out of its base weight again."""
     for m in lora_layers(model).values():
         if m.merged:
             m.unmerge()
@@ -376,55 +524,39 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 # --- state dicts --------------------------------------------------------------------------
 
+def _own_names(m: LoRALinear) -> tuple[str, ...]:
+    return ("lora_A", "lora_B", "lora_magnitude") if m.use_dora else ("lora_A", "lora_B")
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """minigpt-named LoRA tensors: {"<module>.lora_A": [r, in], "<module>.lora_B": [out', r]}."""
-    out = {}
-    for name, m in lora_layers(model).items():
-        out[f"{name}.lora_A"] = m.lora_A.detach()
-        out[f"{name}.lora_B"] = m.lora_B.detach()
-    return out
+    """minigpt-named tensors: {"<module>.lora_A": [r, in], "<module>.lora_B": [out', r]} and,
+    for DoRA, "<module>.lora_magnitude": [out]."""
+    return {f"{name}.{k}": getattr(m, k).detach() for name, m in lora_layers(model).items() for k in _own_names(m)}
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy a lora_state_dict() into a model with the same LoRA layers (shapes checked)."""
     layers = lora_layers(model)
-    expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
+    expected = {f"{n}.{k}" for n, m in layers.items() for k in _own_names(m)}
     if set(sd) != expected:
         miss, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
         raise ConfigError(f"LoRA state dict does not match the model's LoRA layers "
                           f"(missing {miss[:4]}, unexpected {extra[:4]})")
     for name, m in layers.items():
-        for ab in "AB":
-            p, t = getattr(m, f"lora_{ab}"), sd[f"{name}.lora_{ab}"]
+        for k in _own_names(m):
+            p, t = getattr(m, k), sd[f"{name}.{k}"]
             if tuple(t.shape) != tuple(p.shape):
-                raise ConfigError(f"{name}.lora_{ab}: adapter has shape {tuple(t.shape)}, "
-                                  f"model expects {tuple(p.shape)}")
+                raise ConfigError(f"{name}.{k}: adapter has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)
 
 
-def _peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT-keyed tensors (lora_B expanded to full rows) and safetensors metadata."""
-    tensors, qkv = {}, None
-    for name, m in lora_layers(model).items():
-        if m.merged:
-            raise ConfigError("unmerge the LoRA layers (unmerge_lora) before saving the adapter")
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.full_lora_B().detach().contiguous()
-        if m.out_slices is not None:
-            qkv = "".join(c for c, on in zip(_QKV, m.out_slices) if on)
-    meta = {"format": "pt"}
-    if qkv is not None:
-        meta["minigpt_qkv"] = qkv
-    return tensors, meta
+# --- adapter folders (minigpt.peft's protocol) -----------------------------------------------
 
-
-# --- adapter directories ------------------------------------------------------------------
-
-def _adapter_targets(model: nn.Module) -> list[str]:
-    """target_modules for the config: the shortest suffix of each LoRA module name that selects
-    exactly the same set of modules as before (what PEFT will match on load)."""
-    layers = set(lora_layers(model))
+def adapter_targets(model: nn.Module, layers: Iterable[str]) -> list[str]:
+    """target_modules for a config: the shortest suffix of each adapted module's name that selects
+    exactly adapted modules among all of the model's (what PEFT will match on load)."""
+    layers = set(layers)
     all_names = [n for n, _ in model.named_modules() if n]
     targets: list[str] = []
     for name in sorted(layers):
@@ -438,128 +570,95 @@ def _adapter_targets(model: nn.Module) -> list[str]:
     return targets
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout; returns the dir."""
-    from safetensors.torch import save_file
-
+def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
+         ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(adapter_config.json dict, PEFT-keyed tensors, safetensors metadata) of the model's LoRA/DoRA
+    layers. lora_B is written with full rows (q/k/v slices: zero rows elsewhere, kept in metadata)."""
     layers = lora_layers(model)
     if not layers:
         raise ConfigError("model has no LoRA layers to save (call add_lora or load_adapter first)")
-    hp = {(m.r, m.alpha, m.dropout_p, m.use_rslora) for m in layers.values()}
+    hp = {(m.r, m.alpha, m.dropout_p, m.use_rslora, m.use_dora) for m in layers.values()}
     if len(hp) != 1:
-        raise ConfigError(f"LoRA layers disagree on r/alpha/dropout/rslora: {sorted(hp)}")
-    r, alpha, dropout, rslora = hp.pop()
-    if base_model_name_or_path is None:
-        name = getattr(getattr(model, "config", None), "name", None)
-        base_model_name_or_path = name if name and name != "custom" else None
+        raise ConfigError(f"LoRA layers disagree on r/alpha/dropout/rslora/use_dora: {sorted(hp)}")
+    r, alpha, dropout, rslora, dora = hp.pop()
     config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": _adapter_targets(model),
-        "exclude_modules": None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "target_modules": adapter_targets(model, layers), "exclude_modules": None,
         "fan_in_fan_out": True,              # GPT-2's HF layers are Conv1D (weights (in, out))
-        "bias": "none",
-        "use_rslora": rslora,
-        "use_dora": False,
-        "lora_bias": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
+        "bias": "none", "use_rslora": rslora, "use_dora": dora, "lora_bias": False, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors, meta = _peft_state_dict(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+    tensors, meta = {}, {}
+    for name, m in layers.items():
+        if m.merged:
+            raise ConfigError("unmerge the LoRA layers (unmerge_lora) before saving the adapter")
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()            # (r, in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.full_lora_B().detach()     # (out, r)
+        if m.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude.detach()   # (out,)
+        if m.out_slices is not None:
+            meta["minigpt_qkv"] = "".join(c for c, on in zip(_QKV, m.out_slices) if on)
+    return config, tensors, meta
 
-    def write_json(p):
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(out / ADAPTER_CONFIG_NAME, write_json)
-    return out
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout; returns the dir."""
+    return write_adapter(out_dir, *save(model, base_name(model, base_model_name_or_path)))
+
+
+def _check_config(cfg: dict, where: str) -> None:
+    """What minigpt's LoRA does not do: bias training, LoRA biases, extra trained modules."""
+    if cfg.get("lora_bias", False):
+        raise AdapterError(f"{where}: lora_bias={cfg['lora_bias']!r} is not supported by minigpt")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{where}: bias={cfg['bias']!r} is not supported (only 'none')")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save={cfg['modules_to_save']!r} is not supported")
+
+
+def _not_lora(d: Path, found: str) -> AdapterError:
+    return AdapterError(f"{d} holds a {NAMES[found]} adapter ({found}), not LoRA (lora) or DoRA (dora); "
+                        "load it with minigpt.peft.load_adapter")
 
 
 def read_adapter_config(adapter_dir) -> dict:
-    """adapter_config.json of an adapter directory, checked for what minigpt supports."""
+    """adapter_config.json of a LoRA/DoRA adapter folder, checked for what minigpt supports."""
     d = Path(adapter_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(d)!r} does not exist")
-    cfg_path = d / ADAPTER_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: not a LoRA adapter directory "
-                                f"(expected {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key, ok in (("use_dora", False), ("lora_bias", False)):
-        if cfg.get(key, ok) != ok:
-            raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by minigpt")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
+    cfg = read_config(d)
+    found = adapter_method(d, cfg)
+    if found not in _METHODS:
+        raise _not_lora(d, found)
+    _check_config(cfg, str(d / ADAPTER_CONFIG_NAME))
     return cfg
-
-
-def _read_adapter_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    st, bin_ = d / ADAPTER_WEIGHTS_NAME, d / ADAPTER_BIN_NAME
-    if st.is_file():
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(st), framework="pt") as f:
-                meta = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
-        except (SafetensorError, OSError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AdapterError(f"{st}: unreadable adapter weights (truncated or corrupted?): {msg}") from e
-    if bin_.is_file():
-        from .checkpoint import read_tensors
-        from .errors import CheckpointError
-        try:                                 # weights_only loading; refuses pickled code
-            return read_tensors(bin_), {}
-        except CheckpointError as e:
-            raise AdapterError(str(e)) from e
-    raise FileNotFoundError(f"{st} not found: adapter directory has no weights "
-                            f"({ADAPTER_WEIGHTS_NAME} or {ADAPTER_BIN_NAME})")
 
 
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
                        r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+_PEFT_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector"
+                             r"(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$")
 
 
 def _parse_adapter_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{module: {"A": tensor, "B": tensor}} from PEFT-style keys (with or without the
-    base_model.model. prefix and the `.default` adapter name); other keys are ignored."""
+    """{module: {"A": tensor, "B": tensor[, "M": magnitude]}} from PEFT-style keys (with or without
+    the base_model.model. prefix and the `.default` adapter name); other keys are ignored."""
     mods: dict[str, dict[str, torch.Tensor]] = {}
     adapters = set()
     for key, t in tensors.items():
-        m = _PEFT_KEY.match(key)
+        m = _PEFT_KEY.match(key) or _PEFT_MAGNITUDE.match(key)
         if m is None:
             if "lora_" in key and not key.endswith("base_layer.weight"):
                 raise AdapterError(f"{where}: unsupported adapter tensor {key!r}")
             continue                           # e.g. base_layer weights PEFT saves for lm_head
         adapters.add(m["adapter"])
-        mods.setdefault(m["module"], {})[m["ab"]] = t
+        mods.setdefault(m["module"], {})[m.groupdict().get("ab") or "M"] = t
     if len(adapters) > 1:
         raise AdapterError(f"{where}: several adapters in one file ({sorted(a or '' for a in adapters)})")
     if not mods:
         raise AdapterError(f"{where}: no lora_A/lora_B tensors found")
     for mod, ab in mods.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise AdapterError(f"{where}: {mod} has lora_{''.join(ab)} but not both lora_A and lora_B")
     return mods
 
@@ -577,71 +676,76 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Module:
-    """Load a minigpt- or PEFT-written LoRA adapter into `model` (in place; returned).
+def _layer_plan(model: nn.Module, name: str, ab: dict, cfg: dict, dora: bool, qkv_meta: Optional[str]) -> tuple:
+    """Check one adapted module against the model; (name, module, tensors, r, alpha, slices)."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"adapter targets {name!r}, which this model does not have "
+                           f"(key {PEFT_PREFIX}{name}.lora_A.weight)") from None
+    if not isinstance(mod, (nn.Linear, QuantLinear, LoRALinear)):
+        raise AdapterError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
+    A, B, M = ab["A"], ab["B"], ab.get("M")
+    out_f, in_f = mod.out_features, mod.in_features
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise AdapterError(f"{name}: inconsistent LoRA shapes lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+    r = A.shape[0]
+    for key, t, want in (("lora_A.weight", A, (r, in_f)), ("lora_B.weight", B, (out_f, r)),
+                         ("lora_magnitude_vector", M, (out_f,))):
+        if t is not None and tuple(t.shape) != want:
+            raise AdapterError(f"shape mismatch for {PEFT_PREFIX}{name}.{key}: adapter has {tuple(t.shape)}, "
+                               f"model expects {want} (adapter for another base model?)")
+    if dora != (M is not None):
+        raise AdapterError(f"{name}: adapter_config.json says use_dora={dora} but the weights "
+                           f"{'lack' if dora else 'have'} {PEFT_PREFIX}{name}.lora_magnitude_vector")
+    if dora and isinstance(getattr(mod, "quant", mod), QuantLinear):
+        raise AdapterError(f"{name}: a DoRA adapter cannot be loaded on a quantized (nf4/int8) base; load the "
+                           "base in full precision")
+    slices = tuple(c in qkv_meta for c in _QKV) if qkv_meta and _name_matches(name, "c_attn") else None
+    r_cfg = _pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", r))
+    if r_cfg != r:
+        raise AdapterError(f"{name}: adapter_config.json says r={r_cfg} but lora_A has {r} rows")
+    alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
+    if isinstance(mod, LoRALinear):
+        if mod.r != r or mod.out_slices != (None if slices is None or all(slices) else slices):
+            raise AdapterError(f"{name}: model's LoRA layer (r={mod.r}) differs from the adapter's (r={r})")
+    return name, mod, (A, B, M), r, alpha, slices
 
-    On a plain model the LoRA layers named by the adapter's weights are added first (r from the
-    tensors, lora_alpha / lora_dropout / use_rslora / alpha_pattern from adapter_config.json) and,
-    with `freeze`, everything else is frozen. A model that already has LoRA layers must have the
-    same set (same names, shapes); their values are overwritten. Shapes are checked against the
-    model: an adapter for a differently sized base raises ValueError naming the key and both shapes.
-    """
+
+def load(model: nn.Module, adapter_dir, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+         freeze: bool = True) -> nn.Module:
+    """minigpt.peft's entry: put a read LoRA/DoRA adapter into `model` (in place; returned).
+
+    On a plain model the layers named by the adapter's weights are added first (r from the tensors,
+    lora_alpha / lora_dropout / use_rslora / use_dora / alpha_pattern from the config) and, with
+    `freeze`, everything else is frozen. A model that already has LoRA layers must have the same set
+    (names, shapes, LoRA vs DoRA); their values are copied into the existing Parameters, so an
+    optimizer holding them stays valid. Everything is checked before the model is touched."""
     d = Path(adapter_dir)
-    cfg = read_adapter_config(d)
-    tensors, meta = _read_adapter_tensors(d)
-    mods = _parse_adapter_tensors(tensors, str(d / ADAPTER_WEIGHTS_NAME))
-    qkv_meta = meta.get("minigpt_qkv")
-    alpha0 = cfg.get("lora_alpha", 8)
+    where = str(d / ADAPTER_WEIGHTS_NAME)
+    _check_config(cfg, str(d / ADAPTER_CONFIG_NAME))
+    mods = _parse_adapter_tensors(tensors, where)
+    dora = bool(cfg.get("use_dora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     rslora = bool(cfg.get("use_rslora", False))
-
     existing = lora_layers(model)
     if any(m.merged for m in existing.values()):
         raise AdapterError("model has merged LoRA layers; unmerge_lora(model) before load_adapter")
     if existing and set(existing) != set(mods):
         raise AdapterError(f"model already has LoRA layers {sorted(existing)[:3]}... that differ from "
                            f"the adapter's {sorted(mods)[:3]}...; load it into a plain model instead")
-
-    # validate everything before modifying the model
-    plan = []
-    for name, ab in sorted(mods.items()):
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"adapter targets {name!r}, which this model does not have "
-                               f"(key {PEFT_PREFIX}{name}.lora_A.weight)") from None
-        if not isinstance(mod, (nn.Linear, QuantLinear, LoRALinear)):
-            raise AdapterError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
-        A, B = ab["A"], ab["B"]
-        out_f, in_f = mod.out_features, mod.in_features
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{name}: inconsistent LoRA shapes lora_A {tuple(A.shape)}, "
-                               f"lora_B {tuple(B.shape)}")
-        r = A.shape[0]
-        if tuple(A.shape) != (r, in_f):
-            raise AdapterError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_A.weight: adapter has "
-                               f"{tuple(A.shape)}, model expects {(r, in_f)} (adapter for another base model?)")
-        if tuple(B.shape) != (out_f, r):
-            raise AdapterError(f"shape mismatch for {PEFT_PREFIX}{name}.lora_B.weight: adapter has "
-                               f"{tuple(B.shape)}, model expects {(out_f, r)} (adapter for another base model?)")
-        slices = None
-        if qkv_meta and _name_matches(name, "c_attn"):
-            slices = tuple(c in qkv_meta for c in _QKV)
-        r_cfg = _pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", r))
-        if r_cfg != r:
-            raise AdapterError(f"{name}: adapter_config.json says r={r_cfg} but lora_A has {r} rows")
-        alpha = _pattern_value(cfg.get("alpha_pattern"), name, alpha0)
-        if isinstance(mod, LoRALinear):
-            if mod.r != r or mod.out_slices != (None if slices is None or all(slices) else slices):
-                raise AdapterError(f"{name}: model's LoRA layer (r={mod.r}) differs from the adapter's (r={r})")
-        plan.append((name, mod, A, B, r, alpha, slices))
-
+    if existing and any(m.use_dora != dora for m in existing.values()):
+        have = "DoRA" if attached(model) == "dora" else "LoRA"
+        raise AdapterError(f"model carries {have} layers but {d} is a {'DoRA' if dora else 'LoRA'} adapter; "
+                           "load it into a plain model instead")
+    plan = [_layer_plan(model, name, ab, cfg, dora, meta.get("minigpt_qkv")) for name, ab in sorted(mods.items())]
     if freeze and not existing:
         for p in model.parameters():
             p.requires_grad_(False)
-    for name, mod, A, B, r, alpha, slices in plan:
+    for name, mod, (A, B, M), r, alpha, slices in plan:
         if isinstance(mod, (nn.Linear, QuantLinear)):
-            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, out_slices=slices)
+            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, out_slices=slices,
+                             use_dora=dora)
             _set_module(model, name, mod)
         else:
             mod.alpha, mod.use_rslora = alpha, rslora
@@ -649,4 +753,16 @@ def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Modul
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B if mod.out_slices is None else B.index_select(0, mod.lora_out_idx.cpu()))
+            if dora:
+                mod.lora_magnitude.copy_(M)
     return model
+
+
+def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Module:
+    """Load a minigpt- or PEFT-written LoRA or DoRA adapter folder into `model` (in place; returned);
+    see `load`. A folder of another method (IA3, ...) is refused naming both; an adapter for a
+    differently sized base raises AdapterError (a ValueError) naming the key and both shapes."""
+    d = Path(adapter_dir)
+    cfg = read_adapter_config(d)
+    tensors, meta = read_tensors(d)
+    return load(model, d, cfg, tensors, meta, freeze=freeze)
