@@ -208,7 +208,8 @@ def test_merged_forward_matches_peft_merge(base_dir):
 
 # --- adapters against PEFT ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("targets,rslora", [(("c_attn",), False), (("c_attn", "c_proj", "c_fc"), True)])
+@pytest.mark.parametrize("targets,rslora", [(("c_attn",), False), (("c_attn", "c_proj", "c_fc"), True),
+                                            (("c_attn", "lm_head"), False)])
 def test_minigpt_dora_loads_in_peft(base_dir, tmp_path, targets, rslora):
     m = GPT.from_pretrained(base_dir).eval()
     x = ids(V=SMALL["vocab_size"])

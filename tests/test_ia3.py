@@ -175,19 +175,21 @@ def test_remove_without_merge_and_refusals():
 # --- adapters against PEFT ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("targets,ff", [(("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-                                        (("c_attn", "c_proj", "c_fc"), ("mlp.c_proj",))])
+                                        (("c_attn", "c_proj", "c_fc"), ("mlp.c_proj",)),
+                                        (("c_fc", "lm_head"), ())])
 def test_minigpt_ia3_loads_in_peft(base_dir, tmp_path, targets, ff):
     m = GPT.from_pretrained(base_dir).eval()
     add_ia3(m, targets=targets, feedforward=ff)
     randomize_ia3(m)
     peft_save(m, tmp_path / "ad", base_model_name_or_path="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "IA3" and cfg["fan_in_fan_out"] is True and cfg["feedforward_modules"] == ["mlp.c_proj"]
+    assert cfg["peft_type"] == "IA3" and cfg["fan_in_fan_out"] is True and cfg["feedforward_modules"] == list(ff)
     assert set(cfg["feedforward_modules"]) <= set(cfg["target_modules"])
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
-    assert sd["base_model.model.transformer.h.0.attn.c_attn.ia3_l"].shape == (192, 1)
-    assert sd["base_model.model.transformer.h.0.mlp.c_proj.ia3_l"].shape == (1, 256)
+    if ff:
+        assert sd["base_model.model.transformer.h.0.attn.c_attn.ia3_l"].shape == (192, 1)
+        assert sd["base_model.model.transformer.h.0.mlp.c_proj.ia3_l"].shape == (1, 256)
     x = ids(V=V)
     with torch.no_grad():
         ours = m(x)
