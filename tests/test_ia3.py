@@ -277,3 +277,24 @@ def test_save_refuses_merged_and_missing(tmp_path):
     merge_ia3(m)
     with pytest.raises(ConfigError, match="unmerge"):
         save_adapter(m, tmp_path / "x")
+
+
+def test_quantized_base_runs_but_does_not_merge():
+    from minigpt.quant import quantize_model
+    m = quantize_model(small_gpt(), "int8")
+    x = ids(V=V)
+    with torch.no_grad():
+        base = m(x)
+    IA3Config().apply(m)
+    layer = m.transformer.h[0].attn.c_attn
+    assert layer.quant is not None and layer.ia3_l.dtype == torch.float32
+    randomize_ia3(m)
+    with torch.no_grad():
+        s = layer.ia3_l.clone()
+        h = m.transformer.h[0].ln_1(m.transformer.wte(x) + m.transformer.wpe(torch.arange(x.size(1))))
+        assert torch.allclose(layer(h), layer.quant(h) * s, atol=1e-6)
+        assert (m(x) - base).abs().max() > 1e-2
+    m(x).sum().backward()
+    assert all(p.grad is not None for p in ia3_parameters(m))
+    with pytest.raises(ConfigError, match="quantized"):
+        merge_ia3(m)

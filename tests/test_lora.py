@@ -504,3 +504,27 @@ def test_short_lora_training_lowers_masked_loss():
     for k, v in m.state_dict().items():
         if k in base:
             assert torch.equal(v, base[k]), k
+
+
+def test_method_protocol_through_minigpt_peft(tmp_path):
+    """lora as minigpt.peft's method: probe, config, save/load through the front door (q/v slices kept)."""
+    from minigpt import lora
+    from minigpt.peft import load_adapter as peft_load
+    from minigpt.peft import method_config, method_of
+    from minigpt.peft import save_adapter as peft_save
+    m = tiny_gpt()
+    assert lora.attached(m) is None and method_of(m) is None
+    cfg = method_config("lora", r=2, alpha=4, targets=("q", "v"), dropout=None)
+    assert cfg.method == "lora" and cfg.dropout == 0.05 and cfg.to_dict()["use_dora"] is False
+    assert cfg.describe() == "LoRA r=2 alpha=4 on q, v"
+    cfg.apply(m)
+    assert lora.attached(m) == "lora" and method_of(m) == "lora"
+    randomize_lora(m)
+    peft_save(m, tmp_path / "a")
+    m2 = peft_load(tiny_gpt(), tmp_path / "a", method="lora")
+    assert m2.transformer.h[0].attn.c_attn.out_slices == (True, False, True)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(m2.eval()(x), m.eval()(x))
+    with pytest.raises(ValueError, match="dora"):
+        lora.method_config("ia3")
