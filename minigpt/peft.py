@@ -16,7 +16,7 @@
 
 Every method module provides the same functions, which this module dispatches to:
     attached(model) -> Optional[str]            the method on the model (None when none)
-    save(model, out_dir, base_model_name_or_path) -> (config dict, tensors, metadata)
+    save(model, base_model_name_or_path) -> (adapter_config dict, tensors, safetensors metadata)
     load(model, adapter_dir, config dict, tensors, metadata, freeze) -> model  (in place)
     merge_and_unload(model) -> model            (mergeable methods only)
 Shared here: the method table, reading/writing the two files (atomic, one-line errors), counts.

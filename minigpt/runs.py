@@ -5,11 +5,13 @@ A run folder holds `run.json` (written first by `claim_run_dir`, then by the Tra
 {"kind": "pretrain" | "finetune", "train": ..., ...}) and the latest weights at its top level:
 
 * pretraining / full fine-tuning: config.json + model.safetensors (GPT.from_pretrained reads it)
-* LoRA fine-tuning: adapter_config.json + adapter_model.safetensors (PEFT layout)
+* parameter-efficient fine-tuning (any minigpt.peft method): adapter_config.json +
+  adapter_model.safetensors (PEFT's layout where PEFT has the method)
 
 finetune writes `minigpt_finetune.json` (FINETUNE_META) with what is needed to use the result:
-{"kind": "finetune", "method": "lora" | "full", "base": base source, "template": name,
-"mask_prompt", "max_length", "lora": {...} | null, "merged": "merged" | null, ...}.
+{"kind": "finetune", "method": "full" | one of minigpt.peft.METHODS, "peft": {...} | null,
+"base": base source, "template": name, "mask_prompt", "max_length", "lora": {...} | null,
+"merged": "merged" | null, ...}.
 
     claim_run_dir("out", "pretrain", inputs=[RunInput("--init-from", "m1/best", model=True)])
     model, template = load_finetuned("out-finetune")     # base + adapter, or the full weights
@@ -251,14 +253,15 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
            adapter's base_model_name_or_path) and applies the adapter; a full fine-tune (or a
            merged folder) loads the weights directly.
     base:  override the recorded base model source (e.g. when it has moved).
-    merge: fold the adapter into the weights (a plain GPT; faster to decode).
+    merge: fold the adapter into the weights (a plain GPT; faster to decode) where the method
+           allows it (lora, dora, ia3; minigpt.peft.MERGEABLE); other methods stay attached.
     quantize: load the base quantized ("nf4" | "int8", minigpt.quant): the adapter then stays
            unmerged on it (as in QLoRA training); a full fine-tune is quantized after loading.
     The model is returned in eval mode. template_name is the prompt template the run was trained
     with ("alpaca" when the folder carries no metadata).
     """
-    from .lora import load_adapter, merge_and_unload, read_adapter_config
     from .model import GPT
+    from .peft import MERGEABLE, adapter_method, load_adapter, merge_and_unload, read_config
 
     d = Path(path).expanduser()
     if not d.is_dir():
@@ -270,7 +273,7 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
     template = meta.get("template") or DEFAULT_TEMPLATE
 
     if has_adapter(d):
-        src = base or meta.get("base") or read_adapter_config(d).get("base_model_name_or_path")
+        src = base or meta.get("base") or read_config(d).get("base_model_name_or_path")
         if not src:
             raise CheckpointError(f"{d}: the adapter does not say which base model it was trained on; "
                                   "pass base=... (or --base)")
@@ -279,7 +282,7 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
         except CheckpointError as e:
             raise CheckpointError(f"base model of {d} could not be loaded: {e}") from e
         load_adapter(model, d)
-        if merge and not quantize:
+        if merge and not quantize and adapter_method(d) in MERGEABLE:
             model = merge_and_unload(model)
     elif has_model(d) or (d / "config.json").is_file():
         model = GPT.from_pretrained(d, dtype=dtype, device=device, quantize=quantize)

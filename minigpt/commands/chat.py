@@ -4,7 +4,7 @@ newest fine-tuned model (out-finetune/), else the newest pretrained one (out/).
 examples:
   minigpt chat                                        # newest local run
   minigpt chat --model gpt2 --template human-assistant
-  minigpt chat --model gpt2 --adapter out-finetune    # base + LoRA adapter (ours or PEFT's)
+  minigpt chat --model gpt2 --adapter out-finetune    # base + adapter (any method; ours or PEFT's)
   minigpt chat --prompt "Name three colors." --temperature 0
   printf 'hi\\n/set temperature 0\\nand again?\\n' | minigpt chat   # one turn per line
 (`python chat.py ...` is the same command.)
@@ -43,7 +43,8 @@ class ChatArgs:
     model: Optional[str] = field(None, "any GPT.from_pretrained source (preset, HF/OpenAI dir, train.py "
                                        "output) or a finetune output dir (default: newest out-finetune/, "
                                        "else out/)")
-    adapter: Optional[str] = field(None, "LoRA adapter dir (minigpt's or PEFT's; base: --model, else "
+    adapter: Optional[str] = field(None, "adapter dir, any fine-tuning method (minigpt's or PEFT's; base: --model, "
+                                         "else "
                                          "the adapter's base_model_name_or_path)")
     template: Optional[str] = field(None, "prompt template (default: the one the model was tuned with, "
                                           "else alpaca)", choices=list(TEMPLATE_NAMES))

@@ -36,7 +36,8 @@ class ExportArgs:
     gguf: Optional[str] = field(None, "the model GGUF file to write", metavar="OUT.gguf")
     model: Optional[str] = field(None, "any GPT.from_pretrained source (preset, folder, .gguf) or a finetune "
                                        "output folder (default: newest out-finetune/, else out/)", metavar="SRC")
-    adapter: Optional[str] = field(None, "LoRA adapter folder (minigpt's or PEFT's) applied to --model",
+    adapter: Optional[str] = field(None, "adapter folder (minigpt's or PEFT's) applied to --model: LoRA, "
+                                         "DoRA or IA3, merged",
                                    metavar="DIR")
     dtype: str = field("f16", "weights in the model file: f32, f16, bf16 or q8_0 (8-bit blocks of 32)",
                        choices=DTYPES)
@@ -89,7 +90,7 @@ def _check_adapter_kind(args: ExportArgs) -> None:
         if kind:
             raise AdapterError(f"{d}: a {kind} adapter adds learned virtual tokens or modules that llama.cpp "
                                "cannot apply and that do not merge into GPT-2's weights; GGUF export needs "
-                               "a full fine-tune or a LoRA adapter")
+                               "a full fine-tune or a LoRA, DoRA or IA3 adapter")
         if args.lora_gguf and (method not in (None, "lora") or peft_type not in (None, "LORA")
                                or _read_json(d / "adapter_config.json").get("use_dora")):
             raise AdapterError(f"{d}: a llama.cpp LoRA GGUF holds plain LoRA pairs only; export this "

@@ -17,21 +17,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..peft import MERGEABLE, METHODS, NAMES
 from ..quant import QUANT_MODES
 from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from .args import CLIError, RunArgs, check, command_main, field
 
 LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
+# each method's own flags (a flag given to another method is an error) and its default learning rate
+METHOD_FLAGS = {
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora"),
+    "dora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora"),
+    "ia3": ("ia3_targets", "ia3_feedforward"),
+    "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
+    "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+    "adapter": ("adapter_size", "adapter_placement", "adapter_nonlinearity"),
+}
+METHOD_LR = {None: 2e-4, "lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 3e-3, "prompt": 3e-2, "adapter": 1e-3}
+QUANTIZABLE = ("lora", "ia3", "prefix", "prompt", "adapter")    # methods that run on a quantized base
 
 
 @dataclass
 class FinetuneArgs(RunArgs):
-    DEFAULTS = dict(out_dir="out-finetune", max_steps=None, batch_size=2, grad_accum=4, lr=2e-4,
+    DEFAULTS = dict(out_dir="out-finetune", max_steps=None, batch_size=2, grad_accum=4, lr=None,
                     schedule="linear", weight_decay=0.0, eval_interval=50, eval_batches=None, seed=42)
     HELP = dict(data="instruction data: Alpaca JSON/JSONL, chat JSONL (messages) or '### Human:/### Assistant:' "
                      "text (default: the embedded set)",
                 out_dir="where the adapter (or model), checkpoints and metrics go",
                 max_steps="optimizer steps (default: from --epochs)",
+                lr="peak learning rate (default: per method: " +
+                   ", ".join(f"{m or 'full'} {v:g}" for m, v in METHOD_LR.items() if m != "dora") + ")",
                 eval_batches="validation batches per evaluation (default: all; 0 = no evaluation)",
                 val_fraction="share held out for validation when the data has no 'split' field, in [0, 1)",
                 samples="held-out prompts answered before and after training")
@@ -39,14 +53,32 @@ class FinetuneArgs(RunArgs):
     base: Optional[str] = field(None, "base model: any GPT.from_pretrained source (preset name, HF or "
                                       "minigpt folder, OpenAI checkpoint). Default: gpt2 when cached, "
                                       "else the latest train.py output (out/)")
-    lora: bool = field(False, "train a LoRA adapter (base frozen) instead of all weights")
-    lora_r: int = field(8, "LoRA rank")
-    lora_alpha: float = field(16.0, "LoRA alpha (update scaled by alpha / r)")
-    lora_dropout: float = field(0.05, "dropout on the LoRA input path")
-    lora_targets: list[str] = field(["c_attn"], "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
-                                                "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)",
-                                    metavar="NAME")
-    rslora: bool = field(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    method: Optional[str] = field(None, "parameter-efficient method (base frozen); without it all weights are "
+                                        "trained", choices=METHODS)
+    lora: bool = field(False, "short for --method lora")
+    lora_r: Optional[int] = field(None, "LoRA/DoRA rank (default: 8)")
+    lora_alpha: Optional[float] = field(None, "LoRA/DoRA alpha, update scaled by alpha / r (default: 16)")
+    lora_dropout: Optional[float] = field(None, "dropout on the LoRA/DoRA input path (default: 0.05)")
+    lora_targets: Optional[list[str]] = field(None, "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
+                                                    "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)",
+                                              metavar="NAME")
+    rslora: Optional[bool] = field(None, "rank-stabilised LoRA/DoRA: scale by alpha / sqrt(r)")
+    ia3_targets: Optional[list[str]] = field(None, "IA3: modules whose outputs (or, for --ia3-feedforward ones, "
+                                                   "inputs) are rescaled (default: c_attn mlp.c_proj)", metavar="NAME")
+    ia3_feedforward: Optional[list[str]] = field(None, "IA3: targets rescaled at their input (default: mlp.c_proj)",
+                                                 metavar="NAME")
+    num_virtual_tokens: Optional[int] = field(None, "prefix/prompt tuning: virtual tokens (default: 20)")
+    prefix_projection: Optional[bool] = field(None, "prefix tuning: reparameterise the prefixes through an MLP")
+    encoder_hidden_size: Optional[int] = field(None, "prefix tuning: hidden width of that MLP (default: n_embd)")
+    prompt_init: Optional[str] = field(None, "prompt tuning: initial virtual tokens, random or the embeddings of "
+                                             "--prompt-init-text (default: random)", choices=("random", "text"))
+    prompt_init_text: Optional[str] = field(None, "prompt tuning: the text for --prompt-init text")
+    adapter_size: Optional[int] = field(None, "bottleneck adapters: bottleneck width (default: 64)")
+    adapter_placement: Optional[str] = field(None, "bottleneck adapters: houlsby (after attention and MLP) or "
+                                                   "pfeiffer (after the MLP) (default: houlsby)",
+                                             choices=("houlsby", "pfeiffer"))
+    adapter_nonlinearity: Optional[str] = field(None, "bottleneck adapters: activation (default: relu)",
+                                                choices=("relu", "gelu", "tanh", "silu"))
     template: str = field(DEFAULT_TEMPLATE, "prompt template", choices=TEMPLATE_NAMES)
     mask_prompt: bool = field(True, "train on responses only (--no-mask-prompt: on prompts too)")
     max_length: Optional[int] = field(None, "max tokens per example, longer ones are cut at the end "
@@ -56,36 +88,82 @@ class FinetuneArgs(RunArgs):
     exact_match: int = field(16, "checkable validation records scored by exact match at each "
                                  "evaluation (greedy decoding; 0 = off)")
     quantize: Optional[str] = field(None, "QLoRA: load the base quantized and frozen, nf4 (4-bit NormalFloat, "
-                                          "double-quantised) or int8; needs --lora", choices=QUANT_MODES)
+                                          "double-quantised) or int8; with any --method but dora",
+                                    choices=QUANT_MODES)
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
-    merge: bool = field(False, "also write OUT_DIR/merged: the adapter merged into a plain GPT-2 model")
+    merge: bool = field(False, "also write OUT_DIR/merged: the adapter merged into a plain GPT-2 model "
+                               "(lora, dora, ia3)")
 
     def __post_init__(self) -> None:
+        self._resolve_method()
+        if self.lr is None:
+            self.lr = METHOD_LR[self.method]
         super().__post_init__()
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
         check(self.max_length is None or self.max_length >= 2, "max_length", "at least 2", self.max_length)
         check(self.exact_match >= 0, "exact_match", ">= 0", self.exact_match)
-        if self.quantize and not self.lora:
-            raise CLIError("--quantize needs --lora: a quantized base is frozen, so full fine-tuning would have "
-                           "nothing to train")
         if self.epochs is not None and self.max_steps is not None:
             raise CLIError("use either --epochs or --max-steps, not both")
         check(self.epochs is None or (self.epochs > 0 and self.epochs < float("inf")), "epochs", "> 0", self.epochs)
-        if self.lora:
-            cfg = self.lora_config()
-            if self.merge and any(t.endswith("lm_head") for t in cfg.targets):
+        if self.peft:
+            cfg = self.peft_config()
+            if self.merge and any(t.endswith("lm_head") for t in getattr(cfg, "targets", ())):
                 raise CLIError("--merge cannot fold a LoRA on lm_head (it is tied to the input embeddings); "
                                "drop lm_head from --lora-targets or leave out --merge")
 
+    def _resolve_method(self) -> None:
+        """--lora = --method lora; every method flag belongs to the chosen method; --quantize and
+        --merge only where the method allows them."""
+        if self.lora:
+            if self.method not in (None, "lora"):
+                raise CLIError(f"--lora is short for --method lora; it cannot be combined with --method {self.method}")
+            self.method = "lora"
+        for flag in dict.fromkeys(f for names in METHOD_FLAGS.values() for f in names):
+            if getattr(self, flag) is not None and flag not in METHOD_FLAGS.get(self.method, ()):
+                owners = ", ".join(m for m, names in METHOD_FLAGS.items() if flag in names)
+                given = f"--method {self.method}" if self.method else "a full fine-tune (no --method)"
+                raise CLIError(f"--{flag.replace('_', '-')} applies to --method {owners}, not to {given}")
+        if self.quantize and self.method not in QUANTIZABLE:
+            why = (f"{NAMES[self.method]} on a quantized base is not supported" if self.method else
+                   "a quantized base is frozen, so full fine-tuning would have nothing to train")
+            raise CLIError(f"--quantize needs --method {', '.join(QUANTIZABLE)} (or --lora): {why}")
+        if self.merge and self.method is not None and self.method not in MERGEABLE:
+            raise CLIError(f"--merge: {NAMES[self.method]} cannot be merged into the weights (it adds "
+                           f"{'virtual tokens' if self.method in ('prefix', 'prompt') else 'modules'}); "
+                           "leave out --merge and load the adapter on its base")
+
     @property
-    def method(self) -> str:
-        return "lora" if self.lora else "full"
+    def peft(self) -> bool:
+        """True for a parameter-efficient run (an adapter), False for full fine-tuning."""
+        return self.method is not None
 
+    def peft_config(self):
+        """The chosen method's validated config object (None for full fine-tuning)."""
+        if self.method in ("lora", "dora"):
+            from ..lora import LoRAConfig
+
+            def pick(v, default):
+                return default if v is None else v
+            return LoRAConfig(r=pick(self.lora_r, 8), alpha=pick(self.lora_alpha, 16.0),
+                              dropout=pick(self.lora_dropout, 0.05), targets=tuple(self.lora_targets or ("c_attn",)),
+                              rslora=bool(self.rslora), use_dora=self.method == "dora", flags=LORA_FLAGS)
+        if self.method is None:
+            return None
+        from ..peft import method_config
+
+        kw = {"ia3": dict(targets=self.ia3_targets, feedforward=self.ia3_feedforward),
+              "prefix": dict(num_virtual_tokens=self.num_virtual_tokens, projection=self.prefix_projection,
+                             encoder_hidden_size=self.encoder_hidden_size),
+              "prompt": dict(num_virtual_tokens=self.num_virtual_tokens, init=self.prompt_init,
+                             init_text=self.prompt_init_text),
+              "adapter": dict(size=self.adapter_size, placement=self.adapter_placement,
+                              non_linearity=self.adapter_nonlinearity)}[self.method]
+        return method_config(self.method, **{k: (tuple(v) if isinstance(v, list) else v)
+                                             for k, v in kw.items() if v is not None})
+
+    # kept for callers of the LoRA-only API
     def lora_config(self):
-        from ..lora import LoRAConfig
-
-        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
-                          self.rslora, flags=LORA_FLAGS)
+        return self.peft_config() if self.method in ("lora", "dora") else None
 
 
 def default_base() -> str:
@@ -106,9 +184,11 @@ def _check_resume_method(args: FinetuneArgs) -> None:
     from ..runs import read_finetune_meta
 
     meta = read_finetune_meta(args.out_dir) if args.resume else None
-    if meta is not None and meta.get("method") != args.method:
-        raise CLIError(f"--resume: {args.out_dir} holds a {meta.get('method')} fine-tune; "
-                       f"resume it {'with' if meta.get('method') == 'lora' else 'without'} --lora")
+    method = args.method or "full"
+    if meta is not None and meta.get("method") != method:
+        was = meta.get("method")
+        how = "without --method" if was == "full" else f"with --method {was}"
+        raise CLIError(f"--resume: {args.out_dir} holds a {was} fine-tune, not {method}; resume it {how}")
 
 
 def answers(model, tok, template, records, max_new_tokens: int, device) -> list[str]:
@@ -118,7 +198,7 @@ def answers(model, tok, template, records, max_new_tokens: int, device) -> list[
     from ..generate import generate
 
     prompts = [template.prompt_ids(r["messages"][:-1], tok, r.get("system")) for r in records]
-    block = model.config.block_size
+    block = model.context_length                          # less any virtual tokens
     out: list[str] = []
     for s in range(0, len(prompts), 16):
         group = [p[-(block - 1):] for p in prompts[s:s + 16]]          # keep room for one token
@@ -158,11 +238,12 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
 
 
 def _weights_io(args: FinetuneArgs, base_id: str):
-    from ..lora import load_adapter, save_adapter
     from ..model import GPT
+    from ..peft import load_adapter, save_adapter
 
-    if args.lora:
-        return (lambda m, d: save_adapter(m, d, base_model_name_or_path=base_id)), (lambda m, d: load_adapter(m, d))
+    if args.peft:
+        return ((lambda m, d: save_adapter(m, d, base_model_name_or_path=base_id)),
+                (lambda m, d: load_adapter(m, d, method=args.method)))
     return (lambda m, d: m.save_pretrained(d)), (lambda m, d: m.load_state_dict(GPT.from_pretrained(d).state_dict()))
 
 
@@ -218,7 +299,7 @@ def _merge(model, out_dir: Path, meta: dict) -> None:
     """out_dir/merged: the adapter folded into the full-precision base. model=None (a QLoRA run): the
     base is loaded again unquantized and the saved adapter merged there (merging into 4-bit weights
     would change the model: the quantisation is not additive)."""
-    from ..lora import merge_and_unload
+    from ..peft import merge_and_unload
     from ..runs import load_finetuned
 
     merged = merge_and_unload(model) if model is not None else load_finetuned(out_dir, merge=True)[0]
@@ -237,7 +318,7 @@ def finetune(args: FinetuneArgs) -> dict:
 
     from ..device import process_rank, resolve_device, resolve_precision
     from ..instruct import InstructionDataset
-    from ..lora import count_parameters
+    from ..peft import count_parameters
     from ..runs import RunInput, check_run_dir, claim_run_dir, resolve_base
     from ..templates import get_template
     from ..tokenizer import get_tokenizer
@@ -253,7 +334,8 @@ def finetune(args: FinetuneArgs) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok, template = get_tokenizer(), get_template(args.template)
-    model, max_length = _load_base(args, base_src)
+    peft_cfg = args.peft_config()
+    model, max_length = _load_base(args, base_src, getattr(peft_cfg, "num_virtual_tokens", 0))
     if args.quantize and precision == "bf16":         # QLoRA in bf16: the rest of the base in bf16 too
         from ..quant import cast_unquantized
         cast_unquantized(model, torch.bfloat16)
@@ -267,14 +349,14 @@ def finetune(args: FinetuneArgs) -> dict:
     base_id = resolve_base(base_src)
 
     torch.manual_seed(args.seed)
-    lora_cfg = args.lora_config() if args.lora else None
-    if lora_cfg is not None:
-        lora_cfg.apply(model)
+    if peft_cfg is not None:
+        peft_cfg.apply(model)
     model.gradient_checkpointing = args.gradient_checkpointing
     trainable, total = count_parameters(model)
-    meta = {"kind": "finetune", "method": args.method, "base": base_id, "template": template.name,
+    meta = {"kind": "finetune", "method": args.method or "full", "base": base_id, "template": template.name,
             "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
-            "lora": lora_cfg.to_dict() if lora_cfg else None,
+            "lora": peft_cfg.to_dict() if args.method in ("lora", "dora") else None,
+            "peft": peft_cfg.to_dict() if peft_cfg is not None else None,
             "data": str(args.data) if args.data else "embedded:instructions", "merged": None}
     evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs) if args.eval_batches != 0 else None
     save, load = _weights_io(args, base_id)
@@ -283,9 +365,8 @@ def finetune(args: FinetuneArgs) -> dict:
     sample_recs = (val_recs or train_recs)[:args.samples]
     if trainer.is_main:
         _write_meta(out_dir, meta)
-        what = (f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}"
-                f"{f' over a frozen {args.quantize} base (QLoRA)' if args.quantize else ''}"
-                if lora_cfg else "full fine-tuning")
+        what = (f"{peft_cfg.describe()}{f' over a frozen {args.quantize} base' if args.quantize else ''}"
+                if peft_cfg is not None else "full fine-tuning")
         print(f"base: {base_src} ({model.config.n_layer} layers x {model.config.n_embd} dims) | {what}: "
               f"{trainable:,} of {total:,} params trainable ({trainable / total:.2%})")
         print(f"data: {args.data or 'embedded instructions'}: {len(train_ex)} train / {len(val_ex)} val examples "
@@ -305,15 +386,21 @@ def finetune(args: FinetuneArgs) -> dict:
     return {**result, "model": model}
 
 
-def _load_base(args: FinetuneArgs, base_src: str):
-    """The base model and the example length (--max-length, checked against its context)."""
+def _load_base(args: FinetuneArgs, base_src: str, virtual: int = 0):
+    """The base model and the example length (--max-length, checked against its context less the
+    `virtual` tokens of prefix / prompt tuning)."""
     from ..model import GPT
 
     model = GPT.from_pretrained(base_src, quantize=args.quantize)
     block = model.config.block_size
-    max_length = args.max_length if args.max_length is not None else min(256, block)
-    if max_length > block:
-        raise CLIError(f"--max-length {max_length} exceeds the base model's context ({block} tokens)")
+    room = block - virtual
+    if room < 2:
+        raise CLIError(f"--num-virtual-tokens {virtual} leaves {max(room, 0)} of the base model's {block} context "
+                       "tokens for the examples; use fewer virtual tokens")
+    max_length = args.max_length if args.max_length is not None else min(256, room)
+    if max_length > room:
+        what = f" less {virtual} virtual tokens = {room}" if virtual else ""
+        raise CLIError(f"--max-length {max_length} exceeds the base model's context ({block} tokens{what})")
     return model, max_length
 
 
@@ -326,12 +413,12 @@ def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, met
                 "expected": r["messages"][-1]["content"], "before": b, "after": a}
                for r, b, a in zip(sample_recs, before, after)]
     atomic_write_json(out_dir / "samples.json", samples)
-    if args.merge and args.lora:
+    if args.merge and args.peft:
         _merge(model if not args.quantize else None, out_dir, meta)
     elif args.merge:
         print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
     _write_meta(out_dir, meta)
-    print(f"saved {'adapter' if args.lora else 'model'} to {out_dir}  (load with "
+    print(f"saved {'adapter' if args.peft else 'model'} to {out_dir}  (load with "
           f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
     return {"out_dir": str(out_dir), "samples": samples}
 

@@ -28,7 +28,7 @@ from .args import CLIError, check, command_main, field
 class ServeArgs:
     model: Optional[str] = field(None, "any GPT.from_pretrained source or a finetune output dir (default: "
                                        "newest out-finetune/, else out/)")
-    adapter: Optional[str] = field(None, "LoRA adapter dir (minigpt's or PEFT's)")
+    adapter: Optional[str] = field(None, "adapter dir of any fine-tuning method (minigpt's or PEFT's)")
     template: Optional[str] = field(None, "prompt template (default: the one the model was tuned with, "
                                           "else alpaca)", choices=TEMPLATE_NAMES)
     weights: str = field("auto", "decoding weights, as in minigpt chat: auto, fp16, bf16, int8, int4, plain")
