@@ -14,7 +14,8 @@ token stream training saw: each earlier answer is followed by EOS). Every reply 
 fresh prefill of the whole prompt (minigpt.generate.stream_text), so no KV state survives between
 turns and an interrupted reply can never leave a stale cache behind.
 
-Context policy: the prompt may use block_size - max_new_tokens tokens. When the conversation does
+Context policy: the prompt may use context_length - max_new_tokens tokens, where context_length is
+the model's block_size less any virtual tokens (prefix/prompt tuning). When the conversation does
 not fit, whole turns are dropped from the oldest (they stay in `turns` and in saved transcripts,
 only the prompt omits them). When the newest user message alone does not fit, its END is kept, cut
 at a token boundary that starts a UTF-8 character; the history keeps the shortened text (what the
@@ -122,7 +123,7 @@ class PromptInfo:
     user_tokens: int             # tokens of the newest user message as typed
     user_kept_tokens: int        # ... as used (< user_tokens when its start was cut)
     system_dropped: bool         # the system prompt did not fit and was left out
-    budget: int                  # tokens available to the prompt (block_size - max_new_tokens)
+    budget: int                  # tokens available to the prompt (context_length - max_new_tokens)
 
     @property
     def user_truncated(self) -> bool:
@@ -180,15 +181,21 @@ class ChatSession:
         self.last_prompt: Optional[PromptInfo] = None
         self.settings = ChatSettings()
         if "max_new_tokens" not in settings or settings["max_new_tokens"] is None:
-            settings["max_new_tokens"] = min(ChatSettings.max_new_tokens, self.block_size // 2)
+            settings["max_new_tokens"] = min(ChatSettings.max_new_tokens, self.context_length // 2)
         for k, v in settings.items():
             self.set(k, v)
         self._reset_generator()
 
     # -- properties ----------------------------------------------------------------------------
     @property
+    def context_length(self) -> int:
+        """Real tokens a prompt + reply may hold: block_size less the model's virtual tokens."""
+        return int(getattr(self.model, "context_length", self.model.config.block_size))
+
+    @property
     def block_size(self) -> int:
-        return int(self.model.config.block_size)
+        """The context in tokens (context_length; kept for older callers)."""
+        return self.context_length
 
     @property
     def eos_token_id(self) -> int:
@@ -220,7 +227,7 @@ class ChatSession:
     def set(self, name: str, value: Any) -> Any:
         """Change one setting (value may be a string); returns the stored value. Raises ChatError."""
         key = name.strip().lower().replace("-", "_")
-        v = validate_setting(key, value, self.block_size)
+        v = validate_setting(key, value, self.context_length)
         setattr(self.settings, key, v)
         if key == "seed" and hasattr(self, "generator"):
             self._reset_generator()
@@ -261,10 +268,10 @@ class ChatSession:
     def build_prompt(self, user_text: str) -> tuple[list[int], PromptInfo, str]:
         """(prompt ids, info, user text as used) for the next reply; applies the context policy."""
         max_new = self.settings.max_new_tokens
-        budget = self.block_size - max_new
+        budget = self.context_length - max_new
         if budget < 1:
             raise ChatError(f"max_new_tokens={max_new} leaves no room for the prompt in the model's "
-                            f"context of {self.block_size} tokens; lower it with /set max_new_tokens N")
+                            f"context of {self.context_length} tokens; lower it with /set max_new_tokens N")
         system = self.system
         user_toks = self.tokenizer.encode_ordinary(user_text)
         ids = self._ids([], user_text, system)
@@ -278,7 +285,7 @@ class ChatSession:
             keep = budget - overhead
             if keep < 1:
                 raise ChatError(f"the prompt template alone needs {overhead} tokens but only {budget} fit "
-                                f"(context {self.block_size} - max_new_tokens {max_new}); lower "
+                                f"(context {self.context_length} - max_new_tokens {max_new}); lower "
                                 f"max_new_tokens with /set max_new_tokens N")
             while True:
                 user_text = self._tail_text(user_toks, keep)
@@ -319,7 +326,7 @@ class ChatSession:
         ids, info, used_text = self.build_prompt(user_text)
         if info.user_truncated:
             self._notice(f"your message is {info.user_tokens:,} tokens, more than the {info.budget} the "
-                         f"prompt may use (context {self.block_size} - max_new_tokens "
+                         f"prompt may use (context {self.context_length} - max_new_tokens "
                          f"{self.settings.max_new_tokens}); kept its last {info.user_kept_tokens:,} tokens")
         if info.system_dropped:
             self._notice("the system prompt does not fit next to your message; left out of this turn")
@@ -370,7 +377,7 @@ class ChatSession:
                 **extra,
                 "template": self.template.name, "system": self.system,
                 "settings": self.settings.to_dict(), "stop": list(self.user_stops),
-                "block_size": self.block_size,
+                "block_size": int(self.model.config.block_size), "context_length": self.context_length,
                 "turns": [dict(t) for t in self.turns]}
 
     def save(self, path: Union[str, os.PathLike], **extra) -> Path:

@@ -96,8 +96,12 @@ class Engine:
             raise ConfigError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch}, {max_waiting}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.block_size, self.vocab = model.config.block_size, model.config.vocab_size
-        self.caches = model.new_caches(max_batch, self.block_size)
+        # real tokens a request may hold (block_size is the same number, for older callers): the
+        # model's block_size less any virtual tokens (prefix/prompt tuning), whose keys/values
+        # new_caches writes once, here, in front of every row
+        self.block_size = self.context_length = getattr(model, "context_length", model.config.block_size)
+        self.vocab = model.config.vocab_size
+        self.caches = model.new_caches(max_batch, self.context_length)
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -123,9 +127,9 @@ class Engine:
         n = len(req.prompt)
         if n:
             check_token_ids(torch.tensor([list(req.prompt)]), self.vocab)
-        if n < 1 or req.max_new_tokens < 1 or n + req.max_new_tokens > self.block_size:
+        if n < 1 or req.max_new_tokens < 1 or n + req.max_new_tokens > self.context_length:
             raise ConfigError(f"prompt of {n} tokens + max_tokens {req.max_new_tokens} must fit the model's "
-                              f"context of {self.block_size} tokens (and both be >= 1)")
+                              f"context of {self.context_length} tokens (and both be >= 1)")
         with self._wake:
             if len(self.waiting) >= self.max_waiting:
                 raise EngineBusy(f"{len(self.waiting)} requests are already waiting; retry later")
@@ -181,12 +185,12 @@ class Engine:
 
     def _step(self) -> None:
         n = len(self.rows)
-        L = min(self.block_size, 1 << max(6, max(r.length for r in self.rows).bit_length()))
+        L = min(self.context_length, 1 << max(6, max(r.length for r in self.rows).bit_length()))
         device = self.model.device
         tok = torch.tensor([[r.req.tokens[-1]] for r in self.rows], dtype=torch.long, device=device)   # (n, 1)
         at = torch.tensor([r.length for r in self.rows], dtype=torch.long, device=device)               # (n,)
         mask = (torch.arange(L, device=device)[None, :] <= at[:, None])[:, None, None, :]              # (n,1,1,L)
-        caches = [c.view(slice(0, n), L) for c in self.caches]
+        caches = [c.view(slice(0, n), L) for c in self.caches]        # (n, H, P+L, D): any virtual tokens first
         logits = self.model(tok, pos=at[:, None], mask=mask, caches=caches, start=at)[:, -1]           # (n, V)
         for r in self.rows:
             r.length += 1
@@ -225,7 +229,7 @@ class Engine:
         req = row.req
         if t == req.eos_token_id:
             return "stop"
-        if len(req.tokens) >= req.max_new_tokens or row.length + 1 >= self.block_size:
+        if len(req.tokens) >= req.max_new_tokens or row.length + 1 >= self.context_length:
             return "length"
         return None
 
@@ -251,7 +255,6 @@ class Engine:
             if i != last:
                 n = self.rows[last].length
                 for c in self.caches:
-                    c.k[i, :, :n] = c.k[last, :, :n]
-                    c.v[i, :, :n] = c.v[last, :, :n]
+                    c.copy_row(i, last, n)
                 self.rows[i] = self.rows[last]
             self.rows.pop()

@@ -103,15 +103,24 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Option
 
 # --- the decoding loop ------------------------------------------------------------------------
 
-def _check_lengths(model, T: int, max_new_tokens: int) -> None:
+def _context(model) -> tuple[int, str]:
+    """(real tokens a sequence may hold, how to name that limit in messages)."""
     block = model.config.block_size
-    if T > block:
+    P = getattr(model, "num_virtual_tokens", 0)
+    if not P:
+        return block, f"block_size={block}"
+    return block - P, f"block_size={block} less {P} virtual tokens = {block - P}"
+
+
+def _check_lengths(model, T: int, max_new_tokens: int) -> None:
+    ctx, what = _context(model)
+    if T > ctx:
         raise ConfigError(f"prompt of {T} tokens is longer than the model's context length "
-                         f"(block_size={block}); truncate the prompt")
-    if T + max_new_tokens > block:
+                         f"({what}); truncate the prompt")
+    if T + max_new_tokens > ctx:
         raise ConfigError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = "
-                         f"{T + max_new_tokens} exceeds the model's context length (block_size={block}); "
-                         f"shorten the prompt or lower max_new_tokens to {block - T}")
+                         f"{T + max_new_tokens} exceeds the model's context length ({what}); "
+                         f"shorten the prompt or lower max_new_tokens to {ctx - T}")
 
 
 def _token_bytes(tokenizer, t: int) -> bytes:
@@ -219,8 +228,9 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
             step_pos = pos[:, -1:].clone()                                       # (B, 1)
         else:
             logits = model(idx, caches=caches, last_only=True)
-        if padded or compile:                     # keys that may ever be attended: not padding
-            key_mask = torch.ones(B, 1, 1, caches[0].k.size(2), dtype=torch.bool, device=device)
+        if padded or compile:                     # real keys that may ever be attended: not padding
+            # (virtual tokens in front of the caches are always attended: the model adds them)
+            key_mask = torch.ones(B, 1, 1, caches[0].k.size(2) - caches[0].offset, dtype=torch.bool, device=device)
             if padded:
                 key_mask[:, 0, 0, :T] = am                                       # static, (B, 1, 1, L)
         seen = _seen(idx, am, logits.size(-1)) if sampling.repetition_penalty != 1.0 else None
@@ -285,7 +295,7 @@ def _static_step(model, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor
 def _compiled_step(model, batch_size: int, length: int):
     """(compiled _static_step, KV caches) for `model`, kept on the model and reused across calls.
 
-    Cache lengths are rounded up to a power of two (>= 64, <= block_size) so that a handful of
+    Cache lengths are rounded up to a power of two (>= 64, <= the context length) so that a handful of
     compiled graphs serve every prompt length. On CUDA the caches get fixed addresses and the step
     runs as a CUDA graph ("reduce-overhead").
     """
@@ -293,20 +303,23 @@ def _compiled_step(model, batch_size: int, length: int):
         raise ConfigError("compile=True cannot trace oneDNN-packed weights (prepare_for_decoding "
                          "'fp32'/'bf16' on CPU); use an unprepared model or 'fp16'/'int8'/'int4'")
     store = model.__dict__.setdefault("_compiled_decoding", {})
-    L = min(max(64, 1 << (length - 1).bit_length()), model.config.block_size)
+    L = min(max(64, 1 << (length - 1).bit_length()), _context(model)[0])
     device, dtype = model.device, model.dtype
     cuda = device.type == "cuda"
     if "step" not in store:
         store["step"] = torch.compile(_static_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if cuda else None)
+    P = getattr(model, "num_virtual_tokens", 0)
     key = (batch_size, L, device, dtype)
-    if key not in store:
+    if key not in store or store[key][0].offset != P:              # (virtual tokens added or removed)
         caches = model.new_caches(batch_size, L)
         if cuda:
             for c in caches:
                 torch._dynamo.mark_static_address(c.k)
                 torch._dynamo.mark_static_address(c.v)
         store[key] = caches
+    elif P:
+        model.fill_prefix(store[key])                # virtual tokens may have been trained since
 
     def run(*args):
         if store.get("failed"):                      # compilation failed once: stay eager
@@ -355,8 +368,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
 
     Length: generation stops early when every row is finished, so n < max_new_tokens is possible
     only if all rows hit eos or a stop string; otherwise n == max_new_tokens.
-    Raises ValueError if T + max_new_tokens exceeds model.config.block_size (no silent
-    truncation or sliding window), including a prompt that alone is longer than the context.
+    Raises ValueError if T + max_new_tokens exceeds model.context_length (block_size less any
+    virtual tokens of prefix/prompt tuning; no silent truncation or sliding window), including a
+    prompt that alone is longer than the context.
     """
     if idx.dim() != 2:
         raise ConfigError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
@@ -614,13 +628,16 @@ def prepare_for_decoding(model, mode: str = "fp16"):
     trained model); a plain (unprepared) model decodes at about transformers' speed.
     Returns the model, which is now for inference only: generate/stream/model(idx) work, but it
     has no trainable Linear weights and should not be saved (keep the original or reload it).
-    Embeddings, LayerNorms, attention and the KV cache stay in fp32. Call it after moving the
+    Embeddings, LayerNorms, attention and the KV cache stay in fp32, and so do virtual tokens
+    (model.kv_prefix: prefix/prompt tuning, computed once per call). Call it after moving the
     model to its device, and after merge_lora if it has LoRA adapters.
     """
     if mode not in DECODE_MODES:
         raise ConfigError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
     targets = []
     for name, mod in model.named_modules():
+        if name == "kv_prefix" or name.startswith("kv_prefix."):
+            continue                                 # virtual tokens (prefix MLP): computed once per call, kept exact
         if hasattr(mod, "lora_A"):                                       # minigpt.lora.LoRALinear
             if not getattr(mod, "merged", False):
                 raise ConfigError(f"{name} carries an unmerged LoRA adapter: call "
