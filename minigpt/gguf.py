@@ -516,21 +516,34 @@ def chat_template_jinja(template: Union[str, Template, None] = None) -> str:
 # Export
 # ================================================================================================
 def _plain_weights(model, merge: bool) -> dict[str, torch.Tensor]:
-    """The model's GPT-2 parameters (minigpt names); LoRA updates folded in (merge) or left out."""
+    """The model's GPT-2 parameters (minigpt names); a LoRA, DoRA or IA3 update folded in (merge) or
+    left out (the base). Methods that add virtual tokens or modules cannot be written."""
+    from .ia3 import ia3_layers
     from .lora import lora_layers
+    from .peft import MERGEABLE, NAMES, method_of
 
+    method = method_of(model)
+    if method is not None and method not in MERGEABLE:
+        raise ConfigError(f"a {NAMES[method]} model adds virtual tokens or modules that llama.cpp cannot apply "
+                          "and that do not merge into GPT-2's weights; GGUF export needs a full fine-tune or "
+                          "a LoRA, DoRA or IA3 adapter")
     sd = dict(model.state_dict())
     for name, m in lora_layers(model).items():
-        sd.pop(f"{name}.lora_A", None)
-        sd.pop(f"{name}.lora_B", None)
-        if not merge and m.merged:
-            sd[f"{name}.weight"] = m.weight.detach().float() - m.delta_weight()
-        elif merge and not m.merged:
-            if m.weight is model.transformer.wte.weight:
-                raise ConfigError(f"{name} has a LoRA update on the tied output head; merging it would "
-                                  "change the token embeddings too, so it cannot be exported (train the "
-                                  "adapter without lm_head)")
-            sd[f"{name}.weight"] = m.weight.detach().float() + m.delta_weight()
+        for extra in ("lora_A", "lora_B", "lora_magnitude"):
+            sd.pop(f"{name}.{extra}", None)
+        if merge and not m.merged and m.weight is model.transformer.wte.weight:
+            raise ConfigError(f"{name} has a LoRA update on the tied output head; merging it would "
+                              "change the token embeddings too, so it cannot be exported (train the "
+                              "adapter without lm_head)")
+        sd[f"{name}.weight"] = m.merged_weight() if merge else m.base_weight()
+    for name, m in ia3_layers(model).items():
+        sd.pop(f"{name}.ia3_l")
+        if merge != m.merged:                       # scale in (merge) or out (the base) of a copy
+            s = m.ia3_l.detach().float() if merge else 1.0 / m.ia3_l.detach().float()
+            w = m.weight.detach().float()
+            sd[f"{name}.weight"] = w * (s[None, :] if m.feedforward else s[:, None])
+            if not m.feedforward and m.bias is not None:
+                sd[f"{name}.bias"] = m.bias.detach().float() * s
     return sd
 
 
@@ -637,6 +650,9 @@ def export_lora_gguf(model, path: PathLike, dtype: str = "f32", *, name: Optiona
     alpha = products.pop() if len(products) == 1 else 0.0
     tensors = []
     for mod, m in sorted(layers.items()):
+        if m.use_dora:
+            raise ConfigError(f"{mod} is a DoRA layer: a llama.cpp LoRA GGUF holds plain LoRA pairs only; "
+                              "export the model with the adapter merged instead")
         if m.merged:
             raise ConfigError(f"{mod} is merged; unmerge_lora(model) before exporting the adapter")
         if m.weight is model.transformer.wte.weight:

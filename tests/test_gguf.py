@@ -464,3 +464,39 @@ def test_llama_cpp_chat_formatting_equals_chat_py(tmp_path, name):
         llm.create_chat_completion(messages=msgs, max_tokens=16, temperature=0)
     ids, info, _ = chat.build_prompt("Reverse the word: apple")
     assert info.turns_used == 2 and captured == [ids]
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_export_merged(tmp_path, method):
+    """A DoRA or IA3 model exports with its update folded in (the file's model = the adapter model,
+    unmerged, and the model is left unchanged); the base alone (merge=False) is the plain base;
+    DoRA cannot go into a llama.cpp LoRA GGUF; prefix tuning cannot be exported at all."""
+    from minigpt.peft import method_config
+
+    base = tiny()
+    m = copy.deepcopy(base)
+    cfg = method_config(method, **({"r": 4, "alpha": 8, "dropout": 0.0, "targets": ("c_attn", "c_fc")}
+                                   if method == "dora" else {}))
+    cfg.apply(m)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    m.eval()
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        want = m(x)
+        assert (want - base(x)).abs().max() > 1e-2
+        got = GPT.from_pretrained(export_gguf(m, tmp_path / "m.gguf", "f32")).eval()(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m(x), want)                                      # unchanged
+        plain = GPT.from_pretrained(export_gguf(m, tmp_path / "b.gguf", "f32", merge=False)).eval()(x)
+        torch.testing.assert_close(plain, base(x), rtol=1e-5, atol=1e-5)
+    if method == "dora":
+        with pytest.raises(ConfigError, match="DoRA"):
+            export_lora_gguf(m, tmp_path / "a.gguf")
+    p = copy.deepcopy(base)
+    method_config("prefix", num_virtual_tokens=4).apply(p)
+    with pytest.raises(ConfigError, match="prefix-tuning model adds virtual tokens"):
+        export_gguf(p, tmp_path / "p.gguf")
