@@ -3,7 +3,8 @@
 AdamW with decoupled weight decay on matrices only, linear warmup then cosine/linear decay,
 gradient accumulation and clipping, mixed precision (CUDA bf16/fp16, CPU bf16), optional
 torch.compile, DDP under torchrun, periodic evaluation, JSONL metrics, atomic checkpoints and
-exact resume (batches are a pure function of the step; RNG, optimizer and scaler state are saved).
+exact resume (batches are a pure function of the step; RNG, optimizer and scaler state are saved),
+and an optional time budget (TimeBudget): the step count fixed after a few measured warm-up steps.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -165,6 +167,197 @@ class _DeferredInterrupt:
 
 
 
+# --- time budget ----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text) -> float:
+    """Seconds of a duration: "300", "300s", "5m", "1.5m", "1h". ValueError if it is not a positive one."""
+    m = _DURATION.match(str(text))
+    seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()] if m else float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"not a positive duration: {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """3.2s, 45s, 4m48s, 1h02m05s."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def _events(done: int, n: int, every: int) -> int:
+    """How many of steps done..n (the decision is made before step `done`'s evaluation and save)
+    are multiples of `every`, plus the last step n when it is not one."""
+    return n // every - (done - 1) // every + (n % every != 0)
+
+
+def _timed(fn: Callable) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@dataclass
+class BudgetMeasurement:
+    """What a TimeBudget decides from, in seconds."""
+
+    elapsed_s: float        # since the budget's clock started: setup, the steps so far, the probes
+    step_s: float           # one optimizer step
+    tok_per_s: float
+    eval_s: float = 0.0     # one evaluation, with its sample and best/ save
+    save_s: float = 0.0     # one checkpoint
+    final_s: float = 0.0    # what the caller does after fit (e.g. the final samples)
+
+
+@dataclass
+class TimeBudget:
+    """End a run within `seconds` of wall time, counted from `start` (default: when this is made).
+
+    After `decide_at(cfg)` steps, all inside the warm-up (whose learning rates do not depend on
+    max_steps; the first `skip` are not timed: allocation, compilation), the Trainer fixes
+    max_steps N: the largest N whose measured cost (steps left x step time, plus the evaluations and
+    checkpoints N implies, plus `final_cost(model)`) ends within the budget less `margin`. The decay then
+    runs over N exactly as with max_steps=N from the start. The decision (`decision`) is recorded in
+    run.json ("budget") and in every checkpoint, so resume continues with the same N.
+
+    evaluations: pick eval_interval so the run evaluates this many times (ceil(N / evaluations));
+        None keeps cfg.eval_interval.
+    eval_cost(model) -> seconds of one evaluation (e.g. one batch timed x the batch count); None:
+        the Trainer times one evaluation (its result is discarded).
+    final_cost(model) -> seconds the caller spends after fit (samples, ...).
+    """
+
+    seconds: float
+    label: str = ""
+    margin: float = 0.04
+    skip: int = 2
+    steps: int = 6
+    evaluations: Optional[int] = None
+    eval_cost: Optional[Callable] = None
+    final_cost: Optional[Callable] = None
+    start: float = field(default_factory=time.perf_counter)
+    decision: Optional[dict] = None
+    resumed: bool = False
+
+    def __post_init__(self):
+        self.label = self.label or format_duration(self.seconds)
+
+    def decide_at(self, cfg: TrainConfig) -> int:
+        """The step after which N is fixed: steps 0..warmup_steps have learning rates independent of N."""
+        n = self.skip + self.steps
+        return n if cfg.schedule == "constant" else max(1, min(n, cfg.warmup_steps + 1))
+
+    def measure(self, trainer: "Trainer", steps: list, evals: list, saves: list) -> BudgetMeasurement:
+        """Time what the plan needs (rank 0): `steps` (seconds, tokens) of this session's steps,
+        `evals` / `saves` the seconds of the evaluations and checkpoints so far. What is not
+        measured yet is probed without side effects (RNG state and model mode are restored)."""
+        kept = steps[min(self.skip, len(steps) // 2):]
+        busy = sum(t for t, _ in kept)
+        model, dev = trainer.model, trainer.device
+        was_training = model.training
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            weights_s = _timed(lambda: _probe_save(trainer))
+            eval_s = 0.0
+            if trainer.evaluate_fn is not None:
+                eval_s = sum(evals) / len(evals) if evals else (
+                    self.eval_cost(model) if self.eval_cost else _timed(lambda: trainer.evaluate_fn(model))
+                ) + weights_s + (_timed(lambda: trainer.sample_fn(model)) if trainer.sample_fn else 0.0)
+            final_s = self.final_cost(model) if self.final_cost else 0.0
+        model.train(was_training)
+        save_s = sum(saves) / len(saves) if saves else 4 * weights_s    # weights twice + the optimizer's 2x
+        return BudgetMeasurement(time.perf_counter() - self.start, busy / len(kept),
+                                 sum(n for _, n in kept) / max(busy, 1e-9), eval_s, save_s, final_s)
+
+    def plan(self, m: BudgetMeasurement, done: int, cfg: TrainConfig, evaluates: bool) -> dict:
+        """Fix N (>= done + 1; `done` when not even that fits) from measurement `m` after `done`
+        steps; sets and returns `decision`."""
+        limit = self.seconds * (1 - self.margin)
+
+        def interval(n):
+            return max(-(-n // self.evaluations), done + 1) if self.evaluations else cfg.eval_interval
+
+        def cost(n):
+            evals = _events(done, n, interval(n)) if evaluates else 0
+            saves = _events(done, n, cfg.save_interval or interval(n))
+            return m.elapsed_s + (n - done) * m.step_s + evals * m.eval_s + saves * m.save_s + m.final_s, evals, saves
+
+        n = done + 1
+        if cost(n)[0] > limit:
+            n = done
+        else:       # the largest n with cost(n) <= limit (cost grows with n)
+            hi = n + int(min(1e9, max(0.0, limit - m.elapsed_s) / max(m.step_s, 1e-9)))
+            while n < hi:
+                mid = (n + hi + 1) // 2
+                n, hi = (mid, hi) if cost(mid)[0] <= limit else (n, mid - 1)
+        expected, evals, saves = cost(n)
+        if n > done:
+            reason = (f"{m.elapsed_s:.3g}s so far + {n - done} steps x {m.step_s:.3g}s + {evals} evaluations x "
+                      f"{m.eval_s:.3g}s + {saves} checkpoints x {m.save_s:.3g}s + {m.final_s:.3g}s after training "
+                      f"= {expected:.4g}s, within {self.seconds:.4g}s less {self.margin:.0%}")
+        else:
+            reason = (f"setup and the first {done} steps took {m.elapsed_s:.3g}s: one more step would end at "
+                      f"{cost(done + 1)[0]:.4g}s, past {self.seconds:.4g}s less {self.margin:.0%}")
+        self.decision = {
+            "seconds": self.seconds, "given": self.label, "decided_at_step": done, "elapsed_s": round(m.elapsed_s, 3),
+            "measured_step_s": round(m.step_s, 5), "tok_per_s": round(m.tok_per_s, 1), "eval_s": round(m.eval_s, 4),
+            "save_s": round(m.save_s, 4), "final_s": round(m.final_s, 4), "margin": self.margin,
+            "chosen_max_steps": n, "eval_interval": interval(n), "evaluations": evals, "checkpoints": saves,
+            "expected_s": round(expected, 2), "reason": reason}
+        return self.decision
+
+    def describe(self) -> str:
+        """The line that says what was chosen and why."""
+        d = self.decision
+        if self.resumed:
+            return (f"time budget {d['given']}: continuing the run's decision at step {d['decided_at_step']}: "
+                    f"{d['chosen_max_steps']:,} steps")
+        if d["chosen_max_steps"] <= d["decided_at_step"]:
+            return (f"time budget {d['given']}: setup and the first {d['decided_at_step']} steps took "
+                    f"{format_duration(d['elapsed_s'])}; no further step fits -> stopping at step "
+                    f"{d['chosen_max_steps']} (give a longer budget or a fixed step count)")
+        return (f"time budget {d['given']}: {d['tok_per_s']:,.0f} tok/s measured -> {d['chosen_max_steps']:,} steps "
+                f"(expected end {format_duration(d['expected_s'])} incl. {d['evaluations']} evaluations, "
+                f"every {d['eval_interval']:,} steps)")
+
+    def summary(self, step: int) -> str:
+        """The final line: elapsed time against the budget."""
+        elapsed = time.perf_counter() - self.start
+        over = f", {format_duration(elapsed - self.seconds)} over" if elapsed > self.seconds else ""
+        planned = "" if self.resumed or not self.decision else \
+            f" (planned {format_duration(self.decision['expected_s'])})"
+        return (f"time budget {self.label}: {step:,} steps in {format_duration(elapsed)}"
+                f"{' this session' if self.resumed else ''}{planned}{over}")
+
+    def restore(self, state: dict) -> None:
+        """From a checkpoint's state: its decision (resume keeps N); one of a run with a fixed step
+        count continues with that count; a pending one is decided again."""
+        d = state.get("budget")
+        if d is None:
+            c = state.get("config", {})
+            d = {"seconds": self.seconds, "given": self.label, "decided_at_step": state.get("step", 0),
+                 "chosen_max_steps": c["max_steps"], "eval_interval": c["eval_interval"],
+                 "reason": "resumed a run with a fixed step count"}
+        if d.get("chosen_max_steps") is not None:
+            self.decision, self.resumed = dict(d), True
+
+
+def _probe_save(trainer: "Trainer") -> None:
+    d = trainer.out_dir / f".budget-probe-{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        trainer.save_weights(trainer.model, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
 
 def _ddp_info() -> tuple[int, int, int]:
     return process_rank(), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -194,13 +387,15 @@ class Trainer:
         persisted (full weights for pretraining, the adapter for LoRA).
     sample(model) -> str, optional, printed at each evaluation.
     loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy).
+    budget: a TimeBudget: cfg.max_steps (and, with budget.evaluations, cfg.eval_interval) is then
+        decided after a few measured warm-up steps instead of taken from cfg.
     """
 
     def __init__(self, model, cfg: TrainConfig, data, evaluate: Optional[Callable],
                  save_weights: Callable, load_weights: Callable, sample: Optional[Callable] = None,
                  run_info: Optional[dict] = None, loss_module: Optional[torch.nn.Module] = None,
-                 quiet: bool = False):
-        self.cfg, self.get_batch, self.evaluate_fn = cfg, getattr(data, "batch", data), evaluate
+                 quiet: bool = False, budget: Optional[TimeBudget] = None):
+        self.cfg, self.budget, self.get_batch, self.evaluate_fn = cfg, budget, getattr(data, "batch", data), evaluate
         self.save_weights, self.load_weights, self.sample_fn = save_weights, load_weights, sample
         self.quiet, self.run_info = quiet, run_info or {}
         self.rank, self.local_rank, self.world = _ddp_info()
@@ -266,6 +461,8 @@ class Trainer:
                 "step": self.step, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": self._rng_state(), "config": asdict(self.cfg),
             }
+            if self.budget is not None:
+                state["budget"] = self.budget.decision or {"pending": True}   # (decided again on resume)
             torch.save(state, tmp / STATE_FILE)
             for f in tmp.iterdir():  # make the data durable before the rename publishes it
                 with open(f, "rb") as fh:
@@ -306,6 +503,8 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.best_val = state["step"], state["best_val"]
+        if self.budget is not None:
+            self.budget.restore(state)
         if self.is_main:  # drop metrics logged after the checkpoint (they will be repeated)
             mpath = self.out_dir / METRICS_FILE
             if mpath.exists():
@@ -408,45 +607,115 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_val, tokens
 
+    # --- the time budget -------------------------------------------------------------------------
+    def _start_budget(self) -> None:
+        """At fit(): apply a restored decision, or set the run up to decide after the measured steps."""
+        b, cfg = self.budget, self.cfg
+        self._pending = b is not None and b.decision is None
+        self._timings: dict[str, list] = {"step": [], "eval": [], "save": []}
+        if b is not None and b.decision is not None:
+            self._apply_budget()
+            self._log(b.describe())
+        elif self._pending:
+            self._decide_at = max(b.decide_at(cfg), self.step + 1)
+            cfg.max_steps = self._decide_at             # (the loop stops there unless the decision says more)
+            if b.evaluations:
+                cfg.eval_interval = sys.maxsize         # no evaluation before the interval is chosen
+
+    def _apply_budget(self) -> None:
+        d = self.budget.decision
+        self.cfg.max_steps, self.cfg.eval_interval = int(d["chosen_max_steps"]), int(d["eval_interval"])
+        self._pending = False
+
+    def _decide(self, bar) -> float:
+        """Fix max_steps (rank 0 measures and plans, the others follow); returns the seconds it took."""
+        t0, b = time.perf_counter(), self.budget
+        if self.is_main:
+            m = b.measure(self, self._timings["step"], self._timings["eval"], self._timings["save"])
+            b.plan(m, self.step, self.cfg, self.evaluate_fn is not None)
+        if self.world > 1:
+            d = b.decision or {}
+            t = torch.tensor([d.get("chosen_max_steps", 0), d.get("eval_interval", 0)], device=self.device)
+            dist.broadcast(t, 0)
+            b.decision = b.decision or {"chosen_max_steps": int(t[0]), "eval_interval": int(t[1])}
+        self._apply_budget()
+        bar.total = self.cfg.max_steps
+        bar.refresh()
+        self._log(b.describe())
+        self._write_run_info()
+        return time.perf_counter() - t0
+
+    def _write_run_info(self) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        train = asdict(self.cfg)
+        info = {**self.run_info, "train": train}
+        if self.budget is not None:
+            b = self.budget
+            if self._pending:
+                train.update(max_steps=None, **({"eval_interval": None} if b.evaluations else {}))
+            info["budget"] = b.decision or {"seconds": b.seconds, "given": b.label, "chosen_max_steps": None,
+                                            "reason": f"decided after step {self._decide_at}"}
+        atomic_write_json(self.out_dir / RUN_INFO, info)
+
+    def _log_metrics(self, loss: float, bar) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, tokens = self._window
+        tps = tokens / (time.perf_counter() - t0)
+        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
+               "tokens": tokens, "tok_per_s": tps}                 # real tokens since the last record
+        if self.peak:
+            rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
+        self._record(rec)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}",
+                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+        self._window = [time.perf_counter(), 0]
+
+    def _advance(self, bar) -> Optional[dict]:
+        """One turn of the loop: a step, then what is due: the budget decision, a metrics record, an
+        evaluation (its metrics are returned), a checkpoint."""
+        cfg, t = self.cfg, time.perf_counter()
+        loss, tokens = self.train_step()
+        self.step += 1
+        if self._pending:
+            self._timings["step"].append((time.perf_counter() - t, tokens))
+            if self.step >= self._decide_at:
+                self._window[0] += self._decide(bar)      # (not counted in the logged tokens/s)
+        bar.update(1)
+        self._window[1] += tokens
+        if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+            self._log_metrics(loss, bar)
+        last = None
+        if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+            t = time.perf_counter()
+            last = self.run_eval()
+            self._timings["eval"].append(time.perf_counter() - t)
+        if self.step % (cfg.save_interval or cfg.eval_interval) == 0 or self.step == cfg.max_steps:
+            t = time.perf_counter()
+            self.save_checkpoint()
+            self._timings["save"].append(time.perf_counter() - t)
+        if self.world > 1:
+            dist.barrier()
+        return last
+
     def fit(self, resume: bool = False) -> dict:
-        cfg = self.cfg
         if resume:       # first: a checkpoint that does not fit this run must leave the folder as it was
             self.resume()
         elif self.is_main and (self.out_dir / METRICS_FILE).exists():
             (self.out_dir / METRICS_FILE).unlink()
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out_dir / RUN_INFO, {**self.run_info, "train": asdict(cfg)})
-        save_every = cfg.save_interval or cfg.eval_interval
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step",
-                   disable=not self.is_main or self.quiet, dynamic_ncols=True)
-        last = {}
-        t0, window_tokens = time.perf_counter(), 0
+        self._start_budget()
+        self._write_run_info()
+        cfg = self.cfg
+        bar = tqdm(total=None if self._pending else cfg.max_steps, initial=self.step, desc="training",
+                   unit="step", disable=not self.is_main or self.quiet, dynamic_ncols=True)
+        last: dict = {}
+        self._window = [time.perf_counter(), 0]             # start, tokens of the metrics record
         with _DeferredInterrupt() as interrupt:
             try:
                 while self.step < cfg.max_steps and not interrupt.requested:
-                    loss, tokens = self.train_step()
-                    self.step += 1
-                    bar.update(1)
-                    window_tokens += tokens
-                    if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        tps = window_tokens / (time.perf_counter() - t0)
-                        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg),
-                               "tokens": window_tokens, "tok_per_s": tps}   # real tokens since the last record
-                        if self.peak:
-                            rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
-                        self._record(rec)
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}",
-                                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
-                        t0, window_tokens = time.perf_counter(), 0
-                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                        last = self.run_eval()
-                    if self.step % save_every == 0 or self.step == cfg.max_steps:
-                        self.save_checkpoint()
-                    if self.world > 1:
-                        dist.barrier()
+                    last = self._advance(bar) or last
             finally:
                 bar.close()
             if interrupt.requested:

@@ -140,6 +140,9 @@ def test_ddp_two_processes_match_single(tmp_path, corpus):
     (["--resume", "--out-dir", "/nonexistent/run"], "no checkpoint"),
     (["--init-from", "/nonexistent/model"], "error:"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
+    (["--time-budget", "5x"], "--time-budget must be a duration such as 5m, 300s, 1.5m or 1h, got '5x'"),
+    (["--time-budget", "0s"], "--time-budget must be a duration"),
+    (["--time-budget", "5m", "--max-steps", "10"], "use either --max-steps (a fixed step count) or --time-budget"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     r = run(["--out-dir", str(tmp_path / "o"), *args] if "--out-dir" not in args else args)

@@ -1,7 +1,15 @@
 """Pretrain a GPT-2 model; with no arguments, a small model on the embedded Shakespeare corpus.
 
+The no-argument run trains for a time budget (--time-budget, default 5m): after a few measured
+warm-up steps it fixes its step count, and so its learning-rate schedule, to end within the budget
+with its evaluations, samples and saving. The decision is recorded in run.json ("budget") and in
+the checkpoints: --resume continues with the same step count, and --max-steps N (the steps
+chosen) with the same other flags trains the same model. --max-steps trains a fixed step count.
+
 examples:
-  minigpt train                                   # quickstart, ~5 min on 2 CPU cores
+  minigpt train                                   # quickstart: 5 minutes
+  minigpt train --time-budget 20m                 # a longer budget, a longer schedule
+  minigpt train --max-steps 320                   # a fixed step count (no budget)
   minigpt train --data my.txt --out-dir out-my    # your own text (file, folder of .txt, or .bin)
   minigpt train --model gpt2 --precision bf16     # GPT-2 124M shape, on a GPU
   minigpt train --init-from gpt2 --data my.txt    # continue pretraining from weights
@@ -16,17 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..trainer import parse_duration
 from .args import CLIError, RunArgs, check, command_main, field
+
+DEFAULT_BUDGET = "5m"          # the run's wall time when --max-steps is not given
+FIXED_EVAL_INTERVAL = 160      # with --max-steps; with a budget: BUDGET_EVALUATIONS over the chosen steps
+BUDGET_EVALUATIONS = 2         # mid-run and at the end
 
 
 @dataclass
 class TrainArgs(RunArgs):
-    DEFAULTS = dict(max_steps=320, lr=2e-3, warmup_steps=20, eval_interval=160, seed=1337, val_fraction=0.05,
+    DEFAULTS = dict(max_steps=None, lr=2e-3, warmup_steps=20, eval_interval=None, seed=1337, val_fraction=0.05,
                     sample_tokens=80)
     HELP = dict(data="text file, folder of .txt files, or uint16 .bin of token ids (default: the embedded "
                      "Shakespeare corpus)",
                 out_dir="where checkpoints, metrics and the final model go",
                 min_lr="final learning rate (default: lr / 10 for cosine, 0 for linear)",
+                max_steps="optimizer steps: a fixed count instead of a time budget",
+                eval_interval=f"steps between evaluations (default: {FIXED_EVAL_INTERVAL} with --max-steps; with a "
+                              f"time budget, the chosen steps / {BUDGET_EVALUATIONS})",
                 warmup_steps="linear warmup steps",
                 val_fraction="share of the tokens held out for validation, in (0, 0.5)")
 
@@ -38,12 +54,28 @@ class TrainArgs(RunArgs):
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability")
     eval_text: Optional[str] = field(None, "also report bits per byte on this held-out text file")
+    time_budget: Optional[str] = field(None, "wall time for the whole run, e.g. 5m, 300s, 1.5m, 1h: the step count "
+                                             "is fixed after a few measured steps to end within it (default: "
+                                             f"{DEFAULT_BUDGET} unless --max-steps is given)", metavar="DURATION")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0.0 < self.val_fraction < 0.5, "val_fraction", "in (0, 0.5)", self.val_fraction)
         if self.model and self.init_from:
             raise CLIError("use either --model (fresh weights) or --init-from (existing weights), not both")
+        if self.max_steps is not None and self.time_budget is not None:
+            raise CLIError("use either --max-steps (a fixed step count) or --time-budget (the steps that fit "
+                           "the time), not both")
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError:
+                raise CLIError(f"--time-budget must be a duration such as 5m, 300s, 1.5m or 1h, got "
+                               f"{self.time_budget!r}") from None
+
+    def budget_seconds(self) -> Optional[float]:
+        """The run's time budget in seconds; None with --max-steps."""
+        return None if self.max_steps is not None else parse_duration(self.time_budget or DEFAULT_BUDGET)
 
     def model_config(self):
         """The GPTConfig of a fresh model (validated); None with --init-from."""
@@ -115,8 +147,45 @@ def _weights_io(model):
     return save, load
 
 
+def _eval_batch_count(args: TrainArgs, val_tokens: int, block: int, eval_text: Optional[str], tok) -> int:
+    """Batches of one evaluation: the validation batches, and the --eval-text windows."""
+    if not args.eval_batches:
+        return 0
+    rows = min((val_tokens - 1) // block, args.eval_batches * args.batch_size)
+    n = -(-rows // args.batch_size)
+    if eval_text is not None:
+        n += -(-(len(tok.encode_ordinary(eval_text)) // block + 1) // args.batch_size)
+    return n
+
+
+def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int, sample):
+    """The run's TimeBudget (None with --max-steps): `eval_batch_s(model)` times one evaluation
+    batch, of which an evaluation runs `eval_batches`; `sample(model, n_tokens)` is the final samples'
+    generator (one is timed)."""
+    import time
+
+    from ..trainer import TimeBudget
+
+    seconds = args.budget_seconds()
+    if seconds is None:
+        return None
+
+    def final_cost(model) -> float:
+        if not args.samples:
+            return 0.0
+        t = time.perf_counter()
+        sample(model, args.sample_tokens)
+        return (time.perf_counter() - t) * args.samples
+
+    return TimeBudget(seconds, args.time_budget or DEFAULT_BUDGET, start=start,
+                      evaluations=None if args.eval_interval is not None else BUDGET_EVALUATIONS,
+                      eval_cost=lambda m: eval_batch_s(m) * eval_batches, final_cost=final_cost)
+
+
 def train(args: TrainArgs) -> dict:
     """The body of `minigpt train` (importable for tests and notebooks): returns the Trainer's result."""
+    import time
+
     import torch
 
     from ..data import TokenDataset, check_data_source, prepare_data
@@ -126,9 +195,11 @@ def train(args: TrainArgs) -> dict:
     from ..tokenizer import get_tokenizer
     from ..trainer import TrainConfig, Trainer
 
+    start = time.perf_counter()           # a time budget counts from here
     # every check first: flags, inputs, the run folder; nothing is written or deleted before
     mcfg = args.model_config()
-    cfg = TrainConfig.from_args(args)
+    cfg = TrainConfig.from_args(args, max_steps=args.max_steps or 1,       # (with a budget: decided later)
+                                eval_interval=args.eval_interval or FIXED_EVAL_INTERVAL)
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     check_data_source(args.data)
     eval_text = _read_eval_text(args.eval_text)
@@ -154,16 +225,28 @@ def train(args: TrainArgs) -> dict:
             out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
         return out
 
-    sample = _sampler(get_tokenizer(), args.seed)
+    def eval_batch_s(m) -> float:     # one evaluation batch, timed warm (for the time budget's plan)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            evaluate_loss(m, val_ds.sequential(args.batch_size, 1), autocast=trainer.autocast())
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    tok = get_tokenizer()
+    sample = _sampler(tok, args.seed)
     save, load = _weights_io(model)
+    budget = _time_budget(args, start, eval_batch_s, _eval_batch_count(args, len(val_ds), block, eval_text, tok),
+                          sample)
     trainer = Trainer(model, cfg, train_ds, evaluate if args.eval_batches else None, save, load,
                       sample=(lambda m: "sample: " + " / ".join(sample(m).splitlines()[:4])) if args.samples else None,
                       run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
-                                "model": model.config.to_dict(), "seed": args.seed})
+                                "model": model.config.to_dict(), "seed": args.seed}, budget=budget)
     if trainer.is_main:
         print(f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
               f"params | data: {len(train_ds):,} train / {len(val_ds):,} val tokens | device {trainer.device} "
-              f"{trainer.precision}" + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)"))
+              f"{trainer.precision}" + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)")
+              + (f" | time budget {budget.label}" if budget else f" | {args.max_steps:,} steps"))
     result = trainer.fit(resume=args.resume)
     if trainer.is_main:
         if args.samples:
@@ -173,6 +256,8 @@ def train(args: TrainArgs) -> dict:
         print("-" * 40)
         print(f"saved model to {args.out_dir}  (load with GPT.from_pretrained({args.out_dir!r}) "
               f"or chat with: minigpt chat --model {args.out_dir})")
+        if budget is not None:
+            print(budget.summary(result["step"]))
     return result
 
 
