@@ -278,9 +278,13 @@ def test_greedy_generate_equals_peft_generate(tmp_path, base_dir, name):
     assert torch.equal(generate(m, x, 16), theirs)
 
 
-def test_engine_equals_generate_with_a_prefix(base_dir):
+def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch):
     from minigpt.engine import Engine, Request
+    from minigpt.model import KVCache
     from minigpt.sampling import SamplingConfig
+    moves = []
+    real_copy_row = KVCache.copy_row
+    monkeypatch.setattr(KVCache, "copy_row", lambda self, *a: moves.append(a) or real_copy_row(self, *a))
     m = CONFIGS["prefix"].apply(ours(base_dir))
     randomize(m.kv_prefix, seed=11, std=0.5)
     prompts = [ids(20 + i, 1, 3 + 2 * i)[0].tolist() for i in range(5)]
@@ -300,6 +304,7 @@ def test_engine_equals_generate_with_a_prefix(base_dir):
             engine.submit(Request(prompts[0], 58, SamplingConfig(0.0)))
     finally:
         engine.stop()
+    assert moves                                       # a row moved into a freed one, prefix and all
     for p, n, r in zip(prompts, lengths, reqs):
         assert r.tokens == generate(m, torch.tensor([p]), n)[0, len(p):].tolist()
 
@@ -359,6 +364,34 @@ def test_only_the_virtual_tokens_train(base_dir, name):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("kv_prefix."))
+
+
+@pytest.mark.parametrize("name", ["prefix-mlp", "prompt"])
+def test_gradients_equal_peft(base_dir, name):
+    """Training sees what PEFT's training sees: the same loss and gradients for every trainable tensor."""
+    from peft import get_peft_model
+    peft_cfg = _peft_config(name)
+    peft_cfg.num_virtual_tokens, peft_cfg.encoder_hidden_size = 4, 48
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(hf(base_dir), peft_cfg).train()
+    m = CONFIGS[name].apply(ours(base_dir)).train()
+    randomize(m.kv_prefix, seed=16, std=0.3)
+    enc = pm.prompt_encoder["default"]
+    theirs_of = {k: enc.get_parameter("embedding.weight" if k in ("embedding", "prompt_embeddings") else k)
+                 for k, _ in m.kv_prefix.named_parameters()}
+    with torch.no_grad():                              # PEFT's encoder := ours
+        for k, p in m.kv_prefix.named_parameters():
+            theirs_of[k].copy_(p)
+    x = ids(17, 2, 8)
+    w = torch.randn(2, 8, 50257, generator=torch.Generator().manual_seed(0))
+    mine = (m(x) * w).sum()
+    theirs = (pm(input_ids=x).logits[:, -8:] * w).sum()
+    mine.backward()
+    theirs.backward()
+    assert abs(mine.item() - theirs.item()) < 1e-4 * abs(theirs.item())
+    for k, p in m.kv_prefix.named_parameters():
+        assert (p.grad - theirs_of[k].grad).norm() < 1e-4 * theirs_of[k].grad.norm(), k
 
 
 def test_loading_into_the_same_method_copies_in_place(tmp_path, base_dir):
