@@ -434,8 +434,9 @@ def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, 
     CheckpointError / FileNotFoundError / ValueError with one-line messages.
     """
     from . import runs
-    from .lora import lora_layers, merge_and_unload
+    from .lora import lora_layers
     from .model import GPT
+    from .peft import MERGEABLE, merge_and_unload, method_of
 
     if model is None and adapter is None:
         latest = find_latest_run(root)
@@ -456,11 +457,12 @@ def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, 
         if not meta.get("template"):
             template = None                                   # runs says alpaca when it cannot know
         source = f"{model} + {adapter}" if model is not None else str(adapter)
-        if merge and lora_layers(m) and not quantize:
+        if merge and method_of(m) in MERGEABLE and not quantize:
             try:
                 m = merge_and_unload(m)
             except ValueError:                                # LoRA on the tied lm_head: keep as is
-                pass
+                if not lora_layers(m):
+                    raise
     if device is not None:
         m.to(device)
     m.eval()

@@ -325,8 +325,9 @@ def save_model(model, out_dir: PathLike) -> None:
     extra = [k for k in sd if k not in expected and not re.fullmatch(
         r"transformer\.h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", k)]
     if extra:
-        raise CheckpointError(f"model has non-GPT-2 tensors ({', '.join(extra[:3])}); merge LoRA "
-                              "weights first (merge_lora) or save the adapter with save_adapter")
+        raise CheckpointError(f"model has non-GPT-2 tensors ({', '.join(extra[:3])}); merge the adapter "
+                              "first (minigpt.peft.merge_and_unload: LoRA, DoRA, IA3) or save it with "
+                              "minigpt.peft.save_adapter (prefix/prompt tuning and bottleneck adapters do not merge)")
     tensors = {k: v.detach().to("cpu") for k, v in minigpt_to_hf(sd).items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     cfg = model.config.to_hf_dict()

@@ -480,7 +480,7 @@ def test_dora_and_ia3_export_merged(tmp_path, method):
     cfg.apply(m)
     torch.manual_seed(3)
     with torch.no_grad():
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     m.eval()

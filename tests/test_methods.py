@@ -37,8 +37,10 @@ def base(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
-    with torch.no_grad():
-        m.transformer.wte.weight.normal_(0.0, 0.5)
+    with torch.no_grad():                        # a larger init than GPT-2's: attention that matters
+        for n, p in m.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 if "wte" in n else 0.2)
     m.save_pretrained(d)
     return d
 
@@ -165,6 +167,7 @@ def test_resume_with_another_method_and_loading_as_another(base, data, tmp_path,
     out = tmp_path / "p"
     run(["--base", base, "--data", data, "--out-dir", out, "--method", "prefix", "--max-steps", 2, *COMMON,
          "--samples", 0, *SETTINGS["prefix"]])
+    capsys.readouterr()
     rc, err = _main(["--base", base, "--data", data, "--out-dir", out, "--method", "prompt", "--resume",
                      "--max-steps", 4, "--threads", 1], capsys)
     assert rc == 1 and "prefix" in err and "prompt" in err, err
