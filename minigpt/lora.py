@@ -760,9 +760,14 @@ def load(model: nn.Module, adapter_dir, cfg: dict, tensors: dict[str, torch.Tens
 
 def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Module:
     """Load a minigpt- or PEFT-written LoRA or DoRA adapter folder into `model` (in place; returned);
-    see `load`. A folder of another method (IA3, ...) is refused naming both; an adapter for a
-    differently sized base raises AdapterError (a ValueError) naming the key and both shapes."""
+    see `load`. A folder of another method (IA3, prefix, ...) is handed to minigpt.peft.load_adapter,
+    so any method's folder loads here; on a model that already carries LoRA layers it is refused
+    naming both methods. An adapter for a differently sized base raises AdapterError (a ValueError)
+    naming the key and both shapes."""
     d = Path(adapter_dir)
+    if adapter_method(d, read_config(d)) not in _METHODS:
+        from .peft import load_adapter as load_any
+        return load_any(model, d, freeze=freeze)
     cfg = read_adapter_config(d)
     tensors, meta = read_tensors(d)
     return load(model, d, cfg, tensors, meta, freeze=freeze)

@@ -312,8 +312,9 @@ def test_wrong_method_is_refused_naming_both(tmp_path):
     from minigpt.ia3 import IA3Config
     from minigpt.ia3 import save_adapter as save_ia3
     save_ia3(IA3Config().apply(small_gpt()), tmp_path / "ia3")
-    with pytest.raises(AdapterError) as e:
-        load_adapter(small_gpt(), tmp_path / "ia3")
+    assert method_of(load_adapter(small_gpt(), tmp_path / "ia3")) == "ia3"     # handed to minigpt.peft
+    with pytest.raises(AdapterError) as e:                        # not onto a model with LoRA layers
+        load_adapter(add_lora(small_gpt(), r=2, alpha=4), tmp_path / "ia3")
     assert "IA3" in str(e.value) and "LoRA" in str(e.value)
     save_adapter(add_lora(small_gpt(), r=2, alpha=4, use_dora=True), tmp_path / "dora")
     with pytest.raises(AdapterError) as e:

@@ -246,6 +246,9 @@ def test_wrong_method_is_refused_naming_both(tmp_path):
     with pytest.raises(AdapterError) as e:
         load_adapter(small_gpt(), tmp_path / "lora")
     assert "LoRA" in str(e.value) and "IA3" in str(e.value)
+    with pytest.raises(AdapterError) as e:                      # a model that carries IA3 already
+        peft_load(IA3Config().apply(small_gpt()), tmp_path / "lora")
+    assert "LoRA" in str(e.value) and "IA3" in str(e.value)
     save_adapter(IA3Config().apply(small_gpt()), tmp_path / "ia3")
     with pytest.raises(AdapterError) as e:
         peft_load(small_gpt(), tmp_path / "ia3", method="dora")
