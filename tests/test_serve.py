@@ -118,10 +118,10 @@ def _free_port() -> int:
 class Live:
     """create_app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, api_key=None, max_batch=8, max_waiting=64):
+    def __init__(self, api_key=None, max_batch=8, max_waiting=64, model=None):
         from minigpt.serve import create_app
 
-        self.model = tiny()
+        self.model = model if model is not None else tiny()
         self.engine = Engine(self.model, TOK, max_batch=max_batch, max_waiting=max_waiting).start()
         self.port = _free_port()
         app = create_app(self.engine, "tiny", template="alpaca", api_key=api_key)
@@ -359,3 +359,38 @@ def test_engine_refuses_ids_outside_the_vocabulary():
     with pytest.raises(ConfigError, match=r"token ids must be in \[0, 50257\)"):
         engine.submit(Request([1, 50257], 4))
     assert not engine.waiting
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_token_models_serve_as_they_generate(method):
+    """A prefix- / prompt-tuned model (virtual tokens in the engine's KV cache): the API's greedy
+    completions equal generate's, concurrently, and the context it reports leaves out the prefix."""
+    from minigpt.peft import method_config
+
+    model = tiny()
+    method_config(method, num_virtual_tokens=6).apply(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.kv_prefix.parameters():
+            p.normal_(0.0, 0.5)
+    model.eval()
+    srv = Live(model=model, max_batch=4)
+    try:
+        assert srv.client.models.list().data[0].model_extra["context_length"] == 256 - 6
+        prompts = PROMPTS[:4]
+        out = [None] * len(prompts)
+
+        def ask(i):
+            out[i] = srv.client.completions.create(model="tiny", prompt=prompts[i], temperature=0,
+                                                   max_tokens=12).choices[0].text
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        plain = tiny()
+        for p, got in zip(prompts, out):
+            want = TOK.decode(alone(model, TOK.encode(p), 12))
+            assert got == want and want != TOK.decode(alone(plain, TOK.encode(p), 12))
+    finally:
+        srv.close()
