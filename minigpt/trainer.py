@@ -615,7 +615,8 @@ class Trainer:
         self._timings: dict[str, list] = {"step": [], "eval": [], "save": []}
         if b is not None and b.decision is not None:
             self._apply_budget()
-            self._log(b.describe())
+            if self.is_main:
+                self._log(b.describe())
         elif self._pending:
             self._decide_at = max(b.decide_at(cfg), self.step + 1)
             cfg.max_steps = self._decide_at             # (the loop stops there unless the decision says more)
@@ -637,12 +638,14 @@ class Trainer:
             d = b.decision or {}
             t = torch.tensor([d.get("chosen_max_steps", 0), d.get("eval_interval", 0)], device=self.device)
             dist.broadcast(t, 0)
-            b.decision = b.decision or {"chosen_max_steps": int(t[0]), "eval_interval": int(t[1])}
+            b.decision = b.decision or {"chosen_max_steps": int(t[0]), "eval_interval": int(t[1]),
+                                        "decided_at_step": self.step}
         self._apply_budget()
         bar.total = self.cfg.max_steps
         bar.refresh()
-        self._log(b.describe())
-        self._write_run_info()
+        if self.is_main:
+            self._log(b.describe())
+            self._write_run_info()
         return time.perf_counter() - t0
 
     def _write_run_info(self) -> None:

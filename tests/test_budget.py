@@ -175,3 +175,19 @@ def test_real_clock_budget_run(tmp_path, corpus, capsys):
     assert len(records(out)[0]) == b["chosen_max_steps"]
     assert not list(out.glob(".budget-probe-*"))                    # the save probe left nothing
     assert "time budget 4s: " in capsys.readouterr().out
+
+
+def test_ddp_ranks_follow_rank_zeros_decision(tmp_path, corpus):
+    """Under torchrun each rank times its own steps; rank 0's decision is the one all of them run."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(root / "train.py"), "--data", str(corpus), "--out-dir", str(out), "--time-budget", "6s",
+                        "--grad-accum", "2", *TINY], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    b = json.loads((out / "run.json").read_text())["budget"]
+    assert len(records(out)[0]) == b["chosen_max_steps"] >= 8
+    assert (out / "checkpoints" / f"step-{b['chosen_max_steps']:07d}").is_dir()
