@@ -264,7 +264,7 @@ class TimeBudget:
         busy = sum(t for t, _ in kept)
         model, dev = trainer.model, trainer.device
         was_training = model.training
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
             weights_s = _timed(lambda: _probe_save(trainer))
             eval_s = 0.0
             if trainer.evaluate_fn is not None:
