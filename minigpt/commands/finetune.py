@@ -377,6 +377,7 @@ def finetune(args: FinetuneArgs) -> dict:
         if trainer.is_main and sample_recs else []
     if trainer.is_main:
         _show("samples before fine-tuning:", sample_recs, before)
+        meta["before"] = _before_metrics(args, model, evaluate, trainer)
 
     result = trainer.fit(resume=args.resume)
     if trainer.is_main:
@@ -384,6 +385,36 @@ def finetune(args: FinetuneArgs) -> dict:
         _show("samples after fine-tuning:", sample_recs, after)
         result = {**result, **_finish(args, model, template, sample_recs, before, after, meta)}
     return {**result, "model": model}
+
+
+def _before_metrics(args: FinetuneArgs, model, evaluate, trainer) -> Optional[dict]:
+    """The held-out metrics of the untouched base (a resumed run keeps those of its first start)."""
+    from ..runs import read_finetune_meta
+
+    if args.resume:
+        return (read_finetune_meta(args.out_dir) or {}).get("before")
+    if evaluate is None:
+        return None
+    with trainer.autocast():
+        m = evaluate(model)
+    print("before fine-tuning: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    return m
+
+
+def _last_eval(out_dir: Path) -> dict:
+    """The last evaluation the run recorded in metrics.jsonl ({} when none)."""
+    import json
+
+    from ..runs import METRICS_FILE
+
+    last = {}
+    try:
+        for line in (out_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            last = rec if "val_loss" in rec else last
+    except (OSError, ValueError):
+        pass
+    return last
 
 
 def _load_base(args: FinetuneArgs, base_src: str, virtual: int = 0):
@@ -418,6 +449,11 @@ def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, met
     elif args.merge:
         print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
     _write_meta(out_dir, meta)
+    first, last = (meta.get("before") or {}).get("val_loss"), _last_eval(out_dir).get("val_loss")
+    if first is not None and last is not None:
+        em = [(x or {}).get("exact_match") for x in (meta.get("before"), _last_eval(out_dir))]
+        print(f"held-out masked val loss {first:.4f} -> {last:.4f}"
+              + (f" | exact match {em[0]:.1%} -> {em[1]:.1%}" if None not in em else ""))
     print(f"saved {'adapter' if args.peft else 'model'} to {out_dir}  (load with "
           f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
     return {"out_dir": str(out_dir), "samples": samples}

@@ -11,10 +11,10 @@ examples:
   minigpt train --time-budget 20m                 # a longer budget, a longer schedule
   minigpt train --max-steps 320                   # a fixed step count (no budget)
   minigpt train --data my.txt --out-dir out-my    # your own text (file, folder of .txt, or .bin)
-  minigpt train --model gpt2 --precision bf16     # GPT-2 124M shape, on a GPU
+  minigpt train --model gpt2 --max-steps 20000 --precision bf16   # GPT-2 124M shape, on a GPU
   minigpt train --init-from gpt2 --data my.txt    # continue pretraining from weights
   minigpt train --resume                          # continue an interrupted run exactly
-  torchrun --nproc_per_node 4 train.py --model gpt2   # data parallel
+  torchrun --nproc_per_node 4 train.py --model gpt2 --max-steps 20000   # data parallel
 (`python train.py ...` is the same command.)
 """
 from __future__ import annotations
