@@ -3,6 +3,7 @@
     python benchmarks/finetune_lr.py --base out                   # the train.py model (default)
     python benchmarks/finetune_lr.py --base gpt2 --methods lora   # a cached pretrained GPT-2
     python benchmarks/finetune_lr.py --quick                      # tiny random base, 2 rates, 20 steps
+A run replaces the rows of the (method, lr) pairs it ran in the results file and keeps the others.
 
 Each (method, lr) runs the command's own code (minigpt.commands.finetune, in process) with every
 other flag at its default: the embedded instruction set, 3 epochs, batch 2 x 4, linear decay, and
@@ -23,10 +24,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import machine_info, write_json  # noqa: E402
+from common import RESULTS, machine_info, write_json  # noqa: E402
 
-GRID = {"lora": [2e-4, 1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2], "ia3": [3e-3, 1e-2, 3e-2, 1e-1],
-        "prefix": [3e-3, 1e-2, 3e-2], "prompt": [1e-2, 3e-2, 1e-1, 3e-1], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
+GRID = {"lora": [2e-4, 1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2], "ia3": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+        "prefix": [3e-3, 1e-2, 3e-2, 1e-1], "prompt": [1e-2, 3e-2, 1e-1, 3e-1], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
 
 
 def one(base: str, method: str, lr: float, extra: list[str], out: Path) -> dict:
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--base", default="out")
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lrs", default=None, help="comma-separated rates instead of each method's grid")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     base, extra = args.base, []
@@ -68,18 +70,24 @@ def main(argv=None) -> dict:
         extra = ["--max-steps", "20", "--exact-match", "0"]
     rows = []
     for method in args.methods.split(","):
-        for lr in GRID[method][:2] if args.quick else GRID[method]:
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else GRID[method]
+        for lr in lrs[:2] if args.quick else lrs:
             virtual = ["--num-virtual-tokens", "4"] if args.quick and method in ("prefix", "prompt") else []
             r = one(base, method, lr, extra + virtual, Path(tmp.name) / "run")
             rows.append(r)
             print(f"{method:8s} lr {lr:<7g} val loss {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}  "
                   f"exact match {r['exact_match_before']} -> {r['exact_match_after']}  ({r['seconds']} s)", flush=True)
+    name = "finetune_lr_quick.json" if args.quick else "finetune_lr.json"
+    old = RESULTS / name
+    if not args.quick and old.is_file():                      # keep the rows this run did not redo
+        ran = {(r["method"], r["lr"]) for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if (r["method"], r["lr"]) not in ran] + rows
     best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["val_loss_after"])["lr"]
             for m in dict.fromkeys(r["method"] for r in rows)}
     out = {"machine": machine_info(), "base": args.base if not args.quick else "tiny random", "rows": rows,
            "best_lr": best}
     print("best lr per method:", best)
-    print("wrote", write_json("finetune_lr_quick.json" if args.quick else "finetune_lr.json", out))
+    print("wrote", write_json(name, out))
     return out
 
 

@@ -7,8 +7,9 @@ bottleneck adapters trained with one recipe, minigpt vs peft (on transformers) w
 
 The recipe (the same for every method and both libraries): the embedded instruction set, alpaca
 template, prompt tokens masked, max length 256 (or the base's context less 20), batch 2 x 4 (grad
-accumulation), AdamW (betas 0.9/0.95, no weight decay), linear warm-up (5%) and decay from the method's default learning
-rate (finetune.py's METHOD_LR), gradient clipping at 1.0, fp32, the same batches in the same order.
+accumulation), AdamW (betas 0.9/0.95, no weight decay), linear warm-up (5%) and decay from the
+method's default learning rate for the base's size (finetune.py's METHOD_LR / SMALL_BASE_LR),
+gradient clipping at 1.0, fp32, the same batches in the same order.
 Method settings: LoRA/DoRA r 8, alpha 16, dropout 0.05 on c_attn; IA3 peft's GPT-2 defaults
 (c_attn and mlp.c_proj, mlp.c_proj at its input); prefix and prompt tuning 20 virtual tokens
 (random init, no projection); bottleneck adapters (minigpt only) size 64, houlsby placement.
@@ -172,7 +173,8 @@ def main(argv=None) -> dict:
     if argv and argv[0] == "_worker":
         print("RESULT " + json.dumps(worker(json.loads(argv[1]))), flush=True)
         return {}
-    from minigpt.commands.finetune import METHOD_LR
+    from minigpt import GPT
+    from minigpt.commands.finetune import METHOD_LR, SMALL_BASE_LR, SMALL_BASE_PARAMS
     from minigpt.peft import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,11 +193,12 @@ def main(argv=None) -> dict:
     max_length = min(64 if args.quick else 256, block - 20)      # room for 20 virtual tokens, for every method
     spec = dict(base=str(Path(base).resolve()), steps=args.steps or (3 if args.quick else 60), batch=2, accum=4,
                 max_length=max_length, threads=args.threads, val_batches=2 if args.quick else None)
+    rates = SMALL_BASE_LR if GPT.from_pretrained(base).num_params() < SMALL_BASE_PARAMS else METHOD_LR
     rows = []
     for method in methods:
         for side in ("minigpt", "peft") if method in PEFT_HAS else ("minigpt",):
-            r = run_worker(__file__, {**spec, "side": side, "method": method, "lr": METHOD_LR[method]})
-            rows.append({"method": method, "library": side, "lr": METHOD_LR[method], **r})
+            r = run_worker(__file__, {**spec, "side": side, "method": method, "lr": rates[method]})
+            rows.append({"method": method, "library": side, "lr": rates[method], **r})
             print(f"{method:8s} {side:8s} trainable {r['trainable']:>10,}  step {r['step_s']:.3f} s  "
                   f"peak {r['peak_rss_mb']:.0f} MiB  val loss {r['val_loss']:.3f}", flush=True)
     for r in rows:

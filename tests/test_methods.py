@@ -173,3 +173,18 @@ def test_resume_with_another_method_and_loading_as_another(base, data, tmp_path,
     assert rc == 1 and "prefix" in err and "prompt" in err, err
     with pytest.raises(ValueError, match=r"prefix-tuning adapter \(prefix\), not prompt-tuning \(prompt\)"):
         load_adapter(GPT.from_pretrained(base), out, method="prompt")
+
+
+def test_default_learning_rate_follows_the_base(base, data, tmp_path):
+    """No --lr: a small base (< 100M parameters) gets SMALL_BASE_LR, recorded with the reason."""
+    out = tmp_path / "lr"
+    run(["--base", base, "--data", data, "--out-dir", out, "--method", "prefix", "--max-steps", 1,
+         "--num-virtual-tokens", 2, *COMMON, "--samples", 0])
+    meta = json.loads((out / FINETUNE_META).read_text())
+    assert meta["lr"] == ft.SMALL_BASE_LR["prefix"] and "small base" in meta["lr_choice"]
+    assert json.loads((out / "run.json").read_text())["train"]["lr"] == ft.SMALL_BASE_LR["prefix"]
+    assert meta["before"]["val_loss"] > 0
+    with torch.device("meta"):
+        big = GPT(GPTConfig.from_name("gpt2"))
+    args = parse_args(ft.FinetuneArgs, ["--lora"])
+    assert ft.default_lr(args, big) == (2e-4, "default for lora on a GPT-2-sized base (124M params >= 100M)")

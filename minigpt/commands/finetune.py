@@ -32,7 +32,13 @@ METHOD_FLAGS = {
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
     "adapter": ("adapter_size", "adapter_placement", "adapter_nonlinearity"),
 }
-METHOD_LR = {None: 2e-4, "lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 3e-3, "prompt": 3e-2, "adapter": 1e-3}
+# default peak learning rates: for pretrained GPT-2 (>= 100M parameters; lora 2e-4 is the seed-000
+# recipe, the others the usual rates for these methods) and for small bases such as train.py's 16M
+# model, which need larger steps (measured: benchmarks/finetune_lr.py -> results/finetune_lr.json)
+METHOD_LR = {None: 2e-4, "lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "adapter": 1e-3}
+SMALL_BASE_LR = {None: 2e-4, "lora": 3e-3, "dora": 3e-3, "ia3": 1e-1, "prefix": 3e-1, "prompt": 3e-1,
+                 "adapter": 3e-3}
+SMALL_BASE_PARAMS = 100_000_000
 QUANTIZABLE = ("lora", "ia3", "prefix", "prompt", "adapter")    # methods that run on a quantized base
 
 
@@ -44,8 +50,8 @@ class FinetuneArgs(RunArgs):
                      "text (default: the embedded set)",
                 out_dir="where the adapter (or model), checkpoints and metrics go",
                 max_steps="optimizer steps (default: from --epochs)",
-                lr="peak learning rate (default: per method: " +
-                   ", ".join(f"{m or 'full'} {v:g}" for m, v in METHOD_LR.items() if m != "dora") + ")",
+                lr="peak learning rate (default: per method and base size, see METHOD_LR / SMALL_BASE_LR: "
+                   "lora 2e-4 on GPT-2 124M+, 3e-3 on a small base such as train.py's)",
                 eval_batches="validation batches per evaluation (default: all; 0 = no evaluation)",
                 val_fraction="share held out for validation when the data has no 'split' field, in [0, 1)",
                 samples="held-out prompts answered before and after training")
@@ -96,8 +102,6 @@ class FinetuneArgs(RunArgs):
 
     def __post_init__(self) -> None:
         self._resolve_method()
-        if self.lr is None:
-            self.lr = METHOD_LR[self.method]
         super().__post_init__()
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
         check(self.max_length is None or self.max_length >= 2, "max_length", "at least 2", self.max_length)
@@ -164,6 +168,17 @@ class FinetuneArgs(RunArgs):
     # kept for callers of the LoRA-only API
     def lora_config(self):
         return self.peft_config() if self.method in ("lora", "dora") else None
+
+
+def default_lr(args: FinetuneArgs, model) -> tuple[float, str]:
+    """(peak learning rate, why): --lr, else the method's default for the base's size."""
+    if args.lr is not None:
+        return args.lr, "--lr"
+    n = model.num_params()
+    small = n < SMALL_BASE_PARAMS
+    lr = (SMALL_BASE_LR if small else METHOD_LR)[args.method]
+    return lr, (f"default for {args.method or 'full fine-tuning'} on a {'small' if small else 'GPT-2-sized'} base "
+                f"({n / 1e6:.0f}M params {'<' if small else '>='} {SMALL_BASE_PARAMS // 1_000_000}M)")
 
 
 def default_base() -> str:
@@ -344,7 +359,8 @@ def finetune(args: FinetuneArgs) -> dict:
     val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
     max_steps = args.max_steps or train_ds.steps_for(args.epochs or 3.0)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * max_steps))
-    cfg = TrainConfig.from_args(args, max_steps=max_steps, warmup_steps=warmup)
+    lr, lr_why = default_lr(args, model)
+    cfg = TrainConfig.from_args(args, max_steps=max_steps, warmup_steps=warmup, lr=lr)
     claim_run_dir(args.out_dir, "finetune", **run)
     base_id = resolve_base(base_src)
 
@@ -357,7 +373,8 @@ def finetune(args: FinetuneArgs) -> dict:
             "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
             "lora": peft_cfg.to_dict() if args.method in ("lora", "dora") else None,
             "peft": peft_cfg.to_dict() if peft_cfg is not None else None,
-            "data": str(args.data) if args.data else "embedded:instructions", "merged": None}
+            "data": str(args.data) if args.data else "embedded:instructions", "merged": None,
+            "lr": lr, "lr_choice": lr_why}
     evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs) if args.eval_batches != 0 else None
     save, load = _weights_io(args, base_id)
     trainer = Trainer(model, cfg, train_ds, evaluate, save, load, run_info={"kind": "finetune", "finetune": meta})
@@ -373,6 +390,7 @@ def finetune(args: FinetuneArgs) -> dict:
               f"(template {template.name}, max length {max_length}, {stats['truncated']} truncated, "
               f"{stats['dropped']} dropped) | {max_steps} steps of {args.batch_size}x{args.grad_accum} examples "
               f"(~{max_steps / train_ds.steps_for(1.0):.2g} epochs) | device {trainer.device} {trainer.precision}")
+        print(f"learning rate {cfg.lr:g} ({meta['lr_choice']})")
     before = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) \
         if trainer.is_main and sample_recs else []
     if trainer.is_main:
