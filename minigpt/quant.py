@@ -170,10 +170,10 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     LoRA layers must be merged or removed first; the rest of the model is frozen too."""
     if mode not in QUANT_MODES:
         raise ConfigError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {mode!r}")
-    from .peft import method_of
+    from .peft import NAMES, method_of
 
     if method_of(model) is not None:
-        raise ConfigError(f"quantize the base before adding {method_of(model)} layers (or merge them first)")
+        raise ConfigError(f"quantize the base before adding {NAMES[method_of(model)]} layers (or merge them first)")
     for name, lin in list(_block_linears(model)):
         parent, _, child = name.rpartition(".")
         q = QuantLinear(lin, mode)

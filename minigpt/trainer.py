@@ -704,6 +704,7 @@ class Trainer:
         return last
 
     def fit(self, resume: bool = False) -> dict:
+        self.model.train()   # dropout (the model's and the adapters') on, whatever mode the model was loaded in
         if resume:       # first: a checkpoint that does not fit this run must leave the folder as it was
             self.resume()
         elif self.is_main and (self.out_dir / METRICS_FILE).exists():

@@ -220,7 +220,7 @@ def test_qlora_in_bf16_keeps_the_rest_of_the_base_in_bf16(setup, tmp_path):
 def test_quantize_flags(setup, tmp_path, capsys):
     root, data = setup
     assert run(["--quantize", "nf4", "--base", root / "base", "--data", data, "--out-dir", tmp_path / "o"]) == 2
-    assert "--quantize needs --lora" in capsys.readouterr().err
+    assert "--quantize needs --method lora, ia3" in capsys.readouterr().err
     assert run(["--lora", "--quantize", "fp4", "--base", root / "base", "--out-dir", tmp_path / "o"]) == 2
     assert not (tmp_path / "o").exists()
 
