@@ -35,11 +35,13 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast is a
-    clear speed-up; elsewhere it is emulated and slower than fp32."""
+    clear speed-up; elsewhere it is emulated and slower than fp32. False too when torch's kernels
+    are capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on an AVX2-only CPU)."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch
         return False
+    return native and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
