@@ -351,6 +351,9 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     kind = cpu_kind(cpu_flags())
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and not kind.startswith(cap.lower()):      # torch capped below the CPU (an AVX2-kind stand-in)
+        kind = f"{cap.lower()}_on_{kind}"
     cmp = compare(mini, side, args.quick)
     result = {"benchmark": "python train.py (no training flags) vs nanoGPT's README CPU recipe at equal wall time",
               "quick": args.quick, "cpu_kind": kind, "threads": args.threads,
