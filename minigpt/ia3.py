@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import AdapterError, ConfigError
-from .lora import _name_matches, _set_module, find_targets, is_tied, split_targets
+from .lora import _name_matches, _set_module, find_targets, merge_layers, remove_layers, split_targets, unmerge_layers
 from .peft import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -213,38 +213,18 @@ def add_ia3(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
 
 def merge_ia3(model: nn.Module) -> nn.Module:
     """Fold every IA3 vector into its layer's weights (refused for the tied lm_head). Undo: unmerge_ia3."""
-    layers = ia3_layers(model)
-    for name, m in layers.items():
-        if not m.merged and is_tied(model, m):
-            raise ConfigError(f"{name} shares its weight with transformer.wte; merging its IA3 scaling would "
-                              "change the input embeddings too. Keep it as an adapter, or drop it with "
-                              "remove_ia3(model, merge=False)")
-    for m in layers.values():
-        if not m.merged:
-            m.merge()
-    return model
+    return merge_layers(model, ia3_layers(model), "IA3 scaling", "remove_ia3")
 
 
 def unmerge_ia3(model: nn.Module) -> nn.Module:
     """Divide every merged IA3 vector out of its layer's weights again."""
-    for m in ia3_layers(model).values():
-        if m.merged:
-            m.unmerge()
-    return model
+    return unmerge_layers(model, ia3_layers(model))
 
 
 def remove_ia3(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every IA3Linear by a plain nn.Linear (merging first when `merge`, else dropping the
     scaling); every parameter is trainable again, the lm_head/wte tie intact."""
-    if merge:
-        merge_ia3(model)
-    for name, m in ia3_layers(model).items():
-        if not merge and m.merged:
-            m.unmerge()
-        _set_module(model, name, m.to_linear())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return remove_layers(model, ia3_layers(model), merge, merge_ia3)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

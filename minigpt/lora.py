@@ -477,26 +477,50 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     return model
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every (unmerged) LoRA update into its base weight. Undo with unmerge_lora."""
-    layers = lora_layers(model)
+def merge_layers(model: nn.Module, layers: dict[str, nn.Module], what: str, remover: str) -> nn.Module:
+    """Merge every unmerged wrapper layer (LoRA, DoRA, IA3) into its weight; refused for a layer on
+    the tied lm_head (merging would change the input embeddings too)."""
     for name, m in layers.items():
         if not m.merged and is_tied(model, m):
-            raise ConfigError(f"{name} shares its weight with transformer.wte; merging its LoRA would "
+            raise ConfigError(f"{name} shares its weight with transformer.wte; merging its {what} would "
                               "change the input embeddings too. Keep it as an adapter, or drop it with "
-                              "remove_lora(model, merge=False)")
+                              f"{remover}(model, merge=False)")
     for m in layers.values():
         if not m.merged:
             m.merge()
     return model
 
 
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take every merged LoRA update out of its base weight again."""
-    for m in lora_layers(model).values():
+def unmerge_layers(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """Take every merged wrapper layer's update out of its weight again."""
+    for m in layers.values():
         if m.merged:
             m.unmerge()
     return model
+
+
+def remove_layers(model: nn.Module, layers: dict[str, nn.Module], merge: bool, merge_fn) -> nn.Module:
+    """Replace each wrapper layer by a plain nn.Linear sharing its Parameters (merge_fn(model) first
+    when `merge`, else each update dropped); every parameter trainable again, the tie intact."""
+    if merge:
+        merge_fn(model)
+    for name, m in layers.items():
+        if not merge and m.merged:
+            m.unmerge()
+        _set_module(model, name, m.to_linear())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every (unmerged) LoRA update into its base weight. Undo with unmerge_lora."""
+    return merge_layers(model, lora_layers(model), "LoRA", "remove_lora")
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take every merged LoRA update out of its base weight again."""
+    return unmerge_layers(model, lora_layers(model))
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -506,15 +530,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     every parameter trainable again. With merge=False the LoRA updates are discarded (and a merged
     layer is unmerged first).
     """
-    if merge:
-        merge_lora(model)
-    for name, m in lora_layers(model).items():
-        if not merge and m.merged:
-            m.unmerge()
-        _set_module(model, name, m.to_linear())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return remove_layers(model, lora_layers(model), merge, merge_lora)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
