@@ -190,7 +190,7 @@ class ChatSession:
     @property
     def context_length(self) -> int:
         """Real tokens a prompt + reply may hold: block_size less the model's virtual tokens."""
-        return int(getattr(self.model, "context_length", self.model.config.block_size))
+        return int(self.model.context_length)
 
     @property
     def block_size(self) -> int:

@@ -96,10 +96,10 @@ class Engine:
             raise ConfigError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch}, {max_waiting}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        # real tokens a request may hold (block_size is the same number, for older callers): the
+        # real tokens a request may hold (block_size: the same number, for older callers): the
         # model's block_size less any virtual tokens (prefix/prompt tuning), whose keys/values
         # new_caches writes once, here, in front of every row
-        self.block_size = self.context_length = getattr(model, "context_length", model.config.block_size)
+        self.block_size = self.context_length = model.context_length
         self.vocab = model.config.vocab_size
         self.caches = model.new_caches(max_batch, self.context_length)
         self.rows: list[_Row] = []

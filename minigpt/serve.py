@@ -140,7 +140,7 @@ class _Service:
 
     def chat_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
         system, turns, last = _turns(body.get("messages"))
-        bs = self.engine.block_size
+        bs = self.engine.context_length
         max_new = common["max_tokens"] or min(256, bs // 2)
         if max_new >= bs:
             raise ApiError(400, f"max_tokens {max_new} must be below the model's context of {bs} tokens (the "
@@ -162,7 +162,7 @@ class _Service:
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
         ids = self.engine.tokenizer.encode_ordinary(prompt)
-        bs = self.engine.block_size
+        bs = self.engine.context_length
         max_new = common["max_tokens"] or 16
         if len(ids) + max_new > bs:
             raise ApiError(400, f"prompt of {len(ids)} tokens + max_tokens {max_new} exceeds the model's context "
@@ -199,7 +199,7 @@ def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key:
     async def models(request):
         return JSONResponse({"object": "list", "data": [
             {"id": model_id, "object": "model", "created": svc.created, "owned_by": "minigpt",
-             "context_length": engine.block_size}]})
+             "context_length": engine.context_length}]})
 
     async def chat_completions(request):
         return await _complete(svc, request, chat=True)
@@ -264,7 +264,7 @@ async def _complete(svc: _Service, request, chat: bool):
 
     body = await _body(request)
     svc.check_model(body)
-    common = _common(body, svc.engine.block_size)
+    common = _common(body, svc.engine.context_length)
     ids, stops, max_new = (svc.chat_prompt if chat else svc.completion_prompt)(body, common)
     logprobs = _logprobs(body, chat)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
