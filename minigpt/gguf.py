@@ -538,12 +538,9 @@ def _plain_weights(model, merge: bool) -> dict[str, torch.Tensor]:
         sd[f"{name}.weight"] = m.merged_weight() if merge else m.base_weight()
     for name, m in ia3_layers(model).items():
         sd.pop(f"{name}.ia3_l")
-        if merge != m.merged:                       # scale in (merge) or out (the base) of a copy
-            s = m.ia3_l.detach().float() if merge else 1.0 / m.ia3_l.detach().float()
-            w = m.weight.detach().float()
-            sd[f"{name}.weight"] = w * (s[None, :] if m.feedforward else s[:, None])
-            if not m.feedforward and m.bias is not None:
-                sd[f"{name}.bias"] = m.bias.detach().float() * s
+        sd[f"{name}.weight"], bias = m.weights(merged=merge)
+        if bias is not None:
+            sd[f"{name}.bias"] = bias
     return sd
 
 

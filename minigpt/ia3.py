@@ -112,11 +112,26 @@ class IA3Linear(nn.Module):
         self._scale(1.0 / l)
         self.merged = False
 
+    def scaled(self, s: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) in float32 with the vector `s` folded in: columns for a feedforward layer
+        (its input), rows and bias otherwise (its output); the layer itself is unchanged."""
+        w = self.weight.detach().float()                                          # (out, in)
+        w = w * (s[None, :] if self.feedforward else s[:, None])
+        b = None if self.bias is None else self.bias.detach().float()
+        return w, (b if self.feedforward or b is None else b * s)
+
+    def weights(self, merged: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) in float32 with the scaling folded in (merged) or out (the base)."""
+        if merged == self.merged:
+            return self.weight.detach().float(), None if self.bias is None else self.bias.detach().float()
+        l = self.ia3_l.detach().float()
+        return self.scaled(l if merged else 1.0 / l)
+
     def _scale(self, s: torch.Tensor) -> None:
-        w = self.weight.data.float()                                              # (out, in)
-        self.weight.data = (w * (s[None, :] if self.feedforward else s[:, None])).to(self.weight.dtype)
-        if not self.feedforward and self.bias is not None:
-            self.bias.data = (self.bias.data.float() * s).to(self.bias.dtype)
+        w, b = self.scaled(s)
+        self.weight.data = w.to(self.weight.dtype)
+        if b is not None:
+            self.bias.data = b.to(self.bias.dtype)
 
     def to_linear(self) -> nn.Module:
         """A plain nn.Linear sharing this layer's weight/bias Parameters (the QuantLinear for a quantized base)."""
