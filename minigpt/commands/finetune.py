@@ -165,10 +165,6 @@ class FinetuneArgs(RunArgs):
         return method_config(self.method, **{k: (tuple(v) if isinstance(v, list) else v)
                                              for k, v in kw.items() if v is not None})
 
-    # kept for callers of the LoRA-only API
-    def lora_config(self):
-        return self.peft_config() if self.method in ("lora", "dora") else None
-
 
 def default_lr(args: FinetuneArgs, model) -> tuple[float, str]:
     """(peak learning rate, why): --lr, else the method's default for the base's size."""
