@@ -90,6 +90,37 @@ def cuda_info() -> dict:
     return info
 
 
+def llama_system(llama_cpp, path: Path, prompt: list[int], threads: int):
+    """run(n) -> n greedy token ids from llama.cpp (llama-cpp-python) on the GGUF file at `path`."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, verbose=False, seed=0)
+
+    def run(n: int) -> list[int]:
+        llm.reset()
+        out = []
+        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        return out
+    return run
+
+
+def read_bandwidth_gb_s(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth as decoding sees it: the best of `repeats` sums over an fp32 buffer of
+    `mb` MB (larger than any cache), with `threads` threads. tok/s ceiling = this / bytes per token."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buf = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return round(buf.numel() * 4 / best / 1e9, 1)
+
+
 def decoding_parser(doc: str):
     """The flags both decoding benchmarks share (decode.py, gguf.py)."""
     import argparse

@@ -5,9 +5,16 @@ numbers), batch 1, a 32-token prompt, greedy decoding, 2 threads. Each round run
 once, in turn, so machine noise hits them alike; ratios are per round, then the median.
 Timing covers the whole generate call (prefill + decode), tokens/s = new tokens / seconds.
 
-    python benchmarks/decode.py            # full: 128 new tokens, 5 rounds
+    python benchmarks/decode.py            # full: 128 new tokens, 5 rounds (+ llama.cpp if installed)
     python benchmarks/decode.py --quick    # under a minute: 32 new tokens, 2 rounds
     python benchmarks/decode.py --quality out   # + held-out bits/byte of a trained model per mode
+
+llama.cpp decodes the same weights in the same rounds (--llama, on by default when llama-cpp-python is
+installed: minigpt.gguf.export_gguf writes f32, f16 and q8_0 files, llama.cpp's own greedy sampler), and
+every speed is shown beside its ceiling: the machine's read bandwidth (measured in the run) divided
+by the bytes of weights one token reads. vs_llama_cpp holds the per-round ratios against the targets
+(fp32 >= 0.8x llama.cpp f32; fp16/bf16 >= 1x f16; int8 and w8a8 >= 1x q8_0; int4 ahead of q8_0).
+"minigpt fp32 (plain)" is `generate` on the unprepared model, as a user calls it.
 
 fp32 systems must produce exactly transformers' tokens (checked); reduced-precision systems
 report how many of their tokens agree with transformers' (greedy paths diverge for good after the
@@ -18,6 +25,7 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import decoding_parser, machine_info, write_json  # noqa: E402
+from common import decoding_parser, llama_system, machine_info, read_bandwidth_gb_s, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
@@ -54,9 +62,41 @@ def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
             "text": Path(text_path).name, "bpb": {k: round(v, 4) for k, v in bpb.items()}}
 
 
+# the targets against llama.cpp: (minigpt mode, llama.cpp type, speed ratio to reach)
+LLAMA_TARGETS = (("fp32", "f32", 0.8), ("fp16", "f16", 1.0), ("bf16", "f16", 1.0), ("int8", "q8_0", 1.0),
+                 ("w8a8", "q8_0", 1.0), ("int4", "q8_0", 1.0))
+
+
+def llama_wanted(arg: str) -> list[str]:
+    if arg == "none":
+        return []
+    if arg != "auto":
+        return [t for t in arg.split(",") if t]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama_cpp not installed (pip install llama-cpp-python): no llama.cpp rows", flush=True)
+        return []
+    return ["f32", "f16", "q8_0"]
+
+
+def vs_llama(times: dict, llama_types: list[str]) -> dict:
+    """Per-round speed ratios minigpt mode / llama.cpp type (time of llama.cpp / time of minigpt), median."""
+    out = {}
+    for mode, gguf_type, target in LLAMA_TARGETS:
+        a = times.get(f"llama.cpp {gguf_type} (same weights, GGUF)")
+        b = times.get(f"minigpt {mode} (prepare_for_decoding)")
+        if a and b and gguf_type in llama_types:
+            per = [round(x / y, 3) for x, y in zip(a, b)]
+            med = statistics.median(per)
+            out[f"minigpt {mode} / llama.cpp {gguf_type}"] = {"ratio_median": round(med, 3), "per_round": per,
+                                                            "target": target, "met": med >= target}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = decoding_parser(__doc__)
-    ap.add_argument("--modes", default="fp32,fp16,bf16,int8,int4", help="prepare_for_decoding modes")
+    ap.add_argument("--modes", default="fp32,fp16,bf16,int8,w8a8,int4", help="prepare_for_decoding modes")
     ap.add_argument("--bases", default="", help="quantized bases too (minigpt.quant): nf4, int8 "
                                                 "(nf4 decodes from dense fp16 copies, int8 with the int8 kernel)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -68,6 +108,9 @@ def main(argv=None) -> dict:
                          "text under a TRAINED model (e.g. the output of python train.py) with "
                          "plain fp32 weights and with each mode's weights")
     ap.add_argument("--quality-text", default=str(Path(__file__).resolve().parent / "data" / "paradise_regained.txt"))
+    ap.add_argument("--llama", default="auto", help="llama.cpp GGUF types to decode the same weights with, through "
+                    "minigpt's GGUF export and llama-cpp-python: auto (f32,f16,q8_0 when llama_cpp imports), "
+                    "a comma-separated list, or none")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     n_new = args.new_tokens or (32 if args.quick else 128)
@@ -99,6 +142,16 @@ def main(argv=None) -> dict:
         q = quantize_model(copy.deepcopy(base), mode)
         for_decoding(q)
         systems[f"minigpt {mode}-base (quantize_model + for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(q)
+    llama_types = llama_wanted(args.llama)
+    tmp = tempfile.TemporaryDirectory()
+    for gguf_type in llama_types:
+        import llama_cpp
+
+        from minigpt.gguf import export_gguf
+        path = export_gguf(base, Path(tmp.name) / f"gpt2-{gguf_type}.gguf", gguf_type)
+        run = llama_system(llama_cpp, path, idx[0].tolist(), args.threads)
+        systems[f"llama.cpp {gguf_type} (same weights, GGUF)"] = (
+            lambda f: lambda n: torch.cat([idx, torch.tensor([f(n)])], 1))(run)
     for f in systems.values():                                   # warm-up: allocators, oneDNN
         f(4)
     times = {k: [] for k in systems}
@@ -119,8 +172,10 @@ def main(argv=None) -> dict:
     n_weights = sum(p.numel() for n, p in base.named_parameters()
                     if n.endswith(".weight") and p.dim() == 2 and "wpe" not in n)   # Linears + tied head
     # int4: + a bf16 scale and zero per group of 32
-    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32,
-                        "nf4-base": 2, "int8-base": 1}             # decoding copies: fp16 / int8 throughout
+    bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "w8a8": 1, "int4": 0.5 + 4 / 32,
+                        "nf4-base": 2, "int8-base": 1,             # decoding copies: fp16 / int8 throughout
+                        "f32": 4, "f16": 2, "q8_0": 34 / 32}       # llama.cpp: q8_0 = 32 int8 + an f16 scale
+    bandwidth = read_bandwidth_gb_s(args.threads)
     results = {}
     for name, ts in times.items():
         mb = n_weights * bytes_per_weight[name.split()[1]] / 1e6
@@ -134,6 +189,7 @@ def main(argv=None) -> dict:
             "tokens_vs_transformers": agreement(outs[name], ref, args.prompt),
             "weight_MB_per_token": round(mb),
             "effective_GB_per_s_best": round(mb / 1e3 * n_new / min(ts), 1),
+            "ceiling_tok_per_s": round(bandwidth * 1e3 / mb, 1),
         }
     fp32_ok = all(r["tokens_vs_transformers"]["identical"] for k, r in results.items() if "fp32" in k)
     payload = {
@@ -146,9 +202,16 @@ def main(argv=None) -> dict:
                                 "~74 KB of fp32 KV cache per position); tok/s ceiling = memory "
                                 "bandwidth / these bytes. effective_GB_per_s includes prefill time.",
         "fp32_tokens_identical": fp32_ok,
+        "read_bandwidth_GB_per_s": bandwidth,
+        "ceiling_note": "ceiling_tok_per_s = read bandwidth (best sum over a 512 MB fp32 buffer, same threads) "
+                        "/ weight bytes per token",
         "machine": machine,
         "results": results,
+        "vs_llama_cpp": vs_llama(times, llama_types),
     }
+    if llama_types:
+        import llama_cpp
+        machine["llama_cpp_python"] = llama_cpp.__version__
     if args.quality:
         payload["quality"] = quality(args.quality, args.quality_text, modes)
     name = args.out or ("decode_quick.json" if args.quick else "decode.json")
@@ -160,7 +223,9 @@ def main(argv=None) -> dict:
         agree = "identical" if a["identical"] else f"{a['match']:.0%} (first {a['prefix']} agree)"
         print(f"{k:{w}s}  {r['tok_per_s_median']:10.1f}  {r['tok_per_s_best']:11.1f}  "
               f"{r['speedup_vs_transformers_median']:9.2f}  {r['speedup_vs_transformers_best']:10.2f}  {agree}")
-    print(f"fp32 tokens identical to transformers: {fp32_ok}; wrote {path}")
+    for k, r in payload["vs_llama_cpp"].items():
+        print(f"{k:48s} {r['ratio_median']:5.2f}x  (target {r['target']}: {'met' if r['met'] else 'MISSED'})")
+    print(f"read bandwidth {bandwidth} GB/s; fp32 tokens identical to transformers: {fp32_ok}; wrote {path}")
     if "quality" in payload:
         q = payload["quality"]
         print(f"quality: bits per byte of {q['text']} under {q['model']} ({q['params_M']}M params)")

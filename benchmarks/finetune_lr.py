@@ -51,6 +51,18 @@ def one(base: str, method: str, lr: float, extra: list[str], out: Path) -> dict:
             "steps": after["step"]}
 
 
+def base_info(base: str) -> dict:
+    """The base by its shape and training (not its path on this machine)."""
+    d = Path(base)
+    if not (d / "config.json").is_file():
+        return {"name": base}
+    cfg = json.loads((d / "config.json").read_text())
+    run = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    return {"name": d.name, **{k: cfg.get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
+            "train_steps": (run.get("train") or {}).get("max_steps"),
+            "train_precision": (run.get("train") or {}).get("precision")}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="out")
@@ -84,7 +96,7 @@ def main(argv=None) -> dict:
         rows = [r for r in json.loads(old.read_text())["rows"] if (r["method"], r["lr"]) not in ran] + rows
     best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["val_loss_after"])["lr"]
             for m in dict.fromkeys(r["method"] for r in rows)}
-    out = {"machine": machine_info(), "base": args.base if not args.quick else "tiny random", "rows": rows,
+    out = {"machine": machine_info(), "base": base_info(base) if not args.quick else "tiny random", "rows": rows,
            "best_lr": best}
     print("best lr per method:", best)
     print("wrote", write_json(name, out))

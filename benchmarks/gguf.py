@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import decoding_parser, machine_info, write_json  # noqa: E402
+from common import decoding_parser, llama_system, machine_info, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
@@ -38,21 +38,6 @@ def agreement(new: list[int], ref: list[int]) -> dict:
     same = [x == y for x, y in zip(new, ref)]
     prefix = next((i for i, s in enumerate(same) if not s), len(same))
     return {"match": round(sum(same) / len(same), 4), "prefix": prefix, "identical": new == ref}
-
-
-def llama_system(llama_cpp, path: Path, prompt: list[int], threads: int):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
-                          n_batch=512, verbose=False, seed=0)
-
-    def run(n: int) -> list[int]:
-        llm.reset()
-        out = []
-        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            out.append(int(tok))
-            if len(out) == n:
-                break
-        return out
-    return run
 
 
 def minigpt_system(model, prompt: list[int]):

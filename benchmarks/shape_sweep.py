@@ -5,9 +5,9 @@ with several shapes, scored on held-out verse (bits per byte, lower is better).
     python benchmarks/shape_sweep.py --budget 5m --shapes 4x256x16,4x128x16
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/shape_sweep.py   # AVX2 kernels
 
-A shape is LAYERSxWIDTHxBATCH (heads = width / 64, block 128, every other flag at train.py's
-default). Each run starts from a clean folder; the results file (shape_sweep_<cpu kind>.json)
-records tokens/s, steps, validation and held-out bits per byte, the CPU model and flags.
+A shape is LAYERSxWIDTHxBATCH, optionally @LR (heads = width / 64, block 128, every other flag at
+train.py's default; e.g. 4x128x8@4e-3). Each run starts from a clean folder; the results file
+(shape_sweep_<cpu kind>.json) records tokens/s, steps, validation and held-out bits per byte, the CPU model and flags.
 """
 from __future__ import annotations
 
@@ -25,51 +25,58 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import cpu_flags, machine_info, write_json  # noqa: E402
-from quickstart import cpu_kind  # noqa: E402
+from quickstart import TEXTS, cpu_kind  # noqa: E402
 
 
-def one(shape: str, budget: str, text: str, threads: int) -> dict:
+def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
     from minigpt import GPT
     from minigpt.evaluate import evaluate_bpb
 
-    n_layer, n_embd, batch = (int(x) for x in shape.split("x"))
+    dims, _, lr = shape.partition("@")
+    n_layer, n_embd, batch = (int(x) for x in dims.split("x"))
     out = Path(tempfile.mkdtemp(prefix="sweep-")) / "run"
     cmd = [sys.executable, str(HERE.parent / "train.py"), "--out-dir", str(out), "--time-budget", budget,
            "--n-layer", str(n_layer), "--n-embd", str(n_embd), "--n-head", str(max(1, n_embd // 64)),
-           "--batch-size", str(batch), "--samples", "0", "--threads", str(threads)]
+           "--batch-size", str(batch), "--samples", "0", "--threads", str(threads)] + (["--lr", lr] if lr else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     tps = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
     model = GPT.from_pretrained(out)
-    held = evaluate_bpb(model, Path(text).read_text(encoding="utf-8"), block_size=128, batch_size=16)["bpb"]
+    held = {Path(t).name: round(evaluate_bpb(model, Path(t).read_text(encoding="utf-8"), block_size=128,
+                                             batch_size=16)["bpb"], 4) for t in texts}
     run = json.loads((out / "run.json").read_text())
     return {"shape": shape, "params_m": round(model.num_params() / 1e6, 1), "wall_s": round(wall, 1),
             "steps": run["train"]["max_steps"], "precision": run["train"]["precision"],
             "tok_per_s": round(sorted(tps)[len(tps) // 2]) if tps else None,
-            "val_bpb": [r for r in recs if "val_bpb" in r][-1]["val_bpb"], "heldout_bpb": held}
+            "lr": run["train"]["lr"], "val_bpb": [r for r in recs if "val_bpb" in r][-1]["val_bpb"],
+            "heldout_bpb": held}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", default="2m")
     ap.add_argument("--shapes", default="4x256x16,4x128x16,4x192x16,3x256x8")
-    ap.add_argument("--text", default=str(HERE / "data" / "paradise_regained.txt"))
+    ap.add_argument("--texts", default=",".join(str(t) for t in TEXTS),
+                    help="held-out texts, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="prefix of the results file name (keeps earlier sweeps)")
     args = ap.parse_args(argv)
     rows = []
     for shape in args.shapes.split(","):
-        r = one(shape, args.budget, args.text, args.threads)
+        r = one(shape, args.budget, args.texts.split(","), args.threads)
         rows.append(r)
         print(f"{shape:10s} {r['params_m']:5.1f}M {r['precision']} {r['steps']:4d} steps {r['tok_per_s']} tok/s "
-              f"{r['wall_s']:.0f} s | val {r['val_bpb']:.3f} held-out {r['heldout_bpb']:.3f} bits/byte", flush=True)
+              f"{r['wall_s']:.0f} s | val {r['val_bpb']:.3f} held-out "
+              + " / ".join(f"{v:.3f}" for v in r["heldout_bpb"].values()) + " bits/byte", flush=True)
     kind = cpu_kind(cpu_flags())
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap and not kind.startswith(cap.lower()):
         kind = f"{cap.lower()}_on_{kind}"
-    out = {"budget": args.budget, "heldout_text": Path(args.text).name, "rows": rows, "machine": machine_info()}
-    print("wrote", write_json(f"shape_sweep_{kind}.json", out))
+    out = {"budget": args.budget, "heldout_texts": [Path(t).name for t in args.texts.split(",")], "rows": rows,
+           "machine": machine_info()}
+    print("wrote", write_json(f"shape_sweep_{args.tag}{kind}.json", out))
     return out
 
 

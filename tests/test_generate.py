@@ -373,7 +373,8 @@ def _not_utf8(b: bytes) -> bool:
 @pytest.fixture(scope="module")
 def prepared(models):
     _, m = models
-    return {mode: prepare_for_decoding(copy.deepcopy(m), mode) for mode in ("fp32", "fp16", "bf16", "int8", "int4")}
+    return {mode: prepare_for_decoding(copy.deepcopy(m), mode)
+            for mode in ("fp32", "fp16", "bf16", "int8", "w8a8", "int4")}
 
 
 def test_prepared_fp32_is_exact(models, prepared):
@@ -405,7 +406,8 @@ def test_prepared_fp32_fallback_without_onednn(models, monkeypatch):
         assert (slow_bf16(idx) - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
-@pytest.mark.parametrize("mode,tol", [("fp16", 2e-3), ("bf16", 2e-2), ("int8", 3e-2), ("int4", 0.25)])
+@pytest.mark.parametrize("mode,tol", [("fp16", 2e-3), ("bf16", 2e-2), ("int8", 3e-2), ("w8a8", 6e-2),
+                                      ("int4", 0.25)])
 def test_prepared_reduced_precision_is_close(models, prepared, mode, tol):
     _, m = models
     fast = prepared[mode]
@@ -433,6 +435,50 @@ def test_decode_linear_int8_quantisation():
     torch.testing.assert_close(q(x), x @ w.t() + b, rtol=0.05, atol=0.1)
     with pytest.raises(ValueError, match="mode"):
         DecodeLinear(w, b, "fp8")
+
+
+def test_decode_linear_w8a8_quantises_weights_and_activations():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    q = DecodeLinear(w, b, "w8a8")
+    x = torch.randn(5, 32, generator=g)
+    ref = x @ w.t() + b
+    err = (q(x) - ref).abs().max()
+    assert 0 < err < 0.05 * ref.abs().max()          # approximate (8-bit activations), not exact
+    assert q(x[None]).shape == (1, 5, 48) and q(x).dtype == torch.float32
+    # the weights are the int8 mode's: the same per-channel rounding
+    deq = torch.ops.quantized.linear_unpack(q.packed)[0].dequantize()
+    i8 = DecodeLinear(w, b, "int8")
+    torch.testing.assert_close(deq, i8.weight.float() * (w.abs().amax(1) / 127)[:, None], rtol=0, atol=1e-6)
+
+
+def test_generate_packs_a_plain_model_for_the_call_only(models, monkeypatch):
+    """generate/stream on a plain fp32 CPU model use packed fp32 weights (same tokens as greedy
+    argmax over full forwards), and leave the model's own Linear modules in place between steps."""
+    _, m = models
+    plain = {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)}
+    calls = []
+    real = DecodeLinear.forward
+    monkeypatch.setattr(DecodeLinear, "forward", lambda self, x: calls.append(1) or real(self, x))
+    idx = prompts([5], seed=21)[0][None]
+    out = generate(m, idx, 16)
+    assert calls, "16 new tokens: the packed layers should be used"
+    ids = idx
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, m(ids)[:, -1:].argmax(-1)], 1)      # the plain layers, no cache
+    assert torch.equal(out, ids)
+    calls.clear()
+    generate(m, idx, 8)
+    assert not calls, "short calls skip packing"
+    it = stream(m, idx, 20)
+    next(it)
+    assert {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)} == plain   # between steps
+    it.close()
+    m.train()
+    generate(m, idx, 16)
+    assert m.training and {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)} == plain
+    m.eval()
 
 
 def test_decode_linear_int4_quantisation():

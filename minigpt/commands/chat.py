@@ -60,7 +60,7 @@ class ChatArgs:
                            metavar="TEXT")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
-                                 "fp16, bf16, int8, int4 (CPU, approximate, faster), plain")
+                                 "fp16, bf16, int8, w8a8, int4 (CPU, approximate, faster), plain")
     quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (minigpt.quant; a LoRA "
                                           "adapter stays unmerged on it, as trained with QLoRA)",
                                     choices=QUANT_MODES)
@@ -204,7 +204,7 @@ def prepare_weights(model, weights: str, device, compile: bool, quantize: Option
 
     if weights not in ("auto", "plain") + DECODE_MODES:
         raise CLIError(f"--weights must be one of auto, plain, {', '.join(DECODE_MODES)}; got {weights!r}")
-    if compile and device.type == "cpu" and weights in ("fp32", "bf16"):
+    if compile and device.type == "cpu" and weights in ("fp32", "bf16", "w8a8"):
         raise CLIError(f"--compile cannot trace the repacked --weights {weights} on CPU; "
                        f"use fp16, int8, int4 or plain")
     compiled = ", compiled steps" if compile else ""

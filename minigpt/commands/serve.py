@@ -31,7 +31,7 @@ class ServeArgs:
     adapter: Optional[str] = field(None, "adapter dir of any fine-tuning method (minigpt's or PEFT's)")
     template: Optional[str] = field(None, "prompt template (default: the one the model was tuned with, "
                                           "else alpaca)", choices=TEMPLATE_NAMES)
-    weights: str = field("auto", "decoding weights, as in minigpt chat: auto, fp16, bf16, int8, int4, plain")
+    weights: str = field("auto", "decoding weights, as in minigpt chat: auto, fp16, bf16, int8, w8a8, int4, plain")
     quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (as in minigpt chat)",
                                     choices=QUANT_MODES)
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
