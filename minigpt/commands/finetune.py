@@ -36,7 +36,7 @@ METHOD_FLAGS = {
 # recipe, the others the usual rates for these methods) and for small bases such as train.py's 7M
 # model, which need larger steps (measured: benchmarks/finetune_lr.py -> results/finetune_lr.json)
 METHOD_LR = {None: 2e-4, "lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "adapter": 1e-3}
-SMALL_BASE_LR = {None: 2e-4, "lora": 3e-3, "dora": 3e-3, "ia3": 1e-1, "prefix": 3e-1, "prompt": 3e-1,
+SMALL_BASE_LR = {None: 2e-4, "lora": 3e-3, "dora": 3e-3, "ia3": 3e-1, "prefix": 3e-1, "prompt": 1e-1,
                  "adapter": 3e-3}
 SMALL_BASE_PARAMS = 100_000_000
 QUANTIZABLE = ("lora", "ia3", "prefix", "prompt", "adapter")    # methods that run on a quantized base
