@@ -35,6 +35,23 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_kind(flags) -> str:
+    """A short name for the CPU's kernel family, from its flags (results are kept per kind)."""
+    for flag, kind in (("amx_bf16", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512f", "avx512"),
+                       ("avx2", "avx2"), ("asimd", "neon")):
+        if flag in flags:
+            return kind
+    return platform.machine().lower() or "cpu"
+
+
+def kind_tag() -> str:
+    """cpu_kind of this machine, as "avx2_on_avx512_bf16" when torch's kernels are capped below the CPU
+    (ATEN_CPU_CAPABILITY=avx2: the AVX2-kind stand-in); for results file names."""
+    kind = cpu_kind(cpu_flags())
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{cap.lower()}_on_{kind}" if cap and not kind.startswith(cap.lower()) else kind
+
+
 def machine_info() -> dict:
     """What a reader needs to judge the numbers: CPU, threads, library versions, load."""
     info = {

@@ -212,6 +212,7 @@ def main(argv=None) -> dict:
     if llama_types:
         import llama_cpp
         machine["llama_cpp_python"] = llama_cpp.__version__
+        machine["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     if args.quality:
         payload["quality"] = quality(args.quality, args.quality_text, modes)
     name = args.out or ("decode_quick.json" if args.quick else "decode.json")

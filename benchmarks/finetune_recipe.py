@@ -2,12 +2,13 @@
 same base, same examples, same run.
 
 The recipe (seed-000): GPT-2 124M, LoRA r 8, alpha 16, dropout 0.05 on c_attn, lr 2e-4 (linear,
-5% warm-up), batch 2 x 4 (gradient accumulation), max length 256, fp32, one pass over the same
-training examples. The HF side pads every example to max length on the right, as that recipe's
-tokenisation (padding="max_length") does, with labels -100 on the prompt and the padding; minigpt
-runs its own CLI as a user would (`finetune.py --lora ...`): dynamic padding to the longest example of
-each micro-batch, length-grouped batches, the head skipped on masked rows. A second minigpt row uses one
-micro-batch of 8 instead of 2 x 4 (the same examples per optimizer step).
+5% warm-up), AdamW betas 0.9 / 0.95 (minigpt's; set on the Trainer too), batch 2 x 4 (gradient
+accumulation), max length 256, fp32, one pass over the same training examples. The HF side pads
+every example to max length on the right, as that recipe's tokenisation (padding="max_length")
+does, with labels -100 on the prompt and the padding; minigpt runs its own CLI as a user would
+(`finetune.py --lora ...`): dynamic padding to the longest example of each micro-batch,
+length-grouped batches, the head skipped on masked rows. A second minigpt row uses one micro-batch
+of 8 instead of 2 x 4 (the same examples per optimizer step).
 
     python benchmarks/finetune_recipe.py             # gpt2-size random base, 96 examples (12 steps)
     python benchmarks/finetune_recipe.py --quick     # < 1 minute: tiny base, 16 examples
@@ -21,7 +22,7 @@ Trainer's train_runtime; minigpt: the metrics it logs, real tokens / tokens-per-
 examples/s and real (non-pad) tokens/s over the training time, peak RSS of the process (ru_maxrss), and
 the masked validation loss after training, computed for every system by one function on the same val
 examples (minigpt's model with each saved adapter loaded; the HF worker also reports its own).
-Results: benchmarks/results/finetune_recipe[_quick].json with the CPU model and flags.
+Results: benchmarks/results/finetune_recipe_<cpu kind>[_quick].json with the CPU model and flags.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import machine_info, write_json  # noqa: E402
+from common import kind_tag, machine_info, write_json  # noqa: E402
 
 RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=["c_attn"], lr=2e-4, batch=2, accum=4, max_length=256)
 
@@ -98,7 +99,7 @@ def hf_worker(spec: dict) -> dict:
     args = TrainingArguments(output_dir=spec["out"], per_device_train_batch_size=RECIPE["batch"],
                              gradient_accumulation_steps=RECIPE["accum"], learning_rate=RECIPE["lr"],
                              num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=spec["warmup"],
-                             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                             weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
                              eval_strategy="no", report_to="none", use_cpu=True, seed=42,
                              dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=[padded(ex) for ex in train])
@@ -234,6 +235,8 @@ def main(argv=None) -> dict:
                                train, max_length, False)
         rows[name]["steps"] = json.loads((out / "run.json").read_text())["train"]["max_steps"]
 
+    from minigpt import GPT
+    base_val = val_loss(GPT.from_pretrained(base).eval(), val)
     ref = rows["transformers Trainer + peft (pad to max length)"]
     for name, r in rows.items():
         r["examples_per_s_vs_hf"] = round(r["examples_per_s"] / ref["examples_per_s"], 2)
@@ -249,9 +252,10 @@ def main(argv=None) -> dict:
               "data": {"source": args.data or "embedded:instructions", **sizes,
                        "train_examples": len(train), "val_examples": len(val),
                        "mean_real_tokens_per_example": round(sum(len(e["input_ids"]) for e in train) / len(train), 1)},
-              "target": {"examples_per_s_vs_hf": 3.0}, "threads": args.threads, "rows": rows,
+              "base_val_loss": base_val, "target": {"examples_per_s_vs_hf": 3.0}, "threads": args.threads, "rows": rows,
               "machine": machine_info()}
-    print("wrote", write_json("finetune_recipe_quick.json" if args.quick else "finetune_recipe.json", result))
+    print(f"val loss of the base before training: {base_val:.4f}")
+    print("wrote", write_json(f"finetune_recipe_{kind_tag()}{'_quick' if args.quick else ''}.json", result))
     return result
 
 

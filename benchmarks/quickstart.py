@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import cpu_flags, machine_info, write_json  # noqa: E402
+from common import cpu_flags, cpu_kind, kind_tag, machine_info, write_json  # noqa: E402,F401
 
 TEXTS = [HERE / "data" / "paradise_regained.txt", HERE / "data" / "milton_poems_1645.txt"]
 GOAL_MARGIN_BPB = 0.3            # issue 23: minigpt at least this much better than nanoGPT on every text
@@ -67,16 +67,6 @@ NANOGPT_RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_i
 UNKNOWN_BITS_PER_BYTE = 8.0
 QUICK_MINIGPT = ["--max-steps", "30", "--eval-interval", "30", "--warmup-steps", "5"]
 QUICK_NANOGPT_CAP = 50
-
-
-def cpu_kind(flags) -> str:
-    """A short name for the CPU's kernel family, from its flags (results are kept per kind)."""
-    for flag, kind in (("amx_bf16", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512f", "avx512"),
-                       ("avx2", "avx2"), ("asimd", "neon")):
-        if flag in flags:
-            return kind
-    import platform
-    return platform.machine().lower() or "cpu"
 
 
 def find_nanogpt(path) -> Path:
@@ -185,6 +175,21 @@ def iter_drift(run: dict) -> dict:
              "mean_ms_per_iter": round(sum(ms) / len(ms), 2), "max_ms_per_iter": round(max(ms), 1)} if ms else {})
 
 
+def time_matched_run(run, iters: int, fixed: float, target_wall: float, retries: int = MATCH_RETRIES):
+    """(final run, tries): run(iters), and while its wall time is off target_wall by more than
+    MATCH_TOLERANCE, plan again from that run's own pace and run again (at most `retries` times)."""
+    final = run(iters)
+    tries = [{"iters": iters, "wall_seconds": round(final["wall_seconds"], 1), **iter_drift(final)}]
+    while len(tries) <= retries and abs(final["wall_seconds"] / target_wall - 1) > MATCH_TOLERANCE:
+        t_iter = max(1e-4, (final["wall_seconds"] - fixed) / (iters + 1))
+        iters = max(1, int((target_wall - fixed) / t_iter) - 1)
+        print(f"nanoGPT ran {final['wall_seconds']:.0f} s for {target_wall:.0f} s "
+              f"({t_iter * 1000:.1f} ms/iter over the run): again with {iters} iters", flush=True)
+        final = run(iters)
+        tries.append({"iters": iters, "wall_seconds": round(final["wall_seconds"], 1), **iter_drift(final)})
+    return final, tries
+
+
 def plan_iters(probe: dict, target_wall: float) -> dict:
     """max_iters for a run of `target_wall` seconds, from a probe run of the same shape.
 
@@ -284,16 +289,9 @@ def run_nanogpt_side(nano: Path, work: Path, target_wall: float, threads: int, q
     print(f"nanoGPT probe: {probe['iters']} iters in {probe['wall_seconds']:.1f} s ({plan['ms_per_iter']} ms/iter, "
           f"{plan['fixed_seconds']} s fixed) -> {plan['iters']} iters for {target_wall:.0f} s"
           + (f", capped at {iters} (--quick)" if iters != plan["iters"] else ""), flush=True)
-    final = run_nanogpt(nano, work, iters, threads, "final")
-    tries = [{"iters": iters, "wall_seconds": round(final["wall_seconds"], 1), **iter_drift(final)}]
-    while not quick and len(tries) <= MATCH_RETRIES and abs(final["wall_seconds"] / target_wall - 1) > MATCH_TOLERANCE:
-        # the probe's pace did not hold over the long run: re-plan from the long run's own pace
-        t_iter = max(1e-4, (final["wall_seconds"] - plan["fixed_seconds"]) / (iters + 1))
-        iters = max(1, int((target_wall - plan["fixed_seconds"]) / t_iter) - 1)
-        print(f"nanoGPT ran {final['wall_seconds']:.0f} s for {target_wall:.0f} s "
-              f"({t_iter * 1000:.1f} ms/iter over the run): again with {iters} iters", flush=True)
-        final = run_nanogpt(nano, work, iters, threads, "final")
-        tries.append({"iters": iters, "wall_seconds": round(final["wall_seconds"], 1), **iter_drift(final)})
+    final, tries = time_matched_run(lambda n: run_nanogpt(nano, work, n, threads, "final"), iters,
+                                    plan["fixed_seconds"], target_wall, retries=0 if quick else MATCH_RETRIES)
+    iters = final["iters"]
     torch.set_num_threads(threads)
     model, ck = load_nanogpt_model(nano, final["ckpt"])
     with open(work / "data" / "shakespeare_char" / "meta.pkl", "rb") as f:
@@ -372,10 +370,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    kind = cpu_kind(cpu_flags())
-    cap = os.environ.get("ATEN_CPU_CAPABILITY")
-    if cap and not kind.startswith(cap.lower()):      # torch capped below the CPU (an AVX2-kind stand-in)
-        kind = f"{cap.lower()}_on_{kind}"
+    kind = kind_tag()
     cmp = compare(mini, side, args.quick)
     result = {"benchmark": "python train.py (no training flags) vs nanoGPT's README CPU recipe at equal wall time",
               "quick": args.quick, "cpu_kind": kind, "threads": args.threads,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import cpu_flags, machine_info, write_json  # noqa: E402
-from quickstart import TEXTS, cpu_kind  # noqa: E402
+from common import kind_tag, machine_info, write_json  # noqa: E402
+from quickstart import TEXTS  # noqa: E402
 
 
 def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
@@ -70,10 +69,7 @@ def main(argv=None) -> dict:
         print(f"{shape:10s} {r['params_m']:5.1f}M {r['precision']} {r['steps']:4d} steps {r['tok_per_s']} tok/s "
               f"{r['wall_s']:.0f} s | val {r['val_bpb']:.3f} held-out "
               + " / ".join(f"{v:.3f}" for v in r["heldout_bpb"].values()) + " bits/byte", flush=True)
-    kind = cpu_kind(cpu_flags())
-    cap = os.environ.get("ATEN_CPU_CAPABILITY")
-    if cap and not kind.startswith(cap.lower()):
-        kind = f"{cap.lower()}_on_{kind}"
+    kind = kind_tag()
     out = {"budget": args.budget, "heldout_texts": [Path(t).name for t in args.texts.split(",")], "rows": rows,
            "machine": machine_info()}
     print("wrote", write_json(f"shape_sweep_{args.tag}{kind}.json", out))

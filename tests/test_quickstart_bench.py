@@ -74,6 +74,24 @@ class Uniform(torch.nn.Module):
         return torch.zeros(*idx.shape, self.vocab), None
 
 
+def test_time_matching_replans_when_the_long_run_is_slower_than_the_probe(qs):
+    """The probe said 37 ms/iter; the long run really takes 45 ms/iter (+3 s fixed): the first try
+    overshoots by ~20%, the second, planned from the first's own pace, lands within 5%."""
+    def run(n):
+        return {"iters": n, "wall_seconds": 3.0 + (n + 1) * 0.045,
+                "iter_ms": {i: 45.0 for i in range(1, n)}}
+    target = 300.0
+    first = qs.plan_iters({"iters": 200, "wall_seconds": 3.0 + 201 * 0.037,
+                           "iter_ms": {i: 37.0 for i in range(1, 200)}}, target)
+    final, tries = qs.time_matched_run(run, first["iters"], first["fixed_seconds"], target)
+    assert len(tries) == 2 and tries[0]["wall_seconds"] > 1.15 * target
+    assert abs(final["wall_seconds"] / target - 1) <= qs.MATCH_TOLERANCE
+    assert tries[1]["iters"] == final["iters"] < tries[0]["iters"]
+    assert tries[0]["mean_ms_per_iter"] == 45.0
+    _, once = qs.time_matched_run(run, first["iters"], first["fixed_seconds"], target, retries=0)
+    assert len(once) == 1                                  # --quick: no second run
+
+
 def test_char_bpb_uniform_model_and_unknown_characters(qs):
     stoi = {c: i for i, c in enumerate("abcdefgh ")}
     text = "abc defgh " * 30
