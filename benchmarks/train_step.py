@@ -420,9 +420,9 @@ def run_memory(script, base_spec, systems, concurrent: bool = False) -> dict:
 
 
 def bench_lora(args, tmp) -> dict:
-    batch, block = (1, 128) if args.quick else (args.batch or 4, args.block or 256)
+    batch, block = (args.batch or 1, args.block or 128) if args.quick else (args.batch or 4, args.block or 256)
     rounds = args.rounds or (2 if args.quick else 5)
-    precs = ["fp32"] if args.quick and not args.bf16 else ["fp32", "bf16"]
+    precs = ["fp32"] if args.quick and not args.bf16 else ["fp32", "bf16"]     # --quick: fp32 only
     systems = [[lib, p] for p in precs for lib in ("minigpt", "transformers")]
     spec = dict(bench="lora", size="gpt2", weights=os.path.join(tmp, "weights-gpt2"), tmp=tmp,
                 threads=args.threads, lr=1e-4, allocator=args.allocator, mask_prompt=args.mask_prompt,
@@ -545,7 +545,8 @@ def main(argv=None) -> dict:
         return {}
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench", choices=["lora", "pretrain"])
-    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer rounds (< 1 minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fp32 only, batch 1 x 128 unless --batch/--block, fewer rounds (< 1 minute)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="batch size (LoRA, gpt2 pretraining)")
     ap.add_argument("--block", type=int, default=None, help="sequence length (LoRA, gpt2 pretraining)")

@@ -637,7 +637,9 @@ class DecodeLinear(nn.Module):
                 raise ConfigError("w8a8 decoding weights need a CPU model and a torch quantized engine")
             scale = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()   # (out,)
             zero = torch.zeros(self.out_features, dtype=torch.long)
-            q = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+            with warnings.catch_warnings():          # torch marks its quantized tensors deprecated
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q, self.bias)     # engine-packed int8
             self.weight = None
         else:
