@@ -471,6 +471,7 @@ def test_generate_packs_a_plain_model_for_the_call_only(models, monkeypatch):
     calls.clear()
     generate(m, idx, 8)
     assert not calls, "short calls skip packing"
+    assert torch.equal(generate(m, idx, 16, pack=False), out) and not calls     # opt-out, same tokens
     it = stream(m, idx, 20)
     next(it)
     assert {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)} == plain   # between steps
