@@ -220,8 +220,14 @@ def run_worker(script: str, spec: dict, timeout: float = 3600) -> dict:
     import sys
     p = subprocess.run([sys.executable, script, "_worker", json.dumps(spec)], capture_output=True,
                        text=True, timeout=timeout)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
+    result = worker_result(p.stdout)
+    if p.returncode or result is None:
         raise RuntimeError(f"worker {spec.get('role', '')} failed (exit {p.returncode}):\n"
                            f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
+
+
+def worker_result(stdout: str):
+    """The JSON of the last `RESULT <json>` line a worker printed, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import kind_tag, machine_info, write_json  # noqa: E402
+from common import kind_tag, machine_info, worker_result, write_json  # noqa: E402
 
 RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=["c_attn"], lr=2e-4, batch=2, accum=4, max_length=256)
 
@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     spec = dict(base=base, data=str(subset), max_length=max_length, threads=args.threads, warmup=warmup,
                 out=str(tmp / "hf"))
     p, wall, peak = timed_child([sys.executable, __file__, "_hf", json.dumps(spec)], env)
-    hf = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    hf = worker_result(p.stdout)
     rows["transformers Trainer + peft (pad to max length)"] = summarise(
         {"train_s": hf["train_runtime_s"], "wall_s": round(wall, 1), "peak_rss_mb": round(peak), "steps": hf["steps"],
          "val_loss": adapter_val_loss(base, tmp / "hf" / "adapter", val), "own_val_loss": hf["own_val_loss"]},

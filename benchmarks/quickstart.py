@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import cpu_flags, cpu_kind, kind_tag, machine_info, write_json  # noqa: E402,F401
+from common import kind_tag, machine_info, write_json  # noqa: E402
 
 TEXTS = [HERE / "data" / "paradise_regained.txt", HERE / "data" / "milton_poems_1645.txt"]
 GOAL_MARGIN_BPB = 0.3            # issue 23: minigpt at least this much better than nanoGPT on every text

@@ -303,16 +303,24 @@ def _packed_linears(model, max_new_tokens: int, compile: bool) -> Optional[list]
     """
     if compile or max_new_tokens < PACK_MIN_TOKENS or not isinstance(model, nn.Module):
         return None
-    found = []
-    for name, mod in model.named_modules():
-        if type(mod) is nn.Linear and not name.startswith("kv_prefix") and mod.weight.device.type == "cpu" \
-                and mod.weight.dtype == torch.float32:
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            found.append((parent, name.rpartition(".")[2], mod))
+    found = [(parent, attr, mod) for _, parent, attr, mod in _linear_slots(model)
+             if type(mod) is nn.Linear and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32]
     if not found:
         return None
     with torch.no_grad():
         return [(parent, attr, mod, DecodeLinear(mod.weight, mod.bias, "fp32")) for parent, attr, mod in found]
+
+
+def _linear_slots(model) -> list:
+    """[(name, parent module, attribute, module)] for every module of `model` outside kv_prefix
+    (virtual tokens: computed once per call and kept exact), for swapping Linear layers in place."""
+    out = []
+    for name, mod in model.named_modules():
+        if name == "kv_prefix" or name.startswith("kv_prefix."):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        out.append((name, parent, name.rpartition(".")[2], mod))
+    return out
 
 
 @contextlib.contextmanager
@@ -592,6 +600,11 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor,
     return w.reshape(N, K)
 
 
+def _int8_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 scale of a (out, in) weight: max |w| of the row / 127."""
+    return weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+
+
 class DecodeLinear(nn.Module):
     """Inference-only stand-in for nn.Linear that stores its weight in the form decoding reads
     fastest. Activations stay fp32 (the residual stream, LayerNorms, attention and KV cache are
@@ -634,13 +647,13 @@ class DecodeLinear(nn.Module):
             self.weight = weight.half().contiguous()                       # (out, in)
             self.bias = None if bias is None else self.bias.half()
         elif mode == "int8":
-            scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0       # (out,)
+            scale = _int8_scale(weight)                                    # (out,)
             self.weight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
         elif mode == "w8a8":
             if weight.device.type != "cpu" or not torch.backends.quantized.supported_engines:
                 raise ConfigError("w8a8 decoding weights need a CPU model and a torch quantized engine")
-            scale = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()   # (out,)
+            scale = _int8_scale(weight).double()                           # (out,), as int8's
             zero = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():          # torch marks its quantized tensors deprecated
                 warnings.simplefilter("ignore", UserWarning)
@@ -707,19 +720,16 @@ def prepare_for_decoding(model, mode: str = "fp16"):
     if mode not in DECODE_MODES:
         raise ConfigError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
     targets = []
-    for name, mod in model.named_modules():
-        if name == "kv_prefix" or name.startswith("kv_prefix."):
-            continue                                 # virtual tokens (prefix MLP): computed once per call, kept exact
+    for name, parent, attr, mod in _linear_slots(model):
         if hasattr(mod, "lora_A"):                                       # minigpt.lora.LoRALinear
             if not getattr(mod, "merged", False):
                 raise ConfigError(f"{name} carries an unmerged LoRA adapter: call "
                                  f"minigpt.lora.merge_lora(model) before prepare_for_decoding")
-            targets.append((name, mod))
+            targets.append((parent, attr, mod))
         elif isinstance(mod, nn.Linear):
-            targets.append((name, mod))
-    for name, lin in targets:
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], DecodeLinear(lin.weight, lin.bias, mode))
+            targets.append((parent, attr, mod))
+    for parent, attr, lin in targets:
+        setattr(parent, attr, DecodeLinear(lin.weight, lin.bias, mode))
     model.eval()
     model.requires_grad_(False)
     return model
