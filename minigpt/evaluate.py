@@ -38,6 +38,29 @@ def evaluate_loss(model, batches: Iterable, device=None, autocast=None) -> dict:
 
 
 @torch.no_grad()
+def evaluate_lm_loss(loss_fn, batches: Iterable, autocast=None) -> dict:
+    """evaluate_loss's loss and bits per byte through a training loss module (forward(x, y) -> mean
+    loss, e.g. CausalLMLoss: the chunked head, no (B, T, vocab) logits). Returns {"loss", "bpb", "tokens"}."""
+    tok = get_tokenizer()
+    model = loss_fn.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n, nbytes = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        k = int((y != -100).sum())
+        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+            total += loss_fn(x, y).item() * k
+        n += k
+        nbytes += len(tok.decode_bytes(y[y != -100].tolist()))
+    model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
+    return {"loss": total / n, "bpb": total / math.log(2) / max(1, nbytes), "tokens": n}
+
+
+@torch.no_grad()
 def evaluate_bpb(model, text: Optional[str] = None, *, tokens: Optional[Sequence[int]] = None,
                  block_size: Optional[int] = None, batch_size: int = 8, max_tokens: Optional[int] = None,
                  device=None) -> dict:

@@ -2,8 +2,10 @@
 never materialises the (B*T, vocab) logits in fp32, which is most of a small model's step on CPU."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -24,8 +26,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, y, ignore_index: int, chunk: int, dtype: torch.dtype, workspace: Optional[dict]):
-        # h (N, C), w (V, C), y (N,)
+    def forward(ctx, h, w, y, ignore_index: int, chunk: int, dtype: torch.dtype, workspace: Optional[dict],
+                log_counts: Optional[torch.Tensor] = None):
+        # h (N, C), w (V, C), y (N,), log_counts (V,) fp32 or None: see fused_lm_loss
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = y != ignore_index
         n_valid = valid.sum().clamp(min=1)
@@ -52,9 +55,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = hs.size(0)
             logits = torch.mm(hs, wc.t(), out=buf[:n])                              # (n, V)
             logp = logits if buf_sm is buf else buf_sm[:n].copy_(logits)
+            if log_counts is not None:
+                logp += log_counts
             torch.log_softmax(logp, dim=-1, out=logp)                             # in place
             rows = torch.arange(n, device=h.device)
             total -= logp[rows, ys].sum()
+            if log_counts is not None:                     # the target token's own share of its row
+                total += log_counts[ys].sum()
             if need_h or need_w:
                 p = logp.exp_()                                                    # softmax (n, V)
                 p[rows, ys] -= 1.0                                                 # - onehot
@@ -87,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = g / n_valid
         gh = (grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * scale) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _scratch(workspace: Optional[dict], name: str, rows: int, cols: int, dtype: torch.dtype,
@@ -105,30 +112,128 @@ def _scratch(workspace: Optional[dict], name: str, rows: int, cols: int, dtype: 
 
 def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   ignore_index: int = -100, chunk: int = 1024,
-                  workspace: Optional[dict] = None) -> torch.Tensor:
+                  workspace: Optional[dict] = None, log_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean next-token cross-entropy of `hidden @ weight.T` without full logits.
 
-    hidden (B, T, C), weight (V, C), targets (B, T) -> scalar. Matmuls run in the autocast dtype
-    when autocast is on; the softmax is always fp32. workspace: a dict that keeps the
-    (chunk, V) scratch buffers from one call to the next (CausalLMLoss passes its own).
+    hidden (B, T, C), weight (V, C), targets (B, T) -> scalar. log_counts (V,) or None: row v
+    stands for exp(log_counts[v]) tokens that share it (SeenVocab): the softmax counts it that many
+    times, and a target in it gets its one token's share. Matmuls run in the autocast dtype when
+    autocast is on; the softmax is always fp32.
+    workspace: a dict that keeps the (chunk, V) scratch buffers from one call to the next
+    (CausalLMLoss passes its own).
     """
     dtype = _compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.reshape(-1),
-                                         ignore_index, chunk, dtype, workspace)
+                                         ignore_index, chunk, dtype, workspace,
+                                         None if log_counts is None else log_counts.float())
+
+
+class SeenVocab:
+    """The tokens a training corpus uses, and a head that costs only theirs.
+
+    A model trained from scratch never sees most of GPT-2's 50,257 tokens in a small corpus: they
+    never occur as inputs, and as outputs they only ever get pushed down. `tie(model)` gives all of
+    those unseen tokens one and the same (tied) embedding row. Full-vocabulary training keeps equal
+    rows equal (equal gradients, equal AdamW updates), and their softmax terms add up to one term:
+    logsumexp_j(h . w_j) = h . u + log(n_unseen). So the head runs over the seen rows plus one row
+    that stands for the rest, with log(n_unseen) added to its logit, and the gradient of that row,
+    n_unseen times each tied row's, is shared out among them (`spread`). The loss, the gradients and
+    the AdamW steps are those of the full head on the same model (training targets are seen tokens
+    by construction; an unseen target, e.g. in validation text, gets its exact loss but would untie
+    the rows if trained on); the head's cost is that of the seen rows only. The saved model is an
+    ordinary GPT-2 with all 50,257 rows.
+    """
+
+    def __init__(self, seen: torch.Tensor, vocab_size: int):
+        seen = torch.as_tensor(seen, dtype=torch.long).unique()            # sorted ids
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[seen] = False
+        self.vocab_size, self.seen, self.unseen = vocab_size, seen, mask.nonzero().squeeze(1)
+        if self.unseen.numel() == 0:
+            raise ValueError("SeenVocab: every token is seen; use the full head")
+        self._hook = None
+        self.rep = int(self.unseen[0])                                        # the row that stands for all
+        self.index = torch.cat([seen, self.unseen[:1]])                       # (K+1,) rows of the head
+        self.remap = torch.full((vocab_size,), len(seen), dtype=torch.long)   # token id -> head row
+        self.remap[seen] = torch.arange(len(seen))
+        self.log_counts = torch.zeros(len(seen) + 1)                          # rows per head row
+        self.log_counts[-1] = math.log(self.unseen.numel())
+
+    @classmethod
+    def of_tokens(cls, tokens, vocab_size: int, max_share: float = 0.8,
+                  chunk: int = 1 << 24) -> Optional["SeenVocab"]:
+        """The vocabulary of a token array (e.g. a uint16 memmap); None when the tokens use more than
+        `max_share` of the vocabulary (the saving would be small)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for s in range(0, len(tokens), chunk):
+            counts += np.bincount(np.asarray(tokens[s:s + chunk], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+            if (counts > 0).sum() > max_share * vocab_size:
+                return None
+        return cls(torch.from_numpy(np.flatnonzero(counts)), vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    @torch.no_grad()
+    def tie(self, weight: torch.Tensor) -> None:
+        """Give every unseen token the representative's row (a model at initialisation)."""
+        weight[self.unseen] = weight[self.rep].clone()
+
+    @torch.no_grad()
+    def is_tied(self, weight: torch.Tensor) -> bool:
+        u = self.unseen.to(weight.device)
+        return bool((weight[u] == weight[self.rep]).all())
+
+    def attach(self, weight: torch.Tensor):
+        """Move the index tensors to the weight's device and hook `spread` into its gradient (once,
+        however many loss modules share this vocabulary); returns the hook's handle."""
+        if getattr(self, "_hook", None) is None:
+            dev = weight.device
+            self.index, self.remap = self.index.to(dev), self.remap.to(dev)
+            self.log_counts = self.log_counts.to(dev)
+            self._hook = weight.register_hook(self.spread)
+        return self._hook
+
+    def spread(self, grad: torch.Tensor) -> torch.Tensor:
+        """The full head's gradient from the seen head's: every tied row gets 1/n of the shared one."""
+        u = self.unseen.to(grad.device)
+        grad = grad.clone()
+        grad[u] = grad[self.rep] / u.numel()          # (a new tensor: no aliasing)
+        return grad
 
 
 class CausalLMLoss(nn.Module):
-    """Wraps a GPT so that forward(x, y) -> mean loss; the unit that DDP/compile wrap in training."""
+    """Wraps a GPT so that forward(x, y) -> mean loss; the unit that DDP/compile wrap in training.
 
-    def __init__(self, model: nn.Module, fused: bool = True):
+    vocab: a SeenVocab whose unseen rows the model has tied (`vocab.tie`): the fused head then runs
+    over the seen rows only, with the full head's loss and gradients. If the rows turn out untied at
+    the first step (e.g. weights loaded from elsewhere), the full head is used instead."""
+
+    def __init__(self, model: nn.Module, fused: bool = True, vocab: Optional[SeenVocab] = None):
         super().__init__()
         self.model, self.fused = model, fused
         self.workspace: dict = {}               # the fused loss's scratch buffers, reused every step
+        self.vocab = vocab if fused else None
+        self._hook = None
+
+    def _seen_head(self, weight: torch.Tensor) -> bool:
+        """Whether the seen-rows head applies (checked once, at the first step)."""
+        if self.vocab is not None and self._hook is None:
+            if not self.vocab.is_tied(weight):
+                self.vocab = None
+                return False
+            self._hook = self.vocab.attach(weight)
+        return self.vocab is not None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return fused_lm_loss(self.model.hidden_states(x), self.model.lm_head.weight, y,
-                                 workspace=self.workspace)
+            w = self.model.lm_head.weight
+            if self._seen_head(w):
+                v = self.vocab
+                y = torch.where(y >= 0, v.remap[y.clamp(min=0)], y)
+                return fused_lm_loss(self.model.hidden_states(x), w.index_select(0, v.index), y,
+                                     workspace=self.workspace, log_counts=v.log_counts)
+            return fused_lm_loss(self.model.hidden_states(x), w, y, workspace=self.workspace)
         from .model import lm_loss
         return lm_loss(self.model(x), y)

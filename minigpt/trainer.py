@@ -238,9 +238,9 @@ class TimeBudget:
 
     seconds: float
     label: str = ""
-    margin: float = 0.04
+    margin: float = 0.08
     skip: int = 2
-    steps: int = 6
+    steps: int = 12
     evaluations: Optional[int] = None
     eval_cost: Optional[Callable] = None
     final_cost: Optional[Callable] = None

@@ -164,3 +164,49 @@ def test_causal_lm_loss_reuses_its_scratch_buffers():
     ref.backward()
     assert second.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(model.transformer.wte.weight.grad, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_seen_vocab_head_trains_exactly_like_the_full_head():
+    """With the unseen tokens' rows tied, the head over the seen rows (+1 shared row) gives the full
+    head's loss, gradients and AdamW steps; the rows stay tied; validation targets outside the seen
+    set get their exact loss; an untied model falls back to the full head."""
+    import copy
+
+    from minigpt.loss import SeenVocab
+    from minigpt.trainer import make_adamw, param_groups
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    corpus = torch.randint(0, 3000, (4000,))
+    vocab = SeenVocab.of_tokens(corpus.numpy(), 50257)
+    assert len(vocab) == len(corpus.unique()) and vocab.unseen.numel() == 50257 - len(vocab)
+    assert SeenVocab.of_tokens(torch.arange(50257).numpy(), 50257) is None        # nothing to save
+    untied = copy.deepcopy(model)
+    vocab.tie(model.lm_head.weight)
+    ref = copy.deepcopy(model)
+    seen_fn, full_fn = CausalLMLoss(model, vocab=vocab), CausalLMLoss(ref)
+    opts = [make_adamw(param_groups(m, 0.1), 3e-3, (0.9, 0.95)) for m in (model, ref)]
+    w = model.lm_head.weight
+    for _ in range(4):
+        x = corpus[torch.randint(0, 4000 - 9, (3,))[:, None] + torch.arange(9)]
+        a, b = seen_fn(x[:, :-1], x[:, 1:]), full_fn(x[:, :-1], x[:, 1:])
+        a.backward()
+        b.backward()
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+        for p, q in zip(model.parameters(), ref.parameters()):       # equal up to float rounding
+            assert (p.grad - q.grad).norm() <= 1e-3 * q.grad.norm()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    assert vocab.is_tied(w) and vocab.is_tied(ref.lm_head.weight)
+    for p, q in zip(model.parameters(), ref.parameters()):     # (Adam's first steps magnify rounding
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-4)      # where a gradient is ~0: ~1e-4 here)
+    # evaluation on text with unseen tokens: the full logits' cross-entropy
+    x = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        want = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).item()
+        assert seen_fn(x[:, :-1], x[:, 1:]).item() == pytest.approx(want, rel=1e-5)
+    # weights whose rows differ: the full head, no gradient hook
+    fallback = CausalLMLoss(untied, vocab=SeenVocab.of_tokens(corpus.numpy(), 50257))
+    fallback(x[:, :-1], x[:, 1:]).backward()
+    assert fallback.vocab is None and untied.lm_head.weight.grad[:, 0].unique().numel() > 1000

@@ -54,6 +54,10 @@ class TrainArgs(RunArgs):
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability")
     eval_text: Optional[str] = field(None, "also report bits per byte on this held-out text file")
+    head: str = field("auto", "auto: with fresh weights and a corpus that uses under 80%% of the vocabulary, "
+                              "tie the rows of the tokens it never uses and run the head over the used ones "
+                              "(the full head's loss and gradients, fewer FLOPs); full: the whole head",
+                      choices=("auto", "full"))
     time_budget: Optional[str] = field(None, "wall time for the whole run, e.g. 5m, 300s, 1.5m, 1h: the step count "
                                              "is fixed after a few measured steps to end within it (default: "
                                              f"{DEFAULT_BUDGET} unless --max-steps is given)", metavar="DURATION")
@@ -147,6 +151,19 @@ def _weights_io(model):
     return save, load
 
 
+def _seen_vocab(args: TrainArgs, model, train_ds):
+    """The seen-rows head (minigpt.loss.SeenVocab) for fresh weights, their unseen rows tied; None
+    for --head full, --init-from weights (their rows differ) or a corpus using most tokens."""
+    from ..loss import SeenVocab
+
+    if args.head == "full" or args.init_from:
+        return None
+    vocab = SeenVocab.of_tokens(train_ds.tokens, model.config.vocab_size)
+    if vocab is not None:
+        vocab.tie(model.lm_head.weight)    # (a resumed run loads its own, equally tied, weights next)
+    return vocab
+
+
 def _eval_batch_count(args: TrainArgs, val_tokens: int, block: int, eval_text: Optional[str], tok) -> int:
     """Batches of one evaluation: the validation batches, and the --eval-text windows."""
     if not args.eval_batches:
@@ -182,6 +199,16 @@ def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int,
                       eval_cost=lambda m: eval_batch_s(m) * eval_batches, final_cost=final_cost)
 
 
+def _banner(args: TrainArgs, model, trainer, n_train: int, n_val: int, vocab, budget) -> str:
+    """The run's first line: model, data, device, head and budget."""
+    return (f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
+            f"params | data: {n_train:,} train / {n_val:,} val tokens | device {trainer.device} {trainer.precision}"
+            + (f" | head: the {len(vocab):,} tokens the corpus uses (+1 row for the {vocab.unseen.numel():,} tied)"
+               if vocab else "")
+            + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)")
+            + (f" | time budget {budget.label}" if budget else f" | {args.max_steps:,} steps"))
+
+
 def train(args: TrainArgs) -> dict:
     """The body of `minigpt train` (importable for tests and notebooks): returns the Trainer's result."""
     import time
@@ -190,7 +217,8 @@ def train(args: TrainArgs) -> dict:
 
     from ..data import TokenDataset, check_data_source, prepare_data
     from ..device import process_rank, resolve_device, resolve_precision
-    from ..evaluate import evaluate_bpb, evaluate_loss
+    from ..evaluate import evaluate_bpb, evaluate_lm_loss
+    from ..loss import CausalLMLoss
     from ..runs import RunInput, check_run_dir, claim_run_dir
     from ..tokenizer import get_tokenizer
     from ..trainer import TrainConfig, Trainer
@@ -219,7 +247,7 @@ def train(args: TrainArgs) -> dict:
     val_ds = TokenDataset(data_dir / "val.bin", block)
 
     def evaluate(m):
-        r = evaluate_loss(m, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast())
+        r = evaluate_lm_loss(loss, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast())
         out = {"val_loss": r["loss"], "val_bpb": r["bpb"]}
         if eval_text is not None:
             out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
@@ -229,10 +257,12 @@ def train(args: TrainArgs) -> dict:
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            evaluate_loss(m, val_ds.sequential(args.batch_size, 1), autocast=trainer.autocast())
+            evaluate_lm_loss(loss, val_ds.sequential(args.batch_size, 1), autocast=trainer.autocast())
             times.append(time.perf_counter() - t)
         return min(times)
 
+    vocab = _seen_vocab(args, model, train_ds)
+    loss = CausalLMLoss(model, vocab=vocab)        # the evaluations' loss too (the chunked head, no logits)
     tok = get_tokenizer()
     sample = _sampler(tok, args.seed)
     save, load = _weights_io(model)
@@ -241,12 +271,11 @@ def train(args: TrainArgs) -> dict:
     trainer = Trainer(model, cfg, train_ds, evaluate if args.eval_batches else None, save, load,
                       sample=(lambda m: "sample: " + " / ".join(sample(m).splitlines()[:4])) if args.samples else None,
                       run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
-                                "model": model.config.to_dict(), "seed": args.seed}, budget=budget)
+                                "model": model.config.to_dict(), "seed": args.seed,
+                                "head": {"rows": len(vocab) + 1, "tied": vocab.unseen.numel()} if vocab else "full"},
+                      loss_module=loss if vocab else None, budget=budget)
     if trainer.is_main:
-        print(f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
-              f"params | data: {len(train_ds):,} train / {len(val_ds):,} val tokens | device {trainer.device} "
-              f"{trainer.precision}" + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)")
-              + (f" | time budget {budget.label}" if budget else f" | {args.max_steps:,} steps"))
+        print(_banner(args, model, trainer, len(train_ds), len(val_ds), vocab, budget))
     result = trainer.fit(resume=args.resume)
     if trainer.is_main:
         if args.samples:
