@@ -5,8 +5,9 @@ with several shapes, scored on held-out verse (bits per byte, lower is better).
     python benchmarks/shape_sweep.py --budget 5m --shapes 4x256x16,4x128x16
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/shape_sweep.py   # AVX2 kernels
 
-A shape is LAYERSxWIDTHxBATCH, optionally @LR (heads = width / 64, block 128, every other flag at
-train.py's default; e.g. 4x128x8@4e-3). Each run starts from a clean folder; the results file
+A shape is LAYERSxWIDTHxBATCH[xBLOCK][@LR] (heads = width / 64, block 128 unless given, every other
+flag at train.py's default; e.g. 4x128x8@4e-3, 4x128x8x256); held-out text is scored in windows of
+the run's block. Each run starts from a clean folder; the results file
 (shape_sweep_<cpu kind>.json) records tokens/s, steps, validation and held-out bits per byte, the CPU model and flags.
 """
 from __future__ import annotations
@@ -32,18 +33,20 @@ def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
     from minigpt.evaluate import evaluate_bpb
 
     dims, _, lr = shape.partition("@")
-    n_layer, n_embd, batch = (int(x) for x in dims.split("x"))
+    n_layer, n_embd, batch, *block = (int(x) for x in dims.split("x"))
+    block = block[0] if block else 128
     out = Path(tempfile.mkdtemp(prefix="sweep-")) / "run"
     cmd = [sys.executable, str(HERE.parent / "train.py"), "--out-dir", str(out), "--time-budget", budget,
            "--n-layer", str(n_layer), "--n-embd", str(n_embd), "--n-head", str(max(1, n_embd // 64)),
-           "--batch-size", str(batch), "--samples", "0", "--threads", str(threads)] + (["--lr", lr] if lr else [])
+           "--batch-size", str(batch), "--block-size", str(block), "--samples", "0",
+           "--threads", str(threads)] + (["--lr", lr] if lr else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     tps = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
     model = GPT.from_pretrained(out)
-    held = {Path(t).name: round(evaluate_bpb(model, Path(t).read_text(encoding="utf-8"), block_size=128,
+    held = {Path(t).name: round(evaluate_bpb(model, Path(t).read_text(encoding="utf-8"), block_size=block,
                                              batch_size=16)["bpb"], 4) for t in texts}
     run = json.loads((out / "run.json").read_text())
     return {"shape": shape, "params_m": round(model.num_params() / 1e6, 1), "wall_s": round(wall, 1),
