@@ -138,7 +138,7 @@ class SeenVocab:
     rows equal (equal gradients, equal AdamW updates), and their softmax terms add up to one term:
     logsumexp_j(h . w_j) = h . u + log(n_unseen). So the head runs over the seen rows plus one row
     that stands for the rest, with log(n_unseen) added to its logit, and the gradient of that row,
-    n_unseen times each tied row's, is shared out among them (`spread`). The loss, the gradients and
+    n_unseen times each tied row's, is shared out among them (`rows`). The loss, the gradients and
     the AdamW steps are those of the full head on the same model (training targets are seen tokens
     by construction; an unseen target, e.g. in validation text, gets its exact loss but would untie
     the rows if trained on); the head's cost is that of the seen rows only. The saved model is an
@@ -152,7 +152,6 @@ class SeenVocab:
         self.vocab_size, self.seen, self.unseen = vocab_size, seen, mask.nonzero().squeeze(1)
         if self.unseen.numel() == 0:
             raise ValueError("SeenVocab: every token is seen; use the full head")
-        self._hook = None
         self.rep = int(self.unseen[0])                                        # the row that stands for all
         self.index = torch.cat([seen, self.unseen[:1]])                       # (K+1,) rows of the head
         self.remap = torch.full((vocab_size,), len(seen), dtype=torch.long)   # token id -> head row
@@ -185,22 +184,33 @@ class SeenVocab:
         u = self.unseen.to(weight.device)
         return bool((weight[u] == weight[self.rep]).all())
 
-    def attach(self, weight: torch.Tensor):
-        """Move the index tensors to the weight's device and hook `spread` into its gradient (once,
-        however many loss modules share this vocabulary); returns the hook's handle."""
-        if getattr(self, "_hook", None) is None:
-            dev = weight.device
-            self.index, self.remap = self.index.to(dev), self.remap.to(dev)
-            self.log_counts = self.log_counts.to(dev)
-            self._hook = weight.register_hook(self.spread)
-        return self._hook
+    def to(self, device) -> "SeenVocab":
+        """The index tensors on `device` (in place; returns self)."""
+        self.seen, self.unseen, self.index = self.seen.to(device), self.unseen.to(device), self.index.to(device)
+        self.remap, self.log_counts = self.remap.to(device), self.log_counts.to(device)
+        return self
 
-    def spread(self, grad: torch.Tensor) -> torch.Tensor:
-        """The full head's gradient from the seen head's: every tied row gets 1/n of the shared one."""
-        u = self.unseen.to(grad.device)
-        grad = grad.clone()
-        grad[u] = grad[self.rep] / u.numel()          # (a new tensor: no aliasing)
-        return grad
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """(K+1, C): the seen rows of `weight` (V, C), then the tied rows' shared one. Backward is
+        that of [w[seen]; mean(w[unseen])], which it equals while they are tied: each tied row
+        gets 1/n_unseen of the shared row's gradient (the full head's gradient, row by row)."""
+        return _SeenRows.apply(weight, self.index, self.unseen)
+
+
+class _SeenRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, index, unseen):
+        ctx.save_for_backward(index, unseen)
+        ctx.shape = w.shape
+        return w.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        index, unseen = ctx.saved_tensors
+        gw = g.new_zeros(ctx.shape)
+        gw.index_copy_(0, index[:-1], g[:-1])
+        gw[unseen] = g[-1] / unseen.numel()
+        return gw, None, None
 
 
 class CausalLMLoss(nn.Module):
@@ -215,15 +225,16 @@ class CausalLMLoss(nn.Module):
         self.model, self.fused = model, fused
         self.workspace: dict = {}               # the fused loss's scratch buffers, reused every step
         self.vocab = vocab if fused else None
-        self._hook = None
+        self._checked = False
 
     def _seen_head(self, weight: torch.Tensor) -> bool:
         """Whether the seen-rows head applies (checked once, at the first step)."""
-        if self.vocab is not None and self._hook is None:
-            if not self.vocab.is_tied(weight):
+        if self.vocab is not None and not self._checked:
+            self._checked = True
+            if self.vocab.is_tied(weight):
+                self.vocab.to(weight.device)
+            else:
                 self.vocab = None
-                return False
-            self._hook = self.vocab.attach(weight)
         return self.vocab is not None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -232,7 +243,7 @@ class CausalLMLoss(nn.Module):
             if self._seen_head(w):
                 v = self.vocab
                 y = torch.where(y >= 0, v.remap[y.clamp(min=0)], y)
-                return fused_lm_loss(self.model.hidden_states(x), w.index_select(0, v.index), y,
+                return fused_lm_loss(self.model.hidden_states(x), v.rows(w), y,
                                      workspace=self.workspace, log_counts=v.log_counts)
             return fused_lm_loss(self.model.hidden_states(x), w, y, workspace=self.workspace)
         from .model import lm_loss

@@ -199,6 +199,16 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
             o.step()
             o.zero_grad()
     assert vocab.is_tied(w) and vocab.is_tied(ref.lm_head.weight)
+    # nothing stays on the model: a full-head loss afterwards gets the full head's own gradients
+    model.zero_grad()
+    ref.zero_grad()
+    x = corpus[:9][None]
+    CausalLMLoss(model)(x[:, :-1], x[:, 1:]).backward()
+    full_fn(x[:, :-1], x[:, 1:]).backward()
+    u, gm, gr = vocab.unseen, model.lm_head.weight.grad, ref.lm_head.weight.grad
+    assert (gm[u] - gr[u]).norm() <= 1e-2 * gr[u].norm() and (gm - gr).norm() <= 1e-2 * gr.norm()
+    model.zero_grad()
+    ref.zero_grad()
     for p, q in zip(model.parameters(), ref.parameters()):     # (Adam's first steps magnify rounding
         torch.testing.assert_close(p, q, rtol=0, atol=5e-4)      # where a gradient is ~0: ~1e-4 here)
     # evaluation on text with unseen tokens: the full logits' cross-entropy
