@@ -12,10 +12,13 @@ from .tokenizer import get_tokenizer
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Iterable, device=None, autocast=None) -> dict:
+def evaluate_loss(model, batches: Iterable, device=None, autocast=None, loss_fn=None) -> dict:
     """Token-weighted mean next-token loss (nats), accuracy and bits per byte over (x, y) batches.
 
     Positions where y == -100 are ignored. Returns {"loss", "acc", "bpb", "tokens"}.
+    loss_fn: a module over `model` with forward(x, y) -> mean loss (e.g. the Trainer's
+    CausalLMLoss: the chunked head, no (B, T, vocab) logits); the loss then comes from it, and
+    "acc", which needs the logits, is left out.
     """
     tok = get_tokenizer()
     was_training = model.training
@@ -24,40 +27,23 @@ def evaluate_loss(model, batches: Iterable, device=None, autocast=None) -> dict:
     total, correct, n, nbytes = 0.0, 0, 0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            logits = model(x)                                          # (B, T, V)
         keep = y != -100
-        total += F.cross_entropy(logits.float()[keep], y[keep], reduction="sum").item()
-        correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
-        n += int(keep.sum())
+        k = int(keep.sum())
+        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+            if loss_fn is not None:
+                total += loss_fn(x, y).item() * k
+            else:
+                logits = model(x)                                      # (B, T, V)
+                total += F.cross_entropy(logits.float()[keep], y[keep], reduction="sum").item()
+                correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
+        n += k
         nbytes += len(tok.decode_bytes(y[keep].tolist()))
     model.train(was_training)
-    if n == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "bpb": float("nan"), "tokens": 0}
-    return {"loss": total / n, "acc": correct / n, "bpb": total / math.log(2) / max(1, nbytes), "tokens": n}
-
-
-@torch.no_grad()
-def evaluate_lm_loss(loss_fn, batches: Iterable, autocast=None) -> dict:
-    """evaluate_loss's loss and bits per byte through a training loss module (forward(x, y) -> mean
-    loss, e.g. CausalLMLoss: the chunked head, no (B, T, vocab) logits). Returns {"loss", "bpb", "tokens"}."""
-    tok = get_tokenizer()
-    model = loss_fn.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, n, nbytes = 0.0, 0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        k = int((y != -100).sum())
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            total += loss_fn(x, y).item() * k
-        n += k
-        nbytes += len(tok.decode_bytes(y[y != -100].tolist()))
-    model.train(was_training)
-    if n == 0:
-        return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
-    return {"loss": total / n, "bpb": total / math.log(2) / max(1, nbytes), "tokens": n}
+    out = {"loss": total / n, "acc": correct / n, "bpb": total / math.log(2) / max(1, nbytes), "tokens": n} \
+        if n else {"loss": float("nan"), "acc": float("nan"), "bpb": float("nan"), "tokens": 0}
+    if loss_fn is not None:
+        del out["acc"]
+    return out
 
 
 @torch.no_grad()

@@ -386,7 +386,9 @@ class Trainer:
     save_weights(model, dir) / load_weights(model, dir): how the model's trainable state is
         persisted (full weights for pretraining, the adapter for LoRA).
     sample(model) -> str, optional, printed at each evaluation.
-    loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy).
+    loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy);
+        kept unwrapped as `self.loss_module` (evaluations can reuse it and its scratch buffers),
+        wrapped by compile / DDP as `self.fwd_model`.
     budget: a TimeBudget: cfg.max_steps (and, with budget.evaluations, cfg.eval_interval) is then
         decided after a few measured warm-up steps instead of taken from cfg.
     """
@@ -425,7 +427,8 @@ class Trainer:
         # (compiled on a GPU, the plain head + cross-entropy fuses best; the chunked, fused loss is
         # for CPUs, where the full logits cost most of a small model's step)
         fused = not (cfg.compile and self.device.type == "cuda")
-        self.fwd_model = (loss_module or CausalLMLoss(self.model, fused=fused)).to(self.device)
+        self.loss_module = (loss_module or CausalLMLoss(self.model, fused=fused)).to(self.device)
+        self.fwd_model = self.loss_module
         if cfg.compile:
             self.fwd_model = torch.compile(self.fwd_model)
         if self.world > 1:

@@ -112,6 +112,10 @@ def test_bits_per_byte_against_transformers(tiny_hf_gpt2, tmp_path):
     assert got["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
     ev = evaluate_loss(model, [(torch.tensor([ids[:16]]), torch.tensor([ids[1:17]]))])
     assert ev["tokens"] == 16 and 0 <= ev["acc"] <= 1 and ev["bpb"] > 0
+    # through a loss module (the chunked head train.py evaluates with): the same loss, no accuracy
+    fused = evaluate_loss(model, [(torch.tensor([ids[:16]]), torch.tensor([ids[1:17]]))], loss_fn=CausalLMLoss(model))
+    assert fused.keys() == {"loss", "bpb", "tokens"} and fused["tokens"] == 16
+    assert fused["loss"] == pytest.approx(ev["loss"], rel=1e-5) and fused["bpb"] == pytest.approx(ev["bpb"], rel=1e-5)
 
 
 def test_prepare_data_sources(tmp_path):
@@ -216,7 +220,7 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
     with torch.no_grad():
         want = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).item()
         assert seen_fn(x[:, :-1], x[:, 1:]).item() == pytest.approx(want, rel=1e-5)
-    # weights whose rows differ: the full head, no gradient hook
+    # weights whose rows differ: the full head
     fallback = CausalLMLoss(untied, vocab=SeenVocab.of_tokens(corpus.numpy(), 50257))
     fallback(x[:, :-1], x[:, 1:]).backward()
     assert fallback.vocab is None and untied.lm_head.weight.grad[:, 0].unique().numel() > 1000

@@ -217,7 +217,7 @@ def train(args: TrainArgs) -> dict:
 
     from ..data import TokenDataset, check_data_source, prepare_data
     from ..device import process_rank, resolve_device, resolve_precision
-    from ..evaluate import evaluate_bpb, evaluate_lm_loss
+    from ..evaluate import evaluate_bpb, evaluate_loss
     from ..loss import CausalLMLoss
     from ..runs import RunInput, check_run_dir, claim_run_dir
     from ..tokenizer import get_tokenizer
@@ -247,7 +247,8 @@ def train(args: TrainArgs) -> dict:
     val_ds = TokenDataset(data_dir / "val.bin", block)
 
     def evaluate(m):
-        r = evaluate_lm_loss(loss, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast())
+        r = evaluate_loss(m, val_ds.sequential(args.batch_size, args.eval_batches), autocast=trainer.autocast(),
+                          loss_fn=trainer.loss_module)         # the training head: chunked, no logits
         out = {"val_loss": r["loss"], "val_bpb": r["bpb"]}
         if eval_text is not None:
             out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
@@ -257,12 +258,12 @@ def train(args: TrainArgs) -> dict:
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            evaluate_lm_loss(loss, val_ds.sequential(args.batch_size, 1), autocast=trainer.autocast())
+            evaluate_loss(m, val_ds.sequential(args.batch_size, 1), autocast=trainer.autocast(),
+                          loss_fn=trainer.loss_module)
             times.append(time.perf_counter() - t)
         return min(times)
 
     vocab = _seen_vocab(args, model, train_ds)
-    loss = CausalLMLoss(model, vocab=vocab)        # the evaluations' loss too (the chunked head, no logits)
     tok = get_tokenizer()
     sample = _sampler(tok, args.seed)
     save, load = _weights_io(model)
@@ -273,7 +274,7 @@ def train(args: TrainArgs) -> dict:
                       run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
                                 "model": model.config.to_dict(), "seed": args.seed,
                                 "head": {"rows": len(vocab) + 1, "tied": vocab.unseen.numel()} if vocab else "full"},
-                      loss_module=loss if vocab else None, budget=budget)
+                      loss_module=CausalLMLoss(model, vocab=vocab) if vocab else None, budget=budget)
     if trainer.is_main:
         print(_banner(args, model, trainer, len(train_ds), len(val_ds), vocab, budget))
     result = trainer.fit(resume=args.resume)
