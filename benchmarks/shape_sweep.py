@@ -5,8 +5,9 @@ with several shapes, scored on held-out verse (bits per byte, lower is better).
     python benchmarks/shape_sweep.py --budget 5m --shapes 4x256x16,4x128x16
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/shape_sweep.py   # AVX2 kernels
 
-A shape is LAYERSxWIDTHxBATCH[xBLOCK][@LR] (heads = width / 64, block 128 unless given, every other
-flag at train.py's default; e.g. 4x128x8@4e-3, 4x128x8x256); held-out text is scored in windows of
+A shape is LAYERSxWIDTHxBATCH[xBLOCK][@LR][:OPTIMIZER[=MUON_LR]] (heads = width / 64, block 128 unless
+given, every other flag at train.py's default; e.g. 4x128x8@4e-3, 4x128x8x256, 4x128x16:adamw,
+4x128x16:muon=8e-3); held-out text is scored in windows of
 the run's block. Each run starts from a clean folder; the results file
 (shape_sweep_<cpu kind>.json) records tokens/s, steps, validation and held-out bits per byte, the CPU model and flags.
 """
@@ -32,14 +33,17 @@ def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
     from minigpt import GPT
     from minigpt.evaluate import evaluate_bpb
 
-    dims, _, lr = shape.partition("@")
+    shape_lr, _, opt = shape.partition(":")
+    dims, _, lr = shape_lr.partition("@")
+    opt, _, muon_lr = opt.partition("=")
     n_layer, n_embd, batch, *block = (int(x) for x in dims.split("x"))
     block = block[0] if block else 128
     out = Path(tempfile.mkdtemp(prefix="sweep-")) / "run"
     cmd = [sys.executable, str(HERE.parent / "train.py"), "--out-dir", str(out), "--time-budget", budget,
            "--n-layer", str(n_layer), "--n-embd", str(n_embd), "--n-head", str(max(1, n_embd // 64)),
            "--batch-size", str(batch), "--block-size", str(block), "--samples", "0",
-           "--threads", str(threads)] + (["--lr", lr] if lr else [])
+           "--threads", str(threads)] + (["--lr", lr] if lr else []) + (["--optimizer", opt] if opt else []) \
+        + (["--muon-lr", muon_lr] if muon_lr else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -52,7 +56,8 @@ def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
     return {"shape": shape, "params_m": round(model.num_params() / 1e6, 1), "wall_s": round(wall, 1),
             "steps": run["train"]["max_steps"], "precision": run["train"]["precision"],
             "tok_per_s": round(sorted(tps)[len(tps) // 2]) if tps else None,
-            "lr": run["train"]["lr"], "val_bpb": [r for r in recs if "val_bpb" in r][-1]["val_bpb"],
+            "lr": run["train"]["lr"], "optimizer": run["train"].get("optimizer"),
+            "muon_lr": run["train"].get("muon_lr"), "val_bpb": [r for r in recs if "val_bpb" in r][-1]["val_bpb"],
             "heldout_bpb": held}
 
 

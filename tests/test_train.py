@@ -136,6 +136,8 @@ def test_ddp_two_processes_match_single(tmp_path, corpus):
     (["--lr", "-1"], "--lr must be > 0"),
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--precision", "fp8"], "invalid choice"),
+    (["--optimizer", "sgd"], "invalid choice"),
+    (["--muon-lr", "-1"], "--muon-lr must be > 0"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--resume", "--out-dir", "/nonexistent/run"], "no checkpoint"),
     (["--init-from", "/nonexistent/model"], "error:"),

@@ -12,6 +12,7 @@ from typing import Callable, ClassVar, Optional, Sequence, TypeVar
 
 from ..device import PRECISIONS
 from ..errors import ConfigError, MinigptError
+from ..optim import MUON_LR_SCALE, OPTIMIZERS
 from ..trainer import SCHEDULES, TrainConfig
 
 T = TypeVar("T")
@@ -143,7 +144,11 @@ class RunArgs:
     min_lr: Optional[float] = field(None, "final learning rate (default: 0 for linear decay, lr / 10 for cosine)")
     warmup_steps: Optional[int] = field(None, "linear warmup steps (default: 5%% of the steps)")
     schedule: str = field("cosine", "learning-rate decay", choices=SCHEDULES)
-    weight_decay: float = field(0.1, "AdamW weight decay (matrices only)")
+    weight_decay: float = field(0.1, "decoupled weight decay (matrices only)")
+    optimizer: str = field("adamw", "adamw, or muon: Muon on the hidden weight matrices (their updates "
+                                    "orthogonalised), AdamW on embeddings, head, biases and gains",
+                           choices=OPTIMIZERS)
+    muon_lr: Optional[float] = field(None, f"Muon's peak learning rate (default: {MUON_LR_SCALE:g} x --lr)")
     grad_clip: float = field(1.0, "max gradient norm (0 = off)")
     eval_interval: int = field(100, "steps between evaluations")
     save_interval: Optional[int] = field(None, "steps between checkpoints (default: --eval-interval)")
