@@ -188,8 +188,9 @@ def _track_stops(tokens: list[int], alive: list[bool], tails: list[bytes], stop_
 
 def _prefill(model, idx: torch.Tensor, am: Optional[torch.Tensor],
              caches) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run the prompts into the caches: (last position's logits (B, 1, V), the position ids of the
-    last prompt token (B, 1) for left-padded prompts, else None)."""
+    """Run the prompts into the caches: (last position's logits (B, 1, V) (or hidden states, with
+    `model` a _Hidden), the position ids of the last prompt token (B, 1) for left-padded prompts,
+    else None)."""
     if am is None:
         return model(idx, caches=caches, last_only=True), None
     T, device = idx.size(1), idx.device
@@ -229,13 +230,15 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     tails = [b""] * B
     eos_t = torch.tensor(eos, device=device) if eos else None
 
-    packs = _packed_linears(model, max_new_tokens, compile) if pack else None
+    greedy = _greedy_head(model, sampling, max_new_tokens, compile, pack)
+    packs = _packed_linears(model, max_new_tokens, compile, skip_head=greedy is not None) if pack else None
+    net = _Hidden(model) if greedy is not None else model      # greedy: hidden states, then the pick
     with torch.inference_mode(), _eval_mode(model), _swapped(packs):
         if compile:
             step_fn, caches = _compiled_step(model, B, T + max_new_tokens)
         else:
             caches = model.new_caches(B, T + max_new_tokens)
-        logits, step_pos = _prefill(model, idx, am, caches)
+        logits, step_pos = _prefill(net, idx, am, caches)
         if padded or compile:                     # real keys that may ever be attended: not padding
             # (virtual tokens in front of the caches are always attended: the model adds them)
             key_mask = torch.ones(B, 1, 1, caches[0].k.size(2) - caches[0].offset, dtype=torch.bool, device=device)
@@ -256,11 +259,14 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
                     slot = torch.full((1,), start, dtype=torch.long, device=device)
                     logits = step_fn(model, nxt[:, None], step_pos if padded else slot, slot, key_mask, caches)
                 elif padded:
-                    logits = model(nxt[:, None], pos=step_pos, mask=key_mask[..., :start + 1],
-                                   caches=caches, start=start)
+                    logits = net(nxt[:, None], pos=step_pos, mask=key_mask[..., :start + 1],
+                                 caches=caches, start=start)
                 else:
-                    logits = model(nxt[:, None], caches=caches, start=start)
-            nxt = sample_next(logits[:, -1], seen=seen, **sample_kw)           # (B,)
+                    logits = net(nxt[:, None], caches=caches, start=start)
+            if greedy is not None:
+                nxt = greedy(logits[:, -1])                                    # (B,) from (B, C)
+            else:
+                nxt = sample_next(logits[:, -1], seen=seen, **sample_kw)       # (B,)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             alive = unfinished.tolist() if stop_bytes else None
@@ -292,7 +298,18 @@ def _eval_mode(model):
 PACK_MIN_TOKENS = 16      # generate/stream repack fp32 CPU weights for calls of at least this many tokens
 
 
-def _packed_linears(model, max_new_tokens: int, compile: bool) -> Optional[list]:
+class _Hidden:
+    """Calls `model` for its final hidden states instead of logits (same arguments)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, idx, last_only: bool = False, **kw) -> torch.Tensor:   # (B, T or 1, C)
+        h = self.model.hidden_states(idx, **kw)
+        return h[:, -1:] if last_only else h
+
+
+def _packed_linears(model, max_new_tokens: int, compile: bool, skip_head: bool = False) -> Optional[list]:
     """[(parent, attribute, plain nn.Linear, packed DecodeLinear)] for the fp32 nn.Linear layers of a
     CPU model, or None where packing does not pay or does not apply.
 
@@ -304,7 +321,8 @@ def _packed_linears(model, max_new_tokens: int, compile: bool) -> Optional[list]
     if compile or max_new_tokens < PACK_MIN_TOKENS or not isinstance(model, nn.Module):
         return None
     found = [(parent, attr, mod) for _, parent, attr, mod in _linear_slots(model)
-             if type(mod) is nn.Linear and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32]
+             if type(mod) is nn.Linear and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32
+             and not (skip_head and parent is model and attr == "lm_head")]        # (greedy: not called)
     if not found:
         return None
     with torch.no_grad():
@@ -425,8 +443,11 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
         reuse it. Same tokens as compile=False up to float rounding.
     pack: on a CPU model with fp32 nn.Linear layers, decode calls of 16 tokens or more with those
         weights copied into oneDNN's blocked layout for the call (exact fp32, 1.4-1.5x faster;
-        the copies need as much memory as the Linear weights while the call runs). pack=False
-        decodes with the model's own layers.
+        the copies need as much memory as the Linear weights while the call runs). Greedy calls
+        of 32 tokens or more (temperature 0, no repetition penalty) with an fp32 head pick each
+        token through CertifiedArgmax: an fp16 copy of the head rules rows out, the fp32 rows of
+        the few left decide (the fp32 argmax, reading half the head's bytes). pack=False decodes
+        with the model's own layers and full logits.
 
     Length: generation stops early when every row is finished, so n < max_new_tokens is possible
     only if all rows hit eos or a stop string; otherwise n == max_new_tokens.
@@ -605,6 +626,66 @@ def _int8_scale(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
 
 
+GREEDY_HEAD_MIN_TOKENS = 32   # greedy calls this long pick tokens through CertifiedArgmax (fp32 heads, CPU)
+
+
+class CertifiedArgmax:
+    """Greedy picks of an fp32 head that read half its bytes and return the fp32 head's pick.
+
+    The head is the largest single read of a decoding step (GPT-2 124M: 154 MB of its 494 MB in
+    fp32). Greedy decoding needs only the argmax, and a row can be ruled out without its exact
+    logit: with w~ = fp16(w) and h~ = fp16(h), |h.w_i - h~.w~_i| <= |h| |w_i - w~_i| + (|h - h~| +
+    g |h|) |w~_i| (Cauchy-Schwarz; g bounds fp32 accumulation over n_embd terms). Rows whose upper
+    bound is below the best lower bound cannot be the argmax; the rest (a handful) get their fp32
+    logits and the first maximum among them is the pick, as argmax over the full fp32 logits.
+    """
+
+    def __init__(self, weight: torch.Tensor):                       # (V, C) fp32 head
+        with torch.no_grad():
+            self.weight = weight.detach()
+            self.half = self.weight.half()                          # (V, C), fp16 GEMV on CPU
+            widened = self.half.float()
+            self.row_err = (self.weight - widened).norm(dim=1)       # (V,) |w_i - w~_i|
+            self.row_norm = widened.norm(dim=1) * (1 + 1e-3)        # (V,) |w~_i|, rounded up
+        self.gamma = 4 * self.weight.size(1) * 2.0 ** -24
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:             # (B, C) fp32 -> (B,) ids
+        h16 = h.half()
+        approx = F.linear(h16, self.half).float()                    # (B, V)
+        norm = h.norm(dim=1, keepdim=True)
+        slack = (norm * (1 + 1e-3)) * self.row_err + ((h - h16.float()).norm(dim=1, keepdim=True)
+                                                      + self.gamma * norm) * self.row_norm
+        floor = (approx - slack).amax(dim=1, keepdim=True)            # the best row's lower bound
+        picks = []
+        for b, alive in enumerate(approx + slack >= floor):          # rows that may be the argmax
+            ids = alive.nonzero().squeeze(1)                        # ascending: ties go to the first
+            if not len(ids):                                        # NaN states: no certificate
+                ids = approx[b].argmax().view(1)
+            picks.append(ids[(self.weight[ids] @ h[b]).argmax()])
+        return torch.stack(picks)
+
+
+def _greedy_head(model, sampling: SamplingConfig, max_new_tokens: int, compile: bool,
+                 pack: bool) -> Optional[CertifiedArgmax]:
+    """The certified greedy head for a plain greedy call on a CPU model whose head is fp32 (an
+    nn.Linear, or prepare_for_decoding's "fp32" head, which keeps its rows); None otherwise."""
+    if (not pack or compile or max_new_tokens < GREEDY_HEAD_MIN_TOKENS or sampling.temperature > 0
+            or sampling.repetition_penalty != 1.0):
+        return None
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, DecodeLinear):
+        rows = getattr(head, "rows", None)
+        if rows is None:
+            return None
+        if getattr(head, "greedy", None) is None:                  # prepared models keep theirs
+            head.greedy = CertifiedArgmax(rows)
+        return head.greedy
+    if type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32 \
+            and head.weight.device.type == "cpu":
+        return CertifiedArgmax(head.weight)
+    return None
+
+
 class DecodeLinear(nn.Module):
     """Inference-only stand-in for nn.Linear that stores its weight in the form decoding reads
     fastest. Activations stay fp32 (the residual stream, LayerNorms, attention and KV cache are
@@ -729,7 +810,10 @@ def prepare_for_decoding(model, mode: str = "fp16"):
         elif isinstance(mod, nn.Linear):
             targets.append((parent, attr, mod))
     for parent, attr, lin in targets:
-        setattr(parent, attr, DecodeLinear(lin.weight, lin.bias, mode))
+        packed = DecodeLinear(lin.weight, lin.bias, mode)
+        if mode == "fp32" and parent is model and attr == "lm_head" and lin.bias is None:
+            packed.rows = lin.weight.detach()           # (tied to wte: no copy) for greedy picks
+        setattr(parent, attr, packed)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -7,9 +7,11 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig, get_tokenizer
 from minigpt.generate import (
+    CertifiedArgmax,
     DecodeLinear,
     _top_p_drop,
     apply_repetition_penalty,
@@ -480,6 +482,58 @@ def test_generate_packs_a_plain_model_for_the_call_only(models, monkeypatch):
     generate(m, idx, 16)
     assert m.training and {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)} == plain
     m.eval()
+
+
+def test_certified_argmax_is_the_fp32_argmax_even_on_near_ties():
+    """The greedy pick from the fp16 copy of the head, certified, equals argmax over fp32 logits:
+    also where rows differ by about fp16's resolution and on exact duplicates (first index)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5000, 64, generator=g) * 0.3
+    d = 3e-4 * torch.randn(10, 64, generator=g)                     # ~1 fp16 step, 1e4 fp32 steps
+    d -= (d @ w[99])[:, None] * w[99] / w[99].dot(w[99])            # (orthogonal to w[99])
+    w[100:110] = w[99] + d                                          # fp16 cannot tell these apart
+    w[200] = w[201] = w[4000]                                       # exact ties: the first index wins
+    head = CertifiedArgmax(w)
+    h = torch.randn(64, 64, generator=g) * 3
+    h[:20] = w[99] * 40 + torch.randn(20, 64, generator=g)         # near-ties decided by 1e-6 rows
+    h[20:30] = w[4000] * 40                                         # the tie of rows 200, 201, 4000
+    picks = head(h)
+    ref = (h @ w.t()).argmax(dim=1)
+    assert torch.equal(picks, ref)
+    assert set(picks[:20].tolist()) <= set(range(99, 110)) and (picks[20:30] == 200).all()
+    assert len(set(picks[:20].tolist())) > 1                        # the small differences decided
+    fp16 = F.linear(h.half(), w.half()).float().argmax(dim=1)
+    assert (fp16[:20] != ref[:20]).any()                           # which fp16 alone gets wrong
+
+
+def test_greedy_generate_reads_the_half_head_and_gives_the_fp32_tokens(models, monkeypatch):
+    """Greedy calls of >= 32 tokens pick through CertifiedArgmax (plain and prepared fp32 models):
+    the same tokens as argmax over full fp32 forwards; sampling and short calls use the logits."""
+    _, m = models
+    calls = []
+    real = CertifiedArgmax.__call__
+    monkeypatch.setattr(CertifiedArgmax, "__call__", lambda self, h: calls.append(1) or real(self, h))
+    idx = prompts([5, 9], seed=4)[0][None]
+    out = generate(m, idx, 40)
+    assert len(calls) == 40
+    ids = idx
+    with torch.no_grad():
+        for _ in range(40):
+            ids = torch.cat([ids, m(ids)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ids)
+    calls.clear()
+    generate(m, idx, 40, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    generate(m, idx, 16)
+    assert not calls
+    p = prepare_for_decoding(copy.deepcopy(m), "fp32")
+    assert torch.equal(generate(p, idx, 40), out) and len(calls) == 40
+    assert p.lm_head.greedy is not None                            # kept for the next call
+    seqs = prompts([3, 7], seed=8)                                  # a left-padded batch, row by row
+    batch, mask = left_pad(seqs)
+    both = generate(m, batch, 33, attention_mask=mask)
+    for row, seq in zip(both, seqs):
+        alone = generate(m, seq[None], 33, pack=False)              # logits and sample_next
+        assert torch.equal(row[-33:], alone[0, -33:])
 
 
 def test_decode_linear_int4_quantisation():

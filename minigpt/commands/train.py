@@ -200,9 +200,11 @@ def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int,
 
 
 def _banner(args: TrainArgs, model, trainer, n_train: int, n_val: int, vocab, budget) -> str:
-    """The run's first line: model, data, device, head and budget."""
+    """The run's first line: model, data, device, optimizer, head and budget."""
+    optimizer = "Muon (hidden matrices) + AdamW" if args.optimizer == "muon" else "AdamW"
     return (f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
             f"params | data: {n_train:,} train / {n_val:,} val tokens | device {trainer.device} {trainer.precision}"
+            f" | {optimizer}"
             + (f" | head: the {len(vocab):,} tokens the corpus uses (+1 row for the {vocab.unseen.numel():,} tied)"
                if vocab else "")
             + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)")
