@@ -8,7 +8,7 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.commands import train
-from minigpt.optim import MUON_LR_SCALE, MuonAdamW, make_optimizer
+from minigpt.optim import MUON_LR_SCALE, Muon, MuonAdamW, make_optimizer, newton_schulz_dtype
 from minigpt.trainer import TrainConfig, lr_at
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
@@ -78,9 +78,44 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
             r = dict(ref.named_parameters())[n]
             delta, ref_delta = p.detach() - moved[n], r.detach() - moved[n]
             assert ref_delta.norm() > 0
-            # Muon orthogonalises in bf16 (torch's implementation): a few bf16 roundings of the update
-            tol = 3e-2 if n in muon else 1e-5
+            # Muon orthogonalises in bf16 on this CPU if it has native bf16: a few roundings of the update
+            tol = (3e-2 if opt.muon.ns_dtype == torch.bfloat16 else 1e-5) if n in muon else 1e-5
             assert (delta - ref_delta).norm() <= tol * ref_delta.norm(), (n, step)
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48)])
+def test_muon_matches_torch_muon_and_the_fp32_reference(shape):
+    """Muon against torch.optim.Muon (adjust_lr_fn="match_rms_adamw", which orthogonalises in
+    bf16): same steps within bf16 rounding; in fp32, the reference above to float rounding."""
+    gen = torch.Generator().manual_seed(2)
+    w0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(4)]
+    params = {k: w0.clone().requires_grad_() for k in ("bf16", "torch", "fp32")}
+    opts = {"bf16": Muon([params["bf16"]], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16),
+            "torch": torch.optim.Muon([params["torch"]], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+            "fp32": Muon([params["fp32"]], lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)}
+    ref, buf = w0.clone(), torch.zeros(shape)
+    for g in grads:
+        for k, opt in opts.items():
+            params[k].grad = g.clone()
+            opt.step()
+        ref, buf = _reference_muon(ref, g, buf, 0.02, 0.1)
+    moved = (ref - w0).norm()
+    assert (params["bf16"].detach() - params["torch"].detach()).norm() <= 3e-2 * moved
+    assert (params["fp32"].detach() - ref).norm() <= 1e-5 * moved
+    assert (params["bf16"].detach() - ref).norm() <= 3e-2 * moved
+
+
+def test_newton_schulz_runs_in_fp32_without_native_bf16(monkeypatch):
+    """Emulated bf16 matmuls crawl (AVX2): there Muon orthogonalises in fp32."""
+    import minigpt.optim as optim
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: False)
+    assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
+    assert Muon([torch.zeros(4, 8, requires_grad=True)]).ns_dtype == torch.float32
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: True)
+    assert newton_schulz_dtype(torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(Exception, match="2-D weight matrices"):
+        Muon([torch.zeros(4, requires_grad=True)])
 
 
 def test_the_muon_learning_rate_is_its_own_or_a_multiple_of_lr():
