@@ -652,6 +652,8 @@ class CertifiedArgmax:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:             # (B, C) fp32 -> (B,) ids
         h16 = h.half()
         approx = F.linear(h16, self.half).float()                    # (B, V)
+        if not bool(torch.isfinite(approx).all()):                  # fp16 overflow, or NaN states
+            return F.linear(h, self.weight).argmax(dim=1)
         norm = h.norm(dim=1, keepdim=True)
         slack = (norm * (1 + 1e-3)) * self.row_err + ((h - h16.float()).norm(dim=1, keepdim=True)
                                                       + self.gamma * norm) * self.row_norm
@@ -659,8 +661,6 @@ class CertifiedArgmax:
         picks = []
         for b, alive in enumerate(approx + slack >= floor):          # rows that may be the argmax
             ids = alive.nonzero().squeeze(1)                        # ascending: ties go to the first
-            if not len(ids):                                        # NaN states: no certificate
-                ids = approx[b].argmax().view(1)
             picks.append(ids[(self.weight[ids] @ h[b]).argmax()])
         return torch.stack(picks)
 

@@ -504,6 +504,8 @@ def test_certified_argmax_is_the_fp32_argmax_even_on_near_ties():
     assert len(set(picks[:20].tolist())) > 1                        # the small differences decided
     fp16 = F.linear(h.half(), w.half()).float().argmax(dim=1)
     assert (fp16[:20] != ref[:20]).any()                           # which fp16 alone gets wrong
+    big = h[:3] * 1e5                                               # beyond fp16's range: fp32 logits
+    assert torch.equal(head(big), (big @ w.t()).argmax(dim=1))
 
 
 def test_greedy_generate_reads_the_half_head_and_gives_the_fp32_tokens(models, monkeypatch):
