@@ -16,7 +16,7 @@ from .device import cpu_has_native_bf16
 from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "muon")
-MUON_LR_SCALE = 4.0       # Muon's lr / AdamW's by default (RMS-matched updates; train.py's sweep, README)
+MUON_LR_SCALE = 4.0       # Muon's lr / AdamW's by default (2-minute runs at 1x-12x: README, "what was tried")
 _EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")
 
 

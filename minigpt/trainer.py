@@ -2,10 +2,10 @@
 
 AdamW (or Muon on the hidden matrices: minigpt.optim) with decoupled weight decay on matrices
 only, linear warmup then cosine/linear decay, gradient accumulation and clipping, mixed precision
-(CUDA bf16/fp16, CPU bf16), optional
-torch.compile, DDP under torchrun, periodic evaluation, JSONL metrics, atomic checkpoints and
-exact resume (batches are a pure function of the step; RNG, optimizer and scaler state are saved),
-and an optional time budget (TimeBudget): the step count fixed after a few measured warm-up steps.
+(CUDA bf16/fp16, CPU bf16), optional torch.compile, DDP under torchrun, periodic evaluation, JSONL
+metrics, atomic checkpoints and exact resume (batches are a pure function of the step; RNG,
+optimizer and scaler state are saved), and an optional time budget (TimeBudget): the step count
+fixed after a few measured warm-up steps.
 """
 from __future__ import annotations
 
