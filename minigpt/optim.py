@@ -38,7 +38,7 @@ def param_groups(model: nn.Module, weight_decay: float, muon_lr_scale: Optional[
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in hidden and not name.endswith(_EMBEDDINGS):
+        if id(p) in hidden:
             muon.append(p)
         elif p.dim() >= 2 and not name.endswith(_EMBEDDINGS):
             decay.append(p)

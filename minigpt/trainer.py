@@ -447,7 +447,6 @@ class Trainer:
             self.save_weights(self.model, tmp)
             state = {
                 "step": self.step, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
-                "optimizer_name": self.cfg.optimizer,
                 "scaler": self.scaler.state_dict(), "rng": self._rng_state(), "config": asdict(self.cfg),
             }
             if self.budget is not None:
@@ -486,7 +485,7 @@ class Trainer:
             msg = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({msg}); delete "
                                   f"{ckpt} to resume from the checkpoint before it") from e
-        saved = state.get("optimizer_name", "adamw")
+        saved = state.get("config", {}).get("optimizer", "adamw")       # (older checkpoints: AdamW)
         if saved != self.cfg.optimizer:
             raise CheckpointError(f"--resume: {ckpt} was trained with --optimizer {saved}, this run uses "
                                   f"{self.cfg.optimizer}; resume with --optimizer {saved}")
