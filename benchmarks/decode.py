@@ -10,7 +10,7 @@ Timing covers the whole generate call (prefill + decode), tokens/s = new tokens 
     python benchmarks/decode.py --quality out   # + held-out bits/byte of a trained model per mode
 
 llama.cpp decodes the same weights in the same rounds (--llama, on by default when llama-cpp-python is
-installed: minigpt.gguf.export_gguf writes f32, f16 and q8_0 files, llama.cpp's own greedy sampler), and
+installed: minigpt.weights.gguf.export_gguf writes f32, f16 and q8_0 files, llama.cpp's own greedy sampler), and
 every speed is shown beside its ceiling: the machine's read bandwidth (measured in the run) divided
 by the bytes of weights one token reads. vs_llama_cpp holds the per-round ratios against the targets
 (fp32 >= 0.8x llama.cpp f32; fp16/bf16 >= 1x f16; int8 and w8a8 >= 1x q8_0; int4 ahead of q8_0).
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import decoding_parser, llama_system, machine_info, read_bandwidth_gb_s, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
-from minigpt.keymap import hf_to_minigpt  # noqa: E402
+from minigpt.inference.generate import generate, prepare_for_decoding  # noqa: E402
+from minigpt.weights.keymap import hf_to_minigpt  # noqa: E402
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor, prompt: int) -> dict:
@@ -51,7 +51,7 @@ def agreement(out: torch.Tensor, ref: torch.Tensor, prompt: int) -> dict:
 
 def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
     """Held-out bits per byte under a trained model: plain fp32 weights vs each decoding mode."""
-    from minigpt.evaluate import evaluate_bpb
+    from minigpt.training.evaluate import evaluate_bpb
     text = Path(text_path).read_text(encoding="utf-8")
     base = GPT.from_pretrained(model_dir).eval()
     bpb = {"fp32 plain": evaluate_bpb(base, text, batch_size=16)["bpb"]}
@@ -97,7 +97,7 @@ def vs_llama(times: dict, llama_types: list[str]) -> dict:
 def main(argv=None) -> dict:
     ap = decoding_parser(__doc__)
     ap.add_argument("--modes", default="fp32,fp16,bf16,int8,w8a8,int4", help="prepare_for_decoding modes")
-    ap.add_argument("--bases", default="", help="quantized bases too (minigpt.quant): nf4, int8 "
+    ap.add_argument("--bases", default="", help="quantized bases too (minigpt.model.quant): nf4, int8 "
                                                 "(nf4 decodes from dense fp16 copies, int8 with the int8 kernel)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = process CPU time: with --threads 1 it ignores time spent waiting "
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         systems[f"minigpt {mode} (prepare_for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(fast)
 
     for mode in [m for m in args.bases.split(",") if m]:
-        from minigpt.quant import for_decoding, quantize_model
+        from minigpt.model.quant import for_decoding, quantize_model
         q = quantize_model(copy.deepcopy(base), mode)
         for_decoding(q)
         systems[f"minigpt {mode}-base (quantize_model + for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(q)
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     for gguf_type in llama_types:
         import llama_cpp
 
-        from minigpt.gguf import export_gguf
+        from minigpt.weights.gguf import export_gguf
         path = export_gguf(base, Path(tmp.name) / f"gpt2-{gguf_type}.gguf", gguf_type)
         run = llama_system(llama_cpp, path, idx[0].tolist(), args.threads)
         systems[f"llama.cpp {gguf_type} (same weights, GGUF)"] = (

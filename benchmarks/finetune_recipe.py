@@ -49,9 +49,9 @@ RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=["c_attn"], lr=2e-4, batch=2,
 
 def examples(data: str, max_length: int) -> tuple[list[dict], list[dict]]:
     """(train, val) tokenised exactly as finetune.py does (default template, prompt masked)."""
-    from minigpt.instruct import tokenize_records
-    from minigpt.records import load_records, split_records
-    from minigpt.templates import DEFAULT_TEMPLATE
+    from minigpt.data.instruct import tokenize_records
+    from minigpt.data.records import load_records, split_records
+    from minigpt.data.templates import DEFAULT_TEMPLATE
 
     train, val = split_records(load_records(data), 0.1, seed=42)
     return (tokenize_records(train, None, DEFAULT_TEMPLATE, max_length)[0],
@@ -145,7 +145,7 @@ def make_base(path: Path, quick: bool) -> str:
 def write_subset(data: str, n: int, path: Path) -> dict:
     """n seeded training records + every val record of a JSON/JSONL file, marked with their split,
     in one JSONL file (the records as written, so both systems read the same text)."""
-    from minigpt.records import load_records, split_records
+    from minigpt.data.records import load_records, split_records
     text = Path(data).read_text(encoding="utf-8")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in lines]
@@ -170,7 +170,7 @@ def minigpt_train_seconds(out: Path) -> float:
 
 def adapter_val_loss(base: str, adapter: Path, val: list[dict]) -> float:
     from minigpt import GPT
-    from minigpt.peft import load_adapter
+    from minigpt.methods import load_adapter
     model = load_adapter(GPT.from_pretrained(base), adapter).eval()
     return val_loss(model, val)
 
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
     if argv and argv[0] == "_hf":
         print("RESULT " + json.dumps(hf_worker(json.loads(argv[1]))), flush=True)
         return {}
-    from minigpt.records import default_instructions_path
+    from minigpt.data.records import default_instructions_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny base (2 x 128), 16 examples, max length 128")

@@ -1,7 +1,7 @@
 """Decoding the exported GGUF in llama.cpp beside minigpt's own decoding paths, same weights, same run.
 
 GPT-2 124M with random weights (transformers' init, std 0.02), batch 1, a 32-token prompt, greedy,
-2 threads. The model is exported with minigpt.gguf.export_gguf to f16 and q8_0 and decoded by
+2 threads. The model is exported with minigpt.weights.gguf.export_gguf to f16 and q8_0 and decoded by
 llama.cpp (llama-cpp-python, its own sampler at temperature 0); minigpt decodes the same weights
 with prepare_for_decoding's fp16 and int8 (weight-only, per-channel) paths and its exact fp32
 path. Each round runs every system once, in turn (rotating who goes first); tokens/s = new tokens
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import decoding_parser, llama_system, machine_info, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.generate import generate, prepare_for_decoding  # noqa: E402
-from minigpt.gguf import export_gguf  # noqa: E402
+from minigpt.inference.generate import generate, prepare_for_decoding  # noqa: E402
+from minigpt.weights.gguf import export_gguf  # noqa: E402
 
 
 def agreement(new: list[int], ref: list[int]) -> dict:
@@ -52,7 +52,7 @@ def build_systems(args, tmp: Path, prompt: list[int]) -> dict:
     import llama_cpp
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minigpt.keymap import hf_to_minigpt
+    from minigpt.weights.keymap import hf_to_minigpt
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     base = GPT(GPTConfig.from_name("gpt2")).eval()

@@ -9,8 +9,8 @@ the minigpt rows still run, on weights initialised by minigpt itself).
 
 Parts (run in the order a, c, d, b so that the least important, slowest-to-compile one is last):
   (a) pretraining step, GPT-2 124M, batch 16 x 1024, bf16 autocast, torch.compile, fused AdamW:
-      minigpt.trainer.Trainer.train_step() (what train.py runs, via train_step.MinigptSystem).
-      tokens/s and MFU = tokens/s x flops_per_token / peak (minigpt.trainer's own
+      minigpt.training.trainer.Trainer.train_step() (what train.py runs, via train_step.MinigptSystem).
+      tokens/s and MFU = tokens/s x flops_per_token / peak (minigpt.training.trainer's own
       flops_per_token: 6N + 12*L*H*Q*T with N = all parameters, the tied head counted once; and
       peak_flops: 989 TFLOPS bf16 dense on H100/H200). Target: MFU >= 55%. MFU with N = the
       non-embedding parameters only (a stricter count) is reported next to it.
@@ -231,12 +231,12 @@ def time_training(system, precision: str, warmup: int, steps: int, device, token
 
 
 def flops_info(ctx: Context, size: str, block: int) -> dict:
-    """minigpt.trainer.flops_per_token (all parameters, tied head once; T = the model's context)
+    """minigpt.training.trainer.flops_per_token (all parameters, tied head once; T = the model's context)
     and peak_flops, plus the count with N = non-embedding parameters only."""
     if "flops" not in ctx.notes:
         from minigpt import GPT
         from minigpt.device import peak_flops
-        from minigpt.trainer import flops_per_token
+        from minigpt.training.trainer import flops_per_token
         model = GPT.from_pretrained(ctx.weights(size))
         f = flops_per_token(model)
         n_all, n_nonemb = model.num_params(), model.num_params(non_embedding=True)
@@ -245,7 +245,7 @@ def flops_info(ctx: Context, size: str, block: int) -> dict:
             "flops_per_token": f, "flops_per_token_non_embedding_N": f - 6 * (n_all - n_nonemb),
             "params_all": n_all, "params_non_embedding": n_nonemb, "context": model.config.block_size,
             "trained_block": block, "peak_flops": peak,
-            "formula": "minigpt.trainer.flops_per_token: 6N + 12*L*H*Q*T (N = all parameters, tied "
+            "formula": "minigpt.training.trainer.flops_per_token: 6N + 12*L*H*Q*T (N = all parameters, tied "
                        "wte/lm_head once; T = context); non_embedding_N: N without wte and wpe",
             "peak_source": "--peak-tflops" if ctx.args.peak_tflops else "minigpt.device.peak_flops"}
         if block != model.config.block_size:
@@ -375,7 +375,7 @@ def bench_lora(args, ctx: Context) -> dict:
 # ================================================================================================
 def bench_decode(args, ctx: Context) -> dict:
     from minigpt import GPT
-    from minigpt.generate import generate
+    from minigpt.inference.generate import generate
     size = "tiny" if args.quick else "gpt2"
     n_new = 32 if args.quick else args.new_tokens
     dev = torch.device(ctx.device)

@@ -14,7 +14,7 @@ Method settings: LoRA/DoRA r 8, alpha 16, dropout 0.05 on c_attn; IA3 peft's GPT
 (c_attn and mlp.c_proj, mlp.c_proj at its input); prefix and prompt tuning 20 virtual tokens
 (random init, no projection); bottleneck adapters (minigpt only) size 64, houlsby placement.
 
-minigpt: GPT.from_pretrained(base) + minigpt.peft.method_config(method).apply, loss through
+minigpt: GPT.from_pretrained(base) + minigpt.methods.method_config(method).apply, loss through
 minigpt's CausalLMLoss (the Trainer's). peft: transformers.GPT2LMHeadModel.from_pretrained(base) +
 peft.get_peft_model, the loss from the logits (for prompt tuning the virtual positions are dropped).
 Each (library, method) runs in its own fresh process: trainable parameters, the median step time
@@ -50,10 +50,10 @@ SETTINGS = {"lora": dict(r=8, alpha=16.0, dropout=0.05, targets=("c_attn",)),
 
 def _data(spec: dict):
     """(train dataset, val batches) of the embedded instructions, as finetune.py builds them."""
-    from minigpt.instruct import InstructionDataset, tokenize_records
-    from minigpt.records import default_instructions_path, load_records, split_records
-    from minigpt.templates import get_template
-    from minigpt.tokenizer import get_tokenizer
+    from minigpt.data.instruct import InstructionDataset, tokenize_records
+    from minigpt.data.records import default_instructions_path, load_records, split_records
+    from minigpt.data.templates import get_template
+    from minigpt.data.tokenizer import get_tokenizer
 
     tok, template = get_tokenizer(), get_template("alpaca")
     train, val = split_records(load_records(default_instructions_path()), 0.1, seed=42)
@@ -68,9 +68,9 @@ def _data(spec: dict):
 def _minigpt_system(spec: dict):
     """(model, trainable params, loss_fn(x, y), logits_fn(x)) for minigpt."""
     from minigpt import GPT
-    from minigpt.lora import LoRAConfig
-    from minigpt.loss import CausalLMLoss
-    from minigpt.peft import method_config
+    from minigpt.methods import method_config
+    from minigpt.methods.lora import LoRAConfig
+    from minigpt.training.loss import CausalLMLoss
 
     model = GPT.from_pretrained(spec["base"])
     method = spec["method"]
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
         return {}
     from minigpt import GPT
     from minigpt.commands.finetune import METHOD_LR, SMALL_BASE_LR, SMALL_BASE_PARAMS
-    from minigpt.peft import METHODS
+    from minigpt.methods import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random base, 3 steps, max length 64")

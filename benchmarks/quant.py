@@ -31,11 +31,11 @@ sys.path.insert(0, str(HERE))
 from common import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, run_worker, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.config import PRESETS  # noqa: E402
+from minigpt.model.config import PRESETS  # noqa: E402
 
 
 def state_bytes(cfg: GPTConfig) -> dict:
-    """Model-state bytes of fp32 / int8 / nf4 bases, from the storage layout of minigpt.quant."""
+    """Model-state bytes of fp32 / int8 / nf4 bases, from the storage layout of minigpt.model.quant."""
     C, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
     shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]                      # (out, in) per block
     other = 4 * (V * C + T * C + 2 * C + L * (4 * C + 3 * C + C + 4 * C + C))   # embeddings, LNs, biases
@@ -52,9 +52,9 @@ def state_bytes(cfg: GPTConfig) -> dict:
 
 def worker(spec: dict) -> dict:
     from minigpt.device import reuse_freed_memory
-    from minigpt.lora import add_lora
-    from minigpt.quant import cast_unquantized, quant_bytes, quantize_model
-    from minigpt.trainer import TrainConfig, Trainer
+    from minigpt.methods.lora import add_lora
+    from minigpt.model.quant import cast_unquantized, quant_bytes, quantize_model
+    from minigpt.training.trainer import TrainConfig, Trainer
 
     reuse_freed_memory()
     torch.set_num_threads(spec["threads"])
@@ -105,7 +105,7 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 1)
     t0 = time.time()
     sizes = {name: state_bytes(GPTConfig.from_name(name)) for name in PRESETS}
-    from minigpt.quant import quant_bytes, quantize_model
+    from minigpt.model.quant import quant_bytes, quantize_model
     measured = {}
     for mode in ("nf4", "int8"):                               # the formula, checked on gpt2 124M
         measured[mode] = quant_bytes(quantize_model(GPT(GPTConfig.from_name("gpt2")), mode))["total"]

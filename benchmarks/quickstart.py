@@ -22,7 +22,7 @@ with --nanogpt DIR or NANOGPT_DIR. Protocol:
 - Bits per byte on each held-out text: the text is cut into consecutive non-overlapping windows of the
   model's context (minigpt: 128 GPT-2 tokens; nanoGPT: 64 characters); every token but the text's first
   is predicted from its window; bpb = summed cross-entropy (nats) / ln 2 / UTF-8 bytes of the predicted
-  text. minigpt uses minigpt.evaluate.evaluate_bpb; nanoGPT's checkpoint is scored with its own model.py.
+  text. minigpt uses minigpt.training.evaluate.evaluate_bpb; nanoGPT's checkpoint is scored with its own model.py.
   A character outside nanoGPT's vocabulary (none in the shipped texts) is fed as a space and charged
   8 bits per UTF-8 byte, the cost of sending it verbatim; the count is reported.
 
@@ -110,7 +110,7 @@ def minigpt_heldout(out: Path, texts: dict) -> dict:
     import torch
 
     from minigpt import GPT
-    from minigpt.evaluate import evaluate_bpb
+    from minigpt.training.evaluate import evaluate_bpb
 
     model = GPT.from_pretrained(out)
     res = {}
@@ -277,7 +277,7 @@ def run_nanogpt_side(nano: Path, work: Path, target_wall: float, threads: int, q
     """Data, probe, the time-matched run and held-out scores for nanoGPT."""
     import torch
 
-    from minigpt.data import embedded_corpus_text
+    from minigpt.data.corpus import embedded_corpus_text
 
     data = write_char_data(work / "data" / "shakespeare_char", embedded_corpus_text())
     link = work / "configurator.py"                 # train.py reads it from its working directory

@@ -1,7 +1,7 @@
 """Serving throughput: N concurrent streaming clients vs the same requests one at a time.
 
 GPT-2 124M (random weights, GPT-2's init, saved once to a temp folder), served by `minigpt serve`
-in its own process on loopback with continuous batching (minigpt.engine); the clients run in this
+in its own process on loopback with continuous batching (minigpt.inference.engine); the clients run in this
 process, as other programs would. For N = 1, 4, 8 clients and decoding weights fp32 (exact,
 repacked) and int8: every client streams one /v1/completions request (a distinct 24-token prompt,
 64 new tokens, greedy); all start together. Measured: aggregate new tokens/s over the wall time,

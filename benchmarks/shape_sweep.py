@@ -31,7 +31,7 @@ from quickstart import TEXTS  # noqa: E402
 
 def one(shape: str, budget: str, texts: list[str], threads: int) -> dict:
     from minigpt import GPT
-    from minigpt.evaluate import evaluate_bpb
+    from minigpt.training.evaluate import evaluate_bpb
 
     shape_lr, _, opt = shape.partition(":")
     dims, _, lr = shape_lr.partition("@")

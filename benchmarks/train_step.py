@@ -14,7 +14,7 @@ A step is what each library's user runs, end to end: forward + loss, backward, l
 grad-norm clipping at 1.0, fused AdamW (betas 0.9/0.95, weight decay 0.1 on 2-D non-embedding
 weights, the same parameter groups and the same torch kernel in both: transformers' Trainer
 defaults to it with torch >= 2.8), zero_grad.
-  minigpt:       minigpt.trainer.Trainer.train_step() (CausalLMLoss: fused head + cross-entropy;
+  minigpt:       minigpt.training.trainer.Trainer.train_step() (CausalLMLoss: fused head + cross-entropy;
                  add_lora for LoRA), precision "fp32" or "bf16".
   transformers:  model(input_ids, labels=labels).loss; for LoRA, peft.get_peft_model with
                  LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True).
@@ -97,8 +97,8 @@ class MinigptSystem:
 
     def __init__(self, spec, batches):
         from minigpt import GPT
-        from minigpt.lora import add_lora
-        from minigpt.trainer import TrainConfig, Trainer
+        from minigpt.methods.lora import add_lora
+        from minigpt.training.trainer import TrainConfig, Trainer
         device = spec.get("device", "cpu")
         model = GPT.from_pretrained(spec["weights"]).train()
         if spec["bench"] == "lora":
@@ -144,7 +144,7 @@ class HFSystem:
         _quiet_hf()
         from transformers import GPT2LMHeadModel
 
-        from minigpt.trainer import param_groups  # same groups rule: identical AdamW work
+        from minigpt.training.trainer import param_groups  # same groups rule: identical AdamW work
         self.device = torch.device(spec.get("device", "cpu"))
         model = GPT2LMHeadModel.from_pretrained(spec["weights"], dtype=torch.float32)
         if spec["bench"] == "lora":
@@ -316,7 +316,7 @@ def make_weights(size: str, path: str) -> str:
 def make_batches(n: int, batch: int, block: int, tmp: str, tag: str) -> str:
     """n distinct (batch, block) token batches of Shakespeare (minigpt's embedded corpus)."""
     from minigpt import get_tokenizer
-    from minigpt.data import embedded_corpus_text
+    from minigpt.data.corpus import embedded_corpus_text
     need = n * batch * block
     text = embedded_corpus_text()
     ids = get_tokenizer().encode_ordinary(text[: need * 6])

@@ -8,7 +8,7 @@
     ├── RunDirError               an output folder that may not be used (would lose data)
     └── TrainingStopped           training could not go on (e.g. repeated non-finite loss)
 
-ChatError (minigpt.chat) is a ConfigError too. Errors of the machine itself (disk full, no
+ChatError (minigpt.inference.chat) is a ConfigError too. Errors of the machine itself (disk full, no
 permission) stay OSError.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""train.py's time budget (minigpt.trainer.TimeBudget): the step count fixed after measured warm-up
+"""train.py's time budget (minigpt.training.trainer.TimeBudget): the step count fixed after measured warm-up
 steps, recorded in run.json and the checkpoints; exact resume; --max-steps N reproduces it."""
 import json
 import os
@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt.commands import train
-from minigpt.trainer import BudgetMeasurement, TimeBudget, TrainConfig, Trainer, format_duration, parse_duration
+from minigpt.training.trainer import (
+    BudgetMeasurement,
+    TimeBudget,
+    TrainConfig,
+    Trainer,
+    format_duration,
+    parse_duration,
+)
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
         "--eval-batches", "2", "--samples", "0", "--threads", "1", "--log-interval", "1", "--precision", "fp32",

@@ -1,4 +1,4 @@
-"""chat.py and minigpt.chat: replies vs minigpt.generate, commands, truncation, adapters, pty."""
+"""chat.py and minigpt.inference.chat: replies vs minigpt.inference.generate, commands, truncation, adapters, pty."""
 from __future__ import annotations
 
 import copy
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.chat import ChatError, ChatSession, find_latest_run, load_chat_model
 from minigpt.commands import chat as chat_cli
-from minigpt.generate import generate
-from minigpt.lora import add_lora, merge_and_unload, save_adapter
-from minigpt.templates import get_template
+from minigpt.data.templates import get_template
+from minigpt.inference.chat import ChatError, ChatSession, find_latest_run, load_chat_model
+from minigpt.inference.generate import generate
+from minigpt.methods.lora import add_lora, merge_and_unload, save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def scripted_model(chain: list[int], r: float = 3.0) -> GPT:
 
 
 def expected_reply(model, messages, *, system=None, template="alpaca", max_new_tokens=16, stops=()) -> str:
-    """What chat should print: greedy minigpt.generate on the template's prompt ids, cut at EOS and
+    """What chat should print: greedy minigpt.inference.generate on the template's prompt ids, cut at EOS and
     at the first stop string, surrounding whitespace removed."""
     tmpl = get_template(template)
     ids = tmpl.prompt_ids(messages, TOK, system)
@@ -230,7 +230,7 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, monkeypatch, capsys):
 
 
 def test_ctrl_c_keeps_partial_reply_and_chat_goes_on(model_dir, model, tmp_path, monkeypatch, capsys):
-    import minigpt.generate as gen
+    import minigpt.inference.generate as gen
 
     real = gen.stream_text
     calls = []
@@ -291,7 +291,7 @@ def test_finetune_dir_template_from_metadata_and_default_discovery(tmp_path, mod
                                                                    monkeypatch, capsys):
     import shutil
 
-    from minigpt.runs import FINETUNE_META
+    from minigpt.training.runs import FINETUNE_META
     ad, merged = adapter_setup
     run = tmp_path / "out-finetune"                              # what finetune.py writes (LoRA)
     shutil.copytree(ad, run)

@@ -16,8 +16,9 @@ from conftest import make_hf_gpt2
 from safetensors.torch import load_file, save_file
 
 import minigpt
-from minigpt import GPT, GPTConfig, checkpoint, hub, keymap, tfbundle
+from minigpt import GPT, GPTConfig
 from minigpt.errors import CheckpointError
+from minigpt.weights import checkpoint, hub, keymap, tfbundle
 
 TOL = 1e-4
 

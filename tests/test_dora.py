@@ -13,7 +13,11 @@ from test_lora import hf_logits, ids, peft_model_from_dir, tiny_gpt
 
 from minigpt import GPT, GPTConfig
 from minigpt.errors import AdapterError, ConfigError
-from minigpt.lora import (
+from minigpt.methods import count_parameters, method_config, method_of
+from minigpt.methods import load_adapter as peft_load
+from minigpt.methods import merge_and_unload as peft_merge
+from minigpt.methods import save_adapter as peft_save
+from minigpt.methods.lora import (
     LoRAConfig,
     LoRALinear,
     add_lora,
@@ -25,10 +29,6 @@ from minigpt.lora import (
     save_adapter,
     unmerge_lora,
 )
-from minigpt.peft import count_parameters, method_config, method_of
-from minigpt.peft import load_adapter as peft_load
-from minigpt.peft import merge_and_unload as peft_merge
-from minigpt.peft import save_adapter as peft_save
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=101)
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -309,10 +309,10 @@ def test_load_into_existing_layers_copies_in_place(tmp_path):
 
 
 def test_wrong_method_is_refused_naming_both(tmp_path):
-    from minigpt.ia3 import IA3Config
-    from minigpt.ia3 import save_adapter as save_ia3
+    from minigpt.methods.ia3 import IA3Config
+    from minigpt.methods.ia3 import save_adapter as save_ia3
     save_ia3(IA3Config().apply(small_gpt()), tmp_path / "ia3")
-    assert method_of(load_adapter(small_gpt(), tmp_path / "ia3")) == "ia3"     # handed to minigpt.peft
+    assert method_of(load_adapter(small_gpt(), tmp_path / "ia3")) == "ia3"     # handed to minigpt.methods
     with pytest.raises(AdapterError) as e:                        # not onto a model with LoRA layers
         load_adapter(add_lora(small_gpt(), r=2, alpha=4), tmp_path / "ia3")
     assert "IA3" in str(e.value) and "LoRA" in str(e.value)
@@ -337,7 +337,7 @@ def test_config_and_refusals():
         LoRAConfig(targets=("q", "v"), use_dora=True)
     with pytest.raises(ConfigError, match="slices"):
         add_lora(small_gpt(), targets=("q", "v"), use_dora=True)
-    from minigpt.quant import quantize_model
+    from minigpt.model.quant import quantize_model
     with pytest.raises(ConfigError, match="quantized"):
         add_lora(quantize_model(small_gpt(), "int8"), targets=("c_attn",), use_dora=True)
 

@@ -12,8 +12,8 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.commands import finetune as ft
 from minigpt.commands.args import parse_args
-from minigpt.lora import lora_layers
-from minigpt.runs import FINETUNE_META, find_latest_run, load_finetuned
+from minigpt.methods.lora import lora_layers
+from minigpt.training.runs import FINETUNE_META, find_latest_run, load_finetuned
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ def test_resume_is_exact(base, data, tmp_path, monkeypatch):
     full = tmp_path / "full"
     run(["--out-dir", full, "--max-steps", 12, *args])
 
-    from minigpt.trainer import Trainer
+    from minigpt.training.trainer import Trainer
     real_step = Trainer.train_step
 
     def step_then_ctrl_c(self):
@@ -272,6 +272,6 @@ def test_default_base(tmp_path, monkeypatch, capsys, base):
     (out / "run.json").write_text(json.dumps({"kind": "finetune"}))
     assert find_latest_run("pretrain") is None
     # a cached gpt2 wins over local runs
-    import minigpt.hub
-    monkeypatch.setattr(minigpt.hub, "is_preset_cached", lambda name, cache=None: name == "gpt2")
+    import minigpt.weights.hub
+    monkeypatch.setattr(minigpt.weights.hub, "is_preset_cached", lambda name, cache=None: name == "gpt2")
     assert ft.default_base() == "gpt2"

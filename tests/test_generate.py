@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.generate import (
+from minigpt.inference.generate import (
     CertifiedArgmax,
     DecodeLinear,
     _top_p_drop,
@@ -171,7 +171,7 @@ def test_left_padded_rows_equal_alone(models):
 
 def test_static_cache_is_not_reallocated(models, monkeypatch):
     _, m = models
-    from minigpt import model as model_mod
+    from minigpt.model import gpt as model_mod
     made = []
     orig = model_mod.KVCache.__init__
 
@@ -560,7 +560,7 @@ def test_decode_linear_int4_quantisation():
 
 
 def test_prepare_after_merged_lora(models):
-    lora = pytest.importorskip("minigpt.lora")
+    lora = pytest.importorskip("minigpt.methods.lora")
     _, m = models
     m = copy.deepcopy(m)
     lora.add_lora(m, r=4, alpha=8, targets=("c_attn",))

@@ -1,4 +1,4 @@
-"""GGUF export and import (minigpt.gguf, `minigpt export`), proved against independent references:
+"""GGUF export and import (minigpt.weights.gguf, `minigpt export`), proved against independent references:
 llama.cpp itself through llama-cpp-python (greedy continuations, logits, its tokenizer, LoRA
 adapters, chat formatting with the embedded template), llama.cpp's own Python `gguf` package
 (reading our files, its q8_0 quantizer), Hugging Face `tokenizers` and Jinja2.
@@ -16,12 +16,19 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.chat import ChatSession
 from minigpt.commands import export as export_cmd
+from minigpt.data.templates import TEMPLATE_NAMES, get_template
 from minigpt.errors import CheckpointError, ConfigError
-from minigpt.gguf import chat_template_jinja, export_gguf, export_lora_gguf, gpt2_vocab, quantize_q8_0, read_gguf
-from minigpt.lora import add_lora, lora_layers, merge_and_unload, save_adapter
-from minigpt.templates import TEMPLATE_NAMES, get_template
+from minigpt.inference.chat import ChatSession
+from minigpt.methods.lora import add_lora, lora_layers, merge_and_unload, save_adapter
+from minigpt.weights.gguf import (
+    chat_template_jinja,
+    export_gguf,
+    export_lora_gguf,
+    gpt2_vocab,
+    quantize_q8_0,
+    read_gguf,
+)
 
 try:
     import llama_cpp
@@ -471,7 +478,7 @@ def test_dora_and_ia3_export_merged(tmp_path, method):
     """A DoRA or IA3 model exports with its update folded in (the file's model = the adapter model,
     unmerged, and the model is left unchanged); the base alone (merge=False) is the plain base;
     DoRA cannot go into a llama.cpp LoRA GGUF; prefix tuning cannot be exported at all."""
-    from minigpt.peft import method_config
+    from minigpt.methods import method_config
 
     base = tiny()
     m = copy.deepcopy(base)

@@ -13,7 +13,11 @@ from test_lora import hf_logits, ids, peft_model_from_dir
 
 from minigpt import GPT, GPTConfig
 from minigpt.errors import AdapterError, ConfigError
-from minigpt.ia3 import (
+from minigpt.methods import count_parameters, method_config, method_of
+from minigpt.methods import load_adapter as peft_load
+from minigpt.methods import merge_and_unload as peft_merge
+from minigpt.methods import save_adapter as peft_save
+from minigpt.methods.ia3 import (
     IA3Config,
     IA3Linear,
     add_ia3,
@@ -25,12 +29,8 @@ from minigpt.ia3 import (
     save_adapter,
     unmerge_ia3,
 )
-from minigpt.lora import add_lora
-from minigpt.lora import save_adapter as save_lora
-from minigpt.peft import count_parameters, method_config, method_of
-from minigpt.peft import load_adapter as peft_load
-from minigpt.peft import merge_and_unload as peft_merge
-from minigpt.peft import save_adapter as peft_save
+from minigpt.methods.lora import add_lora
+from minigpt.methods.lora import save_adapter as save_lora
 
 V = SMALL["vocab_size"]
 
@@ -283,7 +283,7 @@ def test_save_refuses_merged_and_missing(tmp_path):
 
 
 def test_quantized_base_runs_but_does_not_merge():
-    from minigpt.quant import quantize_model
+    from minigpt.model.quant import quantize_model
     m = quantize_model(small_gpt(), "int8")
     x = ids(V=V)
     with torch.no_grad():

@@ -11,10 +11,16 @@ import pytest
 import torch
 
 from minigpt import get_tokenizer
+from minigpt.data.instruct import (
+    Collator,
+    exact_match_accuracy,
+    length_grouped_batches,
+    tokenize_example,
+    tokenize_records,
+)
+from minigpt.data.records import checkable_records, default_instructions_path, load_records, split_records
+from minigpt.data.templates import TEMPLATE_NAMES, get_template
 from minigpt.errors import DataError
-from minigpt.instruct import Collator, exact_match_accuracy, length_grouped_batches, tokenize_example, tokenize_records
-from minigpt.records import checkable_records, default_instructions_path, load_records, split_records
-from minigpt.templates import TEMPLATE_NAMES, get_template
 
 EOS = 50256
 tok = get_tokenizer()

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from minigpt import GPT, GPTConfig, lm_loss
-from minigpt.instruct import Collator
-from minigpt.lora import (
+from minigpt.data.instruct import Collator
+from minigpt.methods.lora import (
     LoRALinear,
     add_lora,
     count_parameters,
@@ -507,11 +507,10 @@ def test_short_lora_training_lowers_masked_loss():
 
 
 def test_method_protocol_through_minigpt_peft(tmp_path):
-    """lora as minigpt.peft's method: probe, config, save/load through the front door (q/v slices kept)."""
-    from minigpt import lora
-    from minigpt.peft import load_adapter as peft_load
-    from minigpt.peft import method_config, method_of
-    from minigpt.peft import save_adapter as peft_save
+    """lora as minigpt.methods's method: probe, config, save/load through the front door (q/v slices kept)."""
+    from minigpt.methods import load_adapter as peft_load
+    from minigpt.methods import lora, method_config, method_of
+    from minigpt.methods import save_adapter as peft_save
     m = tiny_gpt()
     assert lora.attached(m) is None and method_of(m) is None
     cfg = method_config("lora", r=2, alpha=4, targets=("q", "v"), dropout=None)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.chat import load_chat_model
 from minigpt.commands import finetune as ft
 from minigpt.commands.args import parse_args
-from minigpt.peft import MERGEABLE, METHODS, adapter_method, method_of
-from minigpt.runs import FINETUNE_META, load_finetuned
+from minigpt.inference.chat import load_chat_model
+from minigpt.methods import MERGEABLE, METHODS, adapter_method, method_of
+from minigpt.training.runs import FINETUNE_META, load_finetuned
 
 COMMON = ["--batch-size", "4", "--grad-accum", "1", "--max-length", "48", "--threads", "1",
           "--sample-tokens", "4", "--samples", "1", "--precision", "fp32", "--device", "cpu", "--exact-match", "0"]
@@ -108,7 +108,7 @@ def test_resume_is_exact(base, data, tmp_path, monkeypatch, method):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(["--out-dir", full, *args])
 
-    from minigpt.trainer import Trainer
+    from minigpt.training.trainer import Trainer
     real_step = Trainer.train_step
 
     def step_then_ctrl_c(self):
@@ -162,7 +162,7 @@ def test_virtual_tokens_longer_than_the_context(base, data, tmp_path, capsys):
 
 
 def test_resume_with_another_method_and_loading_as_another(base, data, tmp_path, capsys):
-    from minigpt.peft import load_adapter
+    from minigpt.methods import load_adapter
 
     out = tmp_path / "p"
     run(["--base", base, "--data", data, "--out-dir", out, "--method", "prefix", "--max-steps", 2, *COMMON,

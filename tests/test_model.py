@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig, get_tokenizer, lm_loss
-from minigpt.data import TokenDataset, prepare_data
+from minigpt.data.corpus import TokenDataset, prepare_data
 from minigpt.errors import DataError
-from minigpt.evaluate import evaluate_bpb, evaluate_loss
-from minigpt.loss import CausalLMLoss, fused_lm_loss
+from minigpt.training.evaluate import evaluate_bpb, evaluate_loss
+from minigpt.training.loss import CausalLMLoss, fused_lm_loss
 
 
 @pytest.mark.parametrize("name, n", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
@@ -176,8 +176,8 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
     set get their exact loss; an untied model falls back to the full head."""
     import copy
 
-    from minigpt.loss import SeenVocab
-    from minigpt.trainer import make_adamw, param_groups
+    from minigpt.training.loss import SeenVocab
+    from minigpt.training.trainer import make_adamw, param_groups
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))

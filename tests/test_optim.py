@@ -1,4 +1,4 @@
-"""minigpt.optim: which parameters each optimizer steps, Muon's update against a reference written
+"""minigpt.training.optim: which parameters each optimizer steps, Muon's update against a reference written
 from its description, the learning-rate scale, resume and bad flags."""
 import json
 import math
@@ -8,8 +8,8 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.commands import train
-from minigpt.optim import MUON_LR_SCALE, Muon, MuonAdamW, make_optimizer, newton_schulz_dtype
-from minigpt.trainer import TrainConfig, lr_at
+from minigpt.training.optim import MUON_LR_SCALE, Muon, MuonAdamW, make_optimizer, newton_schulz_dtype
+from minigpt.training.trainer import TrainConfig, lr_at
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
         "--eval-batches", "1", "--samples", "0", "--threads", "1", "--precision", "fp32"]
@@ -108,7 +108,7 @@ def test_muon_matches_torch_muon_and_the_fp32_reference(shape):
 
 def test_newton_schulz_runs_in_fp32_without_native_bf16(monkeypatch):
     """Emulated bf16 matmuls crawl (AVX2): there Muon orthogonalises in fp32."""
-    import minigpt.optim as optim
+    import minigpt.training.optim as optim
     monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: False)
     assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
     assert Muon([torch.zeros(4, 8, requires_grad=True)]).ns_dtype == torch.float32
@@ -147,7 +147,7 @@ def test_muon_run_resumes_only_with_muon(tmp_path, capsys):
 def test_muon_needs_hidden_matrices_to_train():
     """A LoRA model trains adapters only (plain parameters, not Linear weights): Muon has nothing."""
     from minigpt.errors import ConfigError
-    from minigpt.lora import add_lora
+    from minigpt.methods.lora import add_lora
     model = add_lora(_model(), r=4)
     with pytest.raises(ConfigError, match="no trainable hidden weight matrices"):
         make_optimizer(model, "muon", 1e-3, 0.0, (0.9, 0.95))

@@ -1,4 +1,4 @@
-"""Prefix tuning and prompt tuning (minigpt.prompts): PEFT as the reference in both directions,
+"""Prefix tuning and prompt tuning (minigpt.methods.prefix_tuning): PEFT as the reference in both directions,
 parameter counts, generation / engine / chat with virtual tokens in the KV cache, and errors."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 
 from minigpt import GPT, GPTConfig, get_tokenizer
 from minigpt.errors import AdapterError, CheckpointError, ConfigError
-from minigpt.generate import generate, prepare_for_decoding, stream
-from minigpt.peft import count_parameters, load_adapter, method_config, method_of, save_adapter
-from minigpt.prompts import (
+from minigpt.inference.generate import generate, prepare_for_decoding, stream
+from minigpt.methods import count_parameters, load_adapter, method_config, method_of, save_adapter
+from minigpt.methods.prefix_tuning import (
     MLP_KEY_PREFIX,
     PrefixConfig,
     PrefixTuning,
@@ -279,9 +279,9 @@ def test_greedy_generate_equals_peft_generate(tmp_path, base_dir, name):
 
 
 def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch):
-    from minigpt.engine import Engine, Request
-    from minigpt.model import KVCache
-    from minigpt.sampling import SamplingConfig
+    from minigpt.inference.engine import Engine, Request
+    from minigpt.inference.sampling import SamplingConfig
+    from minigpt.model.gpt import KVCache
     moves = []
     real_copy_row = KVCache.copy_row
     monkeypatch.setattr(KVCache, "copy_row", lambda self, *a: moves.append(a) or real_copy_row(self, *a))
@@ -338,7 +338,7 @@ def test_prepare_for_decoding_keeps_the_prefix(base_dir):
 
 
 def test_chat_session_context_counts_virtual_tokens(base_dir):
-    from minigpt.chat import ChatSession
+    from minigpt.inference.chat import ChatSession
     m = PromptConfig(24).apply(ours(base_dir))
     chat = ChatSession(m, template="alpaca", temperature=0.0, max_new_tokens=8)
     assert chat.context_length == chat.block_size == 40

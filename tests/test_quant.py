@@ -1,4 +1,4 @@
-"""Quantized bases (minigpt.quant): the NF4 code and packing against independent references,
+"""Quantized bases (minigpt.model.quant): the NF4 code and packing against independent references,
 accuracy and memory on GPT-2 124M, QLoRA training through the frozen base, the CLI paths."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from minigpt import GPT, GPTConfig
 from minigpt.commands import chat as chat_cli
 from minigpt.commands import finetune
 from minigpt.errors import CheckpointError, ConfigError
-from minigpt.lora import add_lora, lora_parameters, save_adapter
-from minigpt.quant import NF4_CODE, QuantLinear, nf4_dequantize, nf4_quantize, quant_bytes, quantize_model
+from minigpt.methods.lora import add_lora, lora_parameters, save_adapter
+from minigpt.model.quant import NF4_CODE, QuantLinear, nf4_dequantize, nf4_quantize, quant_bytes, quantize_model
 
 
 def normal_float_code() -> torch.Tensor:
@@ -179,7 +179,7 @@ def test_qlora_cli_adapter_loads_in_peft_and_merge_is_full_precision(setup, tmp_
     meta = json.loads((out / "minigpt_finetune.json").read_text())
     assert meta["quantize"] == "nf4" and meta["merged"] == "merged"
     # the adapter is an ordinary PEFT LoRA: on the unquantized base it gives minigpt's own logits
-    from minigpt.runs import load_finetuned
+    from minigpt.training.runs import load_finetuned
     ours, _ = load_finetuned(out)
     hf = transformers.GPT2LMHeadModel.from_pretrained(root / "base").eval()
     pm = peft.PeftModel.from_pretrained(hf, out).eval()
@@ -239,10 +239,10 @@ def test_chat_on_a_quantized_base_with_an_adapter(setup, tmp_path, capsys, mode)
             "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
     assert chat_cli.main(argv) == 0
     reply = capsys.readouterr().out.strip()
-    from minigpt.chat import ChatSession, load_chat_model
+    from minigpt.inference.chat import ChatSession, load_chat_model
     loaded = load_chat_model(str(root / "base"), str(tmp_path / "ad"), quantize=mode)
-    from minigpt.lora import lora_layers
-    from minigpt.quant import for_decoding
+    from minigpt.methods.lora import lora_layers
+    from minigpt.model.quant import for_decoding
     assert lora_layers(loaded.model) and all(m.quant is not None for m in lora_layers(loaded.model).values())
     for_decoding(loaded.model)                                   # what chat does on a CPU
     assert reply == ChatSession(loaded.model, template="alpaca", temperature=0.0, max_new_tokens=8).reply("Hi")
@@ -259,7 +259,7 @@ def test_quantized_forward_on_cuda():
 
 
 def test_a_quantized_model_is_not_exported_to_gguf(tmp_path):
-    from minigpt.gguf import export_gguf
+    from minigpt.weights.gguf import export_gguf
 
     with pytest.raises(CheckpointError, match="quantized .* cannot be exported"):
         export_gguf(quantize_model(tiny(), "int8"), tmp_path / "m.gguf")

@@ -45,7 +45,7 @@ def test_char_data_in_nanogpts_format(qs, tmp_path):
 
 
 def test_heldout_texts_fit_the_corpus_vocabulary(qs):
-    from minigpt.data import embedded_corpus_text
+    from minigpt.data.corpus import embedded_corpus_text
 
     vocab = set(embedded_corpus_text())
     for p in qs.TEXTS:

@@ -47,10 +47,10 @@ from minigpt.commands import chat as chat_cli
 from minigpt.commands import finetune as ft
 from minigpt.commands import train
 from minigpt.errors import CheckpointError
-from minigpt.generate import generate
-from minigpt.keymap import minigpt_to_hf
-from minigpt.lora import add_lora, load_adapter, save_adapter
-from minigpt.runs import STATE_FILE, latest_checkpoint
+from minigpt.inference.generate import generate
+from minigpt.methods.lora import add_lora, load_adapter, save_adapter
+from minigpt.training.runs import STATE_FILE, latest_checkpoint
+from minigpt.weights.keymap import minigpt_to_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The run-folder policy (minigpt.runs) and up-front validation: one regression test per defect
+"""The run-folder policy (minigpt.training.runs) and up-front validation: one regression test per defect
 of the architecture issue, each on the commands as a user runs them (in-process `main(argv)`)."""
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.chat import load_chat_model
 from minigpt.commands import finetune, train
+from minigpt.data.instruct import InstructionDataset, tokenize_records
+from minigpt.data.records import load_records
+from minigpt.data.templates import get_template
+from minigpt.data.tokenizer import get_tokenizer
 from minigpt.errors import DataError, RunDirError
-from minigpt.instruct import InstructionDataset, tokenize_records
-from minigpt.records import load_records
-from minigpt.runs import FINETUNE_META, RunInput, check_run_dir
-from minigpt.templates import get_template
-from minigpt.tokenizer import get_tokenizer
-from minigpt.trainer import TrainConfig, Trainer
+from minigpt.inference.chat import load_chat_model
+from minigpt.training.runs import FINETUNE_META, RunInput, check_run_dir
+from minigpt.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",

@@ -1,4 +1,4 @@
-"""The server: continuous batching (minigpt.engine) and the OpenAI-compatible API (minigpt.serve),
+"""The server: continuous batching (minigpt.inference.engine) and the OpenAI-compatible API (minigpt.inference.serve),
 proved with the official `openai` client against a live server on loopback."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.chat import ChatSession
-from minigpt.engine import Engine, Request
-from minigpt.sampling import SamplingConfig
+from minigpt.inference.chat import ChatSession
+from minigpt.inference.engine import Engine, Request
+from minigpt.inference.sampling import SamplingConfig
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -119,7 +119,7 @@ class Live:
     """create_app under uvicorn in a thread, on a free loopback port."""
 
     def __init__(self, api_key=None, max_batch=8, max_waiting=64, model=None):
-        from minigpt.serve import create_app
+        from minigpt.inference.serve import create_app
 
         self.model = model if model is not None else tiny()
         self.engine = Engine(self.model, TOK, max_batch=max_batch, max_waiting=max_waiting).start()
@@ -365,7 +365,7 @@ def test_engine_refuses_ids_outside_the_vocabulary():
 def test_virtual_token_models_serve_as_they_generate(method):
     """A prefix- / prompt-tuned model (virtual tokens in the engine's KV cache): the API's greedy
     completions equal generate's, concurrently, and the context it reports leaves out the prefix."""
-    from minigpt.peft import method_config
+    from minigpt.methods import method_config
 
     model = tiny()
     method_config(method, num_virtual_tokens=6).apply(model)

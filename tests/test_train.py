@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from minigpt import GPT
 from minigpt.commands import train
-from minigpt.trainer import TrainConfig, lr_at
+from minigpt.training.trainer import TrainConfig, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
@@ -157,7 +157,7 @@ def test_bad_input_is_one_line(args, message, tmp_path):
 def test_adamw_is_fused_where_torch_has_it_and_matches_the_loop(monkeypatch):
     """make_adamw: torch's fused kernel (one pass per parameter) on CPU, the same updates as the
     per-tensor loop, and the loop when the device has no fused kernel."""
-    from minigpt.trainer import make_adamw
+    from minigpt.training.trainer import make_adamw
 
     def run(opt_fn):
         g = torch.Generator().manual_seed(0)
@@ -197,7 +197,7 @@ def test_concurrent_data_preparation_is_safe(tmp_path, corpus):
 
     import numpy as np
 
-    from minigpt.data import prepare_data
+    from minigpt.data.corpus import prepare_data
     for attempt in range(5):                                # the race, when present, shows within a few
         cache = tmp_path / f"cache{attempt}"
         results, errors = [], []

@@ -5,7 +5,7 @@ an index block, an empty metaindex block, 5-byte block trailers with masked crc3
 footer with the table magic) whose values are BundleEntryProto messages, plus
 <prefix>.data-00000-of-00001 with the raw little-endian tensor bytes.
 
-Deliberately independent of minigpt.tfbundle: its own bitwise crc32c, protobuf encoder and
+Deliberately independent of minigpt.weights.tfbundle: its own bitwise crc32c, protobuf encoder and
 snappy compressor, so the reader is checked against a second implementation.
 """
 from __future__ import annotations

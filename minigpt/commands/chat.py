@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ..quant import QUANT_MODES
-from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..model.quant import QUANT_MODES
 from .args import CLIError, command_main, field
 
 HELP = """commands:
@@ -61,7 +61,7 @@ class ChatArgs:
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     weights: str = field("auto", "decoding weights: auto (CPU: exact fp32, repacked for speed), "
                                  "fp16, bf16, int8, w8a8, int4 (CPU, approximate, faster), plain")
-    quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (minigpt.quant; a LoRA "
+    quantize: Optional[str] = field(None, "load the base quantized: nf4 or int8 (minigpt.model.quant; a LoRA "
                                           "adapter stays unmerged on it, as trained with QLoRA)",
                                     choices=QUANT_MODES)
     compile: bool = field(False, "compile each decoding step (CUDA graphs on a GPU; the first "
@@ -107,7 +107,7 @@ def _show(session, source: str) -> str:
 
 def _say(session, text: str, con: _Console) -> None:
     """One user turn: stream the reply; Ctrl-C stops it and returns to the prompt."""
-    from ..chat import ChatError
+    from ..inference.chat import ChatError
 
     it = None
     wrote = False
@@ -136,7 +136,7 @@ def _say(session, text: str, con: _Console) -> None:
 
 def _command(session, line: str, con: _Console, source: str) -> bool:
     """Run a /command; returns False to quit."""
-    from ..chat import ChatError
+    from ..inference.chat import ChatError
 
     name, _, arg = line[1:].partition(" ")
     name, arg = name.lower(), arg.strip()
@@ -191,11 +191,11 @@ def _read_line(interactive: bool) -> Optional[str]:
 
 
 def prepare_weights(model, weights: str, device, compile: bool, quantize: Optional[str] = None) -> str:
-    """Swap in decoding weights (minigpt.generate.prepare_for_decoding) as --weights asks;
+    """Swap in decoding weights (minigpt.inference.generate.prepare_for_decoding) as --weights asks;
     returns what the model decodes with, for the banner. A --quantize base keeps its own layers
     (int8: torch's weight-only int8 kernel; nf4 on CPU: dense fp16 copies of the NF4 numbers)."""
-    from ..generate import DECODE_MODES, prepare_for_decoding
-    from ..quant import for_decoding
+    from ..inference.generate import DECODE_MODES, prepare_for_decoding
+    from ..model.quant import for_decoding
 
     if quantize is not None:
         if weights != "auto":
@@ -222,8 +222,8 @@ def prepare_weights(model, weights: str, device, compile: bool, quantize: Option
 
 def chat(args: ChatArgs) -> int:
     """The body of `minigpt chat`."""
-    from ..chat import ChatError, ChatSession, load_chat_model
     from ..device import resolve_device
+    from ..inference.chat import ChatError, ChatSession, load_chat_model
 
     interactive = args.prompt is None and sys.stdin.isatty()
     con = _Console(interactive)

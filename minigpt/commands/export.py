@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..data.templates import TEMPLATE_NAMES
 from ..errors import AdapterError
-from ..templates import TEMPLATE_NAMES
 from .args import CLIError, command_main, field
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -99,10 +99,10 @@ def _check_adapter_kind(args: ExportArgs) -> None:
 
 def export(args: ExportArgs) -> int:
     """The body of `minigpt export`: check, load (LoRA merged unless --lora-gguf), write."""
-    from ..chat import load_chat_model
-    from ..gguf import export_gguf, export_lora_gguf
-    from ..lora import lora_layers
-    from ..templates import DEFAULT_TEMPLATE
+    from ..data.templates import DEFAULT_TEMPLATE
+    from ..inference.chat import load_chat_model
+    from ..methods.lora import lora_layers
+    from ..weights.gguf import export_gguf, export_lora_gguf
 
     _check_outputs(args)
     _check_adapter_kind(args)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..peft import MERGEABLE, METHODS, NAMES
-from ..quant import QUANT_MODES
-from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..methods import MERGEABLE, METHODS, NAMES
+from ..model.quant import QUANT_MODES
 from .args import CLIError, RunArgs, check, command_main, field
 
 LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
@@ -144,7 +144,7 @@ class FinetuneArgs(RunArgs):
     def peft_config(self):
         """The chosen method's validated config object (None for full fine-tuning)."""
         if self.method in ("lora", "dora"):
-            from ..lora import LoRAConfig
+            from ..methods.lora import LoRAConfig
 
             def pick(v, default):
                 return default if v is None else v
@@ -153,7 +153,7 @@ class FinetuneArgs(RunArgs):
                               rslora=bool(self.rslora), use_dora=self.method == "dora", flags=LORA_FLAGS)
         if self.method is None:
             return None
-        from ..peft import method_config
+        from ..methods import method_config
 
         kw = {"ia3": dict(targets=self.ia3_targets, feedforward=self.ia3_feedforward),
               "prefix": dict(num_virtual_tokens=self.num_virtual_tokens, projection=self.prefix_projection,
@@ -179,8 +179,8 @@ def default_lr(args: FinetuneArgs, model) -> tuple[float, str]:
 
 def default_base() -> str:
     """gpt2 when its weights are cached, else the newest train.py output."""
-    from ..hub import is_preset_cached
-    from ..runs import find_latest_run
+    from ..training.runs import find_latest_run
+    from ..weights.hub import is_preset_cached
 
     if is_preset_cached("gpt2"):
         return "gpt2"
@@ -192,7 +192,7 @@ def default_base() -> str:
 
 
 def _check_resume_method(args: FinetuneArgs) -> None:
-    from ..runs import read_finetune_meta
+    from ..training.runs import read_finetune_meta
 
     meta = read_finetune_meta(args.out_dir) if args.resume else None
     method = args.method or "full"
@@ -206,7 +206,7 @@ def answers(model, tok, template, records, max_new_tokens: int, device) -> list[
     """Greedy answers to each record's last user turn (one left-padded batch of 16 at a time)."""
     import torch
 
-    from ..generate import generate
+    from ..inference.generate import generate
 
     prompts = [template.prompt_ids(r["messages"][:-1], tok, r.get("system")) for r in records]
     block = model.context_length                          # less any virtual tokens
@@ -232,8 +232,8 @@ def answers(model, tok, template, records, max_new_tokens: int, device) -> list[
 
 def _load_data(args: FinetuneArgs, tok, template, max_length: int):
     """(train records, val records, train examples, val examples, stats) of --data."""
-    from ..instruct import tokenize_records
-    from ..records import default_instructions_path, load_records, split_records
+    from ..data.instruct import tokenize_records
+    from ..data.records import default_instructions_path, load_records, split_records
 
     data_path = Path(args.data) if args.data else default_instructions_path()
     records = load_records(data_path)
@@ -249,8 +249,8 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
 
 
 def _weights_io(args: FinetuneArgs, base_id: str):
-    from ..model import GPT
-    from ..peft import load_adapter, save_adapter
+    from ..methods import load_adapter, save_adapter
+    from ..model.gpt import GPT
 
     if args.peft:
         return ((lambda m, d: save_adapter(m, d, base_model_name_or_path=base_id)),
@@ -260,10 +260,10 @@ def _weights_io(args: FinetuneArgs, base_id: str):
 
 def _evaluator(args: FinetuneArgs, precision: str, tok, template, val_ds, val_recs):
     """evaluate(model) -> metrics: masked loss/accuracy on the validation batches + exact match."""
+    from ..data.instruct import exact_match_accuracy
+    from ..data.records import checkable_records
     from ..device import autocast
-    from ..evaluate import evaluate_loss
-    from ..instruct import exact_match_accuracy
-    from ..records import checkable_records
+    from ..training.evaluate import evaluate_loss
 
     val_batches = list(val_ds.sequential(args.batch_size * 4, args.eval_batches)) if val_ds else []
     checkable = checkable_records(val_recs)[:args.exact_match]
@@ -301,7 +301,7 @@ def _show(title: str, recs, answers_: list[str]) -> None:
 
 def _write_meta(out_dir: Path, meta: dict) -> None:
     from ..fileio import atomic_write_json
-    from ..runs import FINETUNE_META
+    from ..training.runs import FINETUNE_META
 
     atomic_write_json(out_dir / FINETUNE_META, meta)
 
@@ -310,8 +310,8 @@ def _merge(model, out_dir: Path, meta: dict) -> None:
     """out_dir/merged: the adapter folded into the full-precision base. model=None (a QLoRA run): the
     base is loaded again unquantized and the saved adapter merged there (merging into 4-bit weights
     would change the model: the quantisation is not additive)."""
-    from ..peft import merge_and_unload
-    from ..runs import load_finetuned
+    from ..methods import merge_and_unload
+    from ..training.runs import load_finetuned
 
     merged = merge_and_unload(model) if model is not None else load_finetuned(out_dir, merge=True)[0]
     merged.save_pretrained(out_dir / "merged")
@@ -327,13 +327,13 @@ def finetune(args: FinetuneArgs) -> dict:
     "out_dir", "samples" (before/after answers) and "model" (the trained model)."""
     import torch
 
+    from ..data.instruct import InstructionDataset
+    from ..data.templates import get_template
+    from ..data.tokenizer import get_tokenizer
     from ..device import process_rank, resolve_device, resolve_precision
-    from ..instruct import InstructionDataset
-    from ..peft import count_parameters
-    from ..runs import RunInput, check_run_dir, claim_run_dir, resolve_base
-    from ..templates import get_template
-    from ..tokenizer import get_tokenizer
-    from ..trainer import TrainConfig, Trainer
+    from ..methods import count_parameters
+    from ..training.runs import RunInput, check_run_dir, claim_run_dir, resolve_base
+    from ..training.trainer import TrainConfig, Trainer
 
     # every check first: flags, data, the run folder, the base model; nothing is deleted before
     precision = resolve_precision(args.precision, resolve_device(args.device))
@@ -348,7 +348,7 @@ def finetune(args: FinetuneArgs) -> dict:
     peft_cfg = args.peft_config()
     model, max_length = _load_base(args, base_src, getattr(peft_cfg, "num_virtual_tokens", 0))
     if args.quantize and precision == "bf16":         # QLoRA in bf16: the rest of the base in bf16 too
-        from ..quant import cast_unquantized
+        from ..model.quant import cast_unquantized
         cast_unquantized(model, torch.bfloat16)
     train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
     train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum)
@@ -403,7 +403,7 @@ def finetune(args: FinetuneArgs) -> dict:
 
 def _before_metrics(args: FinetuneArgs, model, evaluate, trainer) -> Optional[dict]:
     """The held-out metrics of the untouched base (a resumed run keeps those of its first start)."""
-    from ..runs import read_finetune_meta
+    from ..training.runs import read_finetune_meta
 
     if args.resume:
         return (read_finetune_meta(args.out_dir) or {}).get("before")
@@ -419,7 +419,7 @@ def _last_eval(out_dir: Path) -> dict:
     """The last evaluation the run recorded in metrics.jsonl ({} when none)."""
     import json
 
-    from ..runs import METRICS_FILE
+    from ..training.runs import METRICS_FILE
 
     last = {}
     try:
@@ -434,7 +434,7 @@ def _last_eval(out_dir: Path) -> dict:
 def _load_base(args: FinetuneArgs, base_src: str, virtual: int = 0):
     """The base model and the example length (--max-length, checked against its context less the
     `virtual` tokens of prefix / prompt tuning)."""
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     model = GPT.from_pretrained(base_src, quantize=args.quantize)
     block = model.config.block_size
@@ -469,7 +469,7 @@ def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, met
         print(f"held-out masked val loss {first:.4f} -> {last:.4f}"
               + (f" | exact match {em[0]:.1%} -> {em[1]:.1%}" if None not in em else ""))
     print(f"saved {'adapter' if args.peft else 'model'} to {out_dir}  (load with "
-          f"minigpt.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
+          f"minigpt.training.runs.load_finetuned({str(out_dir)!r}) or chat with: minigpt chat --model {out_dir})")
     return {"out_dir": str(out_dir), "samples": samples}
 
 

@@ -40,8 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from .. import __version__
-    from ..config import PRESETS
-    from ..hub import cache_dir, is_preset_cached, preset_dir
+    from ..model.config import PRESETS
+    from ..weights.hub import cache_dir, is_preset_cached, preset_dir
 
     out = sys.stdout
     print(f"minigpt {__version__}", file=out)

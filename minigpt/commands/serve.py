@@ -8,7 +8,7 @@ examples:
   minigpt serve --host 0.0.0.0 --api-key KEY         # reachable from other machines, with a key
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Name three colors."}]}'
-(`python serve.py ...` and `python -m minigpt.serve ...` are the same command; needs
+(`python serve.py ...` and `python -m minigpt.inference.serve ...` are the same command; needs
 pip install -e ".[serve]".)
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..quant import QUANT_MODES
-from ..templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..model.quant import QUANT_MODES
 from .args import CLIError, check, command_main, field
 
 
@@ -67,11 +67,11 @@ def serve(args: ServeArgs) -> int:
     """The body of `minigpt serve`: load the model, start the engine, run the HTTP server."""
     import torch
 
-    from ..chat import load_chat_model
+    from ..data.tokenizer import get_tokenizer
     from ..device import resolve_device
-    from ..engine import Engine
-    from ..serve import create_app
-    from ..tokenizer import get_tokenizer
+    from ..inference.chat import load_chat_model
+    from ..inference.engine import Engine
+    from ..inference.serve import create_app
     from .chat import prepare_weights
 
     uvicorn = _server_modules()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..trainer import parse_duration
+from ..training.trainer import parse_duration
 from .args import CLIError, RunArgs, check, command_main, field
 
 DEFAULT_BUDGET = "5m"          # the run's wall time when --max-steps is not given
@@ -83,7 +83,7 @@ class TrainArgs(RunArgs):
 
     def model_config(self):
         """The GPTConfig of a fresh model (validated); None with --init-from."""
-        from ..config import GPTConfig
+        from ..model.config import GPTConfig
 
         if self.init_from:
             return None
@@ -97,7 +97,7 @@ class TrainArgs(RunArgs):
 
 
 def _read_eval_text(path: Optional[str]) -> Optional[str]:
-    from ..data import check_data_source
+    from ..data.corpus import check_data_source
 
     if path is None:
         return None
@@ -109,7 +109,7 @@ def _read_eval_text(path: Optional[str]) -> Optional[str]:
 
 
 def _load_model(args: TrainArgs, mcfg):
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     if mcfg is not None:
         return GPT(mcfg)
@@ -134,7 +134,7 @@ def _sampler(tok, seed: int):
 
 
 def _weights_io(model):
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     def save(m, d):
         m.save_pretrained(d)
@@ -152,9 +152,9 @@ def _weights_io(model):
 
 
 def _seen_vocab(args: TrainArgs, model, train_ds):
-    """The seen-rows head (minigpt.loss.SeenVocab) for fresh weights, their unseen rows tied; None
+    """The seen-rows head (minigpt.training.loss.SeenVocab) for fresh weights, their unseen rows tied; None
     for --head full, --init-from weights (their rows differ) or a corpus using most tokens."""
-    from ..loss import SeenVocab
+    from ..training.loss import SeenVocab
 
     if args.head == "full" or args.init_from:
         return None
@@ -181,7 +181,7 @@ def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int,
     generator (one is timed)."""
     import time
 
-    from ..trainer import TimeBudget
+    from ..training.trainer import TimeBudget
 
     seconds = args.budget_seconds()
     if seconds is None:
@@ -217,13 +217,13 @@ def train(args: TrainArgs) -> dict:
 
     import torch
 
-    from ..data import TokenDataset, check_data_source, prepare_data
+    from ..data.corpus import TokenDataset, check_data_source, prepare_data
+    from ..data.tokenizer import get_tokenizer
     from ..device import process_rank, resolve_device, resolve_precision
-    from ..evaluate import evaluate_bpb, evaluate_loss
-    from ..loss import CausalLMLoss
-    from ..runs import RunInput, check_run_dir, claim_run_dir
-    from ..tokenizer import get_tokenizer
-    from ..trainer import TrainConfig, Trainer
+    from ..training.evaluate import evaluate_bpb, evaluate_loss
+    from ..training.loss import CausalLMLoss
+    from ..training.runs import RunInput, check_run_dir, claim_run_dir
+    from ..training.trainer import TrainConfig, Trainer
 
     start = time.perf_counter()           # a time budget counts from here
     # every check first: flags, inputs, the run folder; nothing is written or deleted before

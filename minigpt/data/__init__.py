@@ -1,0 +1,1 @@
+"""Data: the tokenizer, the pretraining corpus, instruction records, prompt templates, the collator."""

@@ -1,0 +1,397 @@
+"""An OpenAI-compatible HTTP API and a browser chat page over `minigpt.inference.engine.Engine`.
+
+    GET  /                      the chat page (minigpt/assets/chat.html, self-contained)
+    GET  /health                200 {"status": "ok", ...} once the model is loaded
+    GET  /v1/models             the served model: id, context_length
+    POST /v1/chat/completions   messages rendered with the model's tuned template (as in chat)
+    POST /v1/completions        a raw prompt
+
+Both POST routes take temperature, top_p, top_k, repetition_penalty, max_tokens (also
+max_completion_tokens), stop (a string or up to 4), seed, n=1, stream (+ stream_options.
+include_usage), logprobs (+ top_logprobs / an int for completions). Chat prompts follow the chat
+context policy (minigpt.inference.chat.ChatSession.build_prompt: the oldest turns are dropped, an over-long
+last message keeps its end); a raw prompt that does not fit is a 400. Errors are OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}} with 400 / 401 / 404 / 413 / 429.
+
+Needs the optional extra: pip install -e ".[serve]" (Starlette + uvicorn).
+`python -m minigpt.inference.serve` is `minigpt serve` (minigpt.commands.serve).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from importlib import resources
+from typing import Any, Optional
+
+from ..errors import ConfigError, MinigptError
+from .chat import ChatError, ChatSession, ReplyTrim
+from .engine import Engine, EngineBusy, Event, Request
+from .sampling import SamplingConfig
+
+__all__ = ["create_app", "ApiError", "MAX_BODY_BYTES"]
+
+MAX_BODY_BYTES = 1 << 20
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class ApiError(MinigptError):
+    """A request the API refuses: HTTP status + OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- request fields -----------------------------------------------------------------------------
+
+def _field(body: dict, name: str, kinds: tuple, default=None, check=None, rule: str = ""):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise ApiError(400, f"'{name}' must be {rule or ' or '.join(k.__name__ for k in kinds)}, got {v!r}", name)
+    if check is not None and not check(v):
+        raise ApiError(400, f"'{name}' must be {rule}, got {v!r}", name)
+    return v
+
+
+def _sampling(body: dict) -> SamplingConfig:
+    try:
+        return SamplingConfig(temperature=_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
+                                                 "a number in [0, 2]"),
+                              top_p=_field(body, "top_p", (int, float), None),
+                              top_k=_field(body, "top_k", (int,), None),
+                              repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0))
+    except ConfigError as e:
+        raise ApiError(400, str(e), str(e).split(" ")[0]) from None
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+    if stops is None or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return stops
+
+
+def _common(body: dict, block_size: int) -> dict:
+    """The options both POST routes share, checked."""
+    if _field(body, "n", (int,), 1) != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+    max_tokens = _field(body, "max_completion_tokens", (int,), None) or _field(body, "max_tokens", (int,), None)
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
+    opts = _field(body, "stream_options", (dict,), {}) or {}
+    return {"sampling": _sampling(body), "stops": _stops(body), "max_tokens": max_tokens,
+            "seed": _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
+            "stream": _field(body, "stream", (bool,), False),
+            "usage": bool(opts.get("include_usage")) if isinstance(opts, dict) else False}
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    if isinstance(c, list):                                   # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+            raise ApiError(400, f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
+        c = "".join(p["text"] for p in c)
+    if not isinstance(c, str) or not c.strip():
+        raise ApiError(400, f"messages[{i}].content must be a non-empty string", f"messages[{i}].content")
+    return c
+
+
+def _turns(messages) -> tuple[Optional[str], list[dict], str]:
+    """(system prompt, earlier turns, last user message) of an OpenAI messages list."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    system, convo = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        text = _content(m, i)
+        if m["role"] in ("system", "developer"):
+            system.append(text)
+        elif convo and convo[-1][0] == m["role"]:              # consecutive turns of one role: joined
+            convo[-1] = (m["role"], convo[-1][1] + "\n\n" + text)
+        else:
+            convo.append((m["role"], text))
+    if not convo or convo[-1][0] != "user":
+        raise ApiError(400, "the last message must be a user message", "messages")
+    if convo[0][0] == "assistant":
+        convo.insert(0, ("user", ""))
+    turns = [{"user": convo[j][1], "assistant": convo[j + 1][1]} for j in range(0, len(convo) - 1, 2)]
+    return "\n\n".join(system) or None, turns, convo[-1][1]
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+class _Service:
+    """The served model: prompt building (the chat policy), requests to the engine, responses."""
+
+    def __init__(self, engine: Engine, model_id: str, template: str, api_key: Optional[str]):
+        self.engine, self.model_id, self.template, self.api_key = engine, model_id, template, api_key
+        self.created = int(time.time())
+
+    def chat_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
+        system, turns, last = _turns(body.get("messages"))
+        bs = self.engine.context_length
+        max_new = common["max_tokens"] or min(256, bs // 2)
+        if max_new >= bs:
+            raise ApiError(400, f"max_tokens {max_new} must be below the model's context of {bs} tokens (the "
+                                "prompt needs room too)", "max_tokens", "context_length_exceeded")
+        try:
+            session = ChatSession(self.engine.model, self.engine.tokenizer, template=self.template, system=system,
+                                  stop=common["stops"], max_new_tokens=min(max_new, bs - 1))
+            session.turns = turns
+            ids, _, _ = session.build_prompt(last)
+        except ChatError as e:                             # the chat's words for it, in the API's terms
+            msg = str(e).replace(" with /set max_new_tokens N", "").replace("max_new_tokens", "max_tokens")
+            raise ApiError(400, f"{msg} (context {bs} tokens)", "max_tokens", "context_length_exceeded") from None
+        return ids, session.stop_strings, max_new
+
+    def completion_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        ids = self.engine.tokenizer.encode_ordinary(prompt)
+        bs = self.engine.context_length
+        max_new = common["max_tokens"] or 16
+        if len(ids) + max_new > bs:
+            raise ApiError(400, f"prompt of {len(ids)} tokens + max_tokens {max_new} exceeds the model's context "
+                                f"of {bs} tokens", "max_tokens", "context_length_exceeded")
+        return ids, common["stops"], max_new
+
+    def check_model(self, body: dict) -> None:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise ApiError(404, f"model {model!r} not found; this server serves {self.model_id!r}", "model",
+                           "model_not_found")
+
+
+def _read_page() -> str:
+    return resources.files("minigpt").joinpath("assets/chat.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key: Optional[str] = None):
+    """The Starlette app serving `engine` (already started) under the name `model_id`."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    svc = _Service(engine, model_id, template, api_key)
+
+    async def page(request):
+        return HTMLResponse(_read_page())
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": model_id, **engine.load})
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": svc.created, "owned_by": "minigpt",
+             "context_length": engine.context_length}]})
+
+    async def chat_completions(request):
+        return await _complete(svc, request, chat=True)
+
+    async def completions(request):
+        return await _complete(svc, request, chat=False)
+
+    routes = [Route("/", page), Route("/health", health), Route("/v1/models", _authed(svc, models)),
+              Route("/v1/chat/completions", _authed(svc, chat_completions), methods=["POST"]),
+              Route("/v1/completions", _authed(svc, completions), methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    app.state.service = svc
+    return app
+
+
+async def _not_found(request, exc):
+    from starlette.responses import JSONResponse
+    return JSONResponse(ApiError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+
+async def _not_allowed(request, exc):
+    from starlette.responses import JSONResponse
+    return JSONResponse(ApiError(405, f"method {request.method} not allowed on {request.url.path}").body(),
+                        status_code=405)
+
+
+def _authed(svc: _Service, handler):
+    """The handler behind the API key check (when the server has one) and the error mapping."""
+    from starlette.responses import JSONResponse
+
+    async def wrapped(request):
+        try:
+            if svc.api_key is not None:
+                given = request.headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not secrets.compare_digest(token.encode(), svc.api_key.encode()):
+                    raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                   type="authentication_error", code="invalid_api_key")
+            return await handler(request)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+    return wrapped
+
+
+async def _body(request) -> Any:
+    size = int(request.headers.get("content-length") or 0)
+    if size > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES}")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+
+async def _complete(svc: _Service, request, chat: bool):
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    body = await _body(request)
+    svc.check_model(body)
+    common = _common(body, svc.engine.context_length)
+    ids, stops, max_new = (svc.chat_prompt if chat else svc.completion_prompt)(body, common)
+    logprobs = _logprobs(body, chat)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    trim = ReplyTrim() if chat else None                  # chat replies: no outer whitespace, as in chat
+
+    def on_event(ev: Event) -> None:                      # (runs in the engine's thread)
+        if trim is not None and ev.kind == "text":
+            ev.text = trim.feed(ev.text)
+            if not ev.text and logprobs is None:
+                return
+        loop.call_soon_threadsafe(events.put_nowait, ev)
+    req = Request(ids, max_new, common["sampling"], stops, common["seed"], logprobs, on_event=on_event)
+    try:
+        svc.engine.submit(req)
+    except EngineBusy as e:
+        raise ApiError(429, str(e), type="rate_limit_error", code="server_busy") from None
+    except ConfigError as e:
+        raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+    shape = _Shape(svc.model_id, chat, logprobs is not None)
+    if common["stream"]:
+        return StreamingResponse(_sse(req, events, shape, common["usage"]), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    pieces: list[Event] = []
+    try:
+        while (ev := await events.get()).kind == "text":
+            pieces.append(ev)
+    finally:
+        req.cancel()
+    if ev.kind == "error":
+        raise ApiError(500, ev.message, type="server_error")
+    done = ev
+    return JSONResponse(shape.full(pieces, done))
+
+
+def _logprobs(body: dict, chat: bool) -> Optional[int]:
+    if chat:
+        if not _field(body, "logprobs", (bool,), False):
+            return None
+        return _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
+    return _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+
+
+async def _sse(req: Request, events: asyncio.Queue, shape: "_Shape", usage: bool):
+    """Server-sent events: the role chunk, text chunks, the finish chunk, usage, [DONE]."""
+    try:
+        if shape.chat:
+            yield _data(shape.chunk({"role": "assistant", "content": ""}))
+        while True:
+            ev = await events.get()
+            if ev.kind == "error":
+                yield _data(ApiError(500, ev.message, type="server_error").body())
+                break
+            if ev.kind == "text":
+                yield _data(shape.chunk_text(ev))
+                continue
+            yield _data(shape.chunk_finish(ev.finish_reason))
+            if usage:
+                yield _data({**shape.head("chunk"), "choices": [], "usage": _usage(ev)})
+            break
+        yield "data: [DONE]\n\n"
+    finally:                                           # also when the client went away mid-stream
+        req.cancel()
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(done: Event) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+class _Shape:
+    """OpenAI response objects for one request (chat.completion[.chunk] or text_completion)."""
+
+    def __init__(self, model_id: str, chat: bool, logprobs: bool):
+        self.model_id, self.chat, self.logprobs = model_id, chat, logprobs
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def head(self, kind: str) -> dict:
+        obj = ("chat.completion" + (".chunk" if kind == "chunk" else "")) if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id}
+
+    def _lp(self, evs: list[Event]):
+        if not self.logprobs:
+            return None
+        tok = self._tok
+        if self.chat:
+            return {"content": [{"token": tok(e.token), "logprob": e.logprob, "bytes": list(tok(e.token).encode()),
+                                 "top_logprobs": [{"token": tok(j), "logprob": v, "bytes": list(tok(j).encode())}
+                                                  for j, v in e.top_logprobs or []]} for e in evs]}
+        return {"tokens": [tok(e.token) for e in evs], "token_logprobs": [e.logprob for e in evs],
+                "top_logprobs": [{tok(j): v for j, v in e.top_logprobs or []} for e in evs], "text_offset": None}
+
+    @staticmethod
+    def _tok(t: int) -> str:
+        from ..data.tokenizer import get_tokenizer
+        return get_tokenizer().decode_single_token_bytes(t).decode("utf-8", errors="replace")
+
+    def chunk(self, delta: dict, finish: Optional[str] = None, lp=None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": lp, "finish_reason": finish}
+        return {**self.head("chunk"), "choices": [choice]}
+
+    def chunk_text(self, ev: Event) -> dict:
+        return self.chunk({"content": ev.text}, lp=self._lp([ev]))
+
+    def chunk_finish(self, reason: str) -> dict:
+        return self.chunk({}, reason)
+
+    def full(self, pieces: list[Event], done: Event) -> dict:
+        text = "".join(e.text for e in pieces)
+        lp = self._lp(pieces)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                      "finish_reason": done.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": done.finish_reason}
+        return {**self.head("full"), "choices": [choice], "usage": _usage(done)}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ..commands.serve import main
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: TrainConfig and the one Trainer, time budget, optimizers, losses, run folders, evaluation."""

@@ -1,0 +1,250 @@
+"""Training losses. `lm_loss` (in model.py) works on logits; the fused head + cross-entropy here
+never materialises the (B*T, vocab) logits in fp32, which is most of a small model's step on CPU."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    dev = "cuda" if t.is_cuda else "cpu"
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h @ w.T, y) over y != ignore_index, computed in row chunks.
+
+    Gradients are formed chunk by chunk during the forward pass (softmax - onehot), so peak
+    memory is one chunk of logits instead of all of them: a single (chunk, V) buffer holds the
+    logits, then the log-probabilities (in place), then the probabilities (plus an fp32 buffer for
+    the softmax when the matmuls run in bf16/fp16). Rows whose target is ignore_index never enter
+    the matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, y, ignore_index: int, chunk: int, dtype: torch.dtype, workspace: Optional[dict],
+                log_counts: Optional[torch.Tensor] = None):
+        # h (N, C), w (V, C), y (N,), log_counts (V,) fp32 or None: see fused_lm_loss
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = y != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        keep = None
+        if not bool(valid.all()):
+            # ignored positions (padding, masked prompts) add no loss and no gradient: leave their
+            # rows out of the head matmuls altogether
+            keep = valid.nonzero().squeeze(1)
+            hk, yk = h.index_select(0, keep), y.index_select(0, keep)            # (n_valid, C)
+        else:
+            hk, yk = h, y
+        wc = w.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_hk = torch.empty(hk.shape, dtype=h.dtype, device=h.device) if need_h else None
+        grad_w = None                     # fp32 (V, C): the first chunk's product, later ones added
+        # one (chunk, V) buffer for all chunks: logits, then log-probs in place, then probs. The
+        # softmax is fp32 at least: bf16/fp16 logits are copied into a second, fp32 buffer
+        sm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        rows_max = min(chunk, hk.size(0))
+        buf = _scratch(workspace, "logits", rows_max, w.size(0), dtype, h.device)
+        buf_sm = buf if sm_dtype == dtype else _scratch(workspace, "softmax", rows_max, w.size(0), sm_dtype, h.device)
+        for s in range(0, hk.size(0), chunk):
+            hs, ys = hk[s:s + chunk].to(dtype), yk[s:s + chunk]
+            n = hs.size(0)
+            logits = torch.mm(hs, wc.t(), out=buf[:n])                              # (n, V)
+            logp = logits if buf_sm is buf else buf_sm[:n].copy_(logits)
+            if log_counts is not None:
+                logp += log_counts
+            torch.log_softmax(logp, dim=-1, out=logp)                             # in place
+            rows = torch.arange(n, device=h.device)
+            total -= logp[rows, ys].sum()
+            if log_counts is not None:                     # the target token's own share of its row
+                total += log_counts[ys].sum()
+            if need_h or need_w:
+                p = logp.exp_()                                                    # softmax (n, V)
+                p[rows, ys] -= 1.0                                                 # - onehot
+                if p is not logits:
+                    p = logits.copy_(p)                                            # matmul dtype
+                if need_h:
+                    if p.dtype == grad_hk.dtype:
+                        torch.mm(p, wc, out=grad_hk[s:s + n])
+                    else:
+                        grad_hk[s:s + n] = p @ wc
+                if need_w:
+                    if grad_w is None:
+                        grad_w = (p.t() @ hs).float()                                  # no zero fill
+                    elif p.dtype == grad_w.dtype:
+                        grad_w.addmm_(p.t(), hs)
+                    else:
+                        grad_w.add_(p.t() @ hs)
+        if need_w and grad_w is None:                                      # every target ignored
+            grad_w = torch.zeros_like(w, dtype=torch.float32)
+        grad_h = grad_hk
+        if need_h and keep is not None:
+            grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device).index_copy_(0, keep, grad_hk)
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0), n_valid)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = g / n_valid
+        gh = (grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * scale) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def _scratch(workspace: Optional[dict], name: str, rows: int, cols: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """A (rows, cols) scratch buffer, kept in `workspace` between calls when one is given: the
+    (chunk, vocab) buffers are hundreds of MB, and allocating them afresh every step makes the
+    kernel fault their pages in again (~0.1-0.3 s a step on a CPU)."""
+    if workspace is None:
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    t = workspace.get(name)
+    if t is None or t.dtype != dtype or t.device != device or t.size(1) != cols or t.size(0) < rows:
+        workspace[name] = t = torch.empty(rows, cols, dtype=dtype, device=device)
+    return t[:rows]
+
+
+def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  ignore_index: int = -100, chunk: int = 1024,
+                  workspace: Optional[dict] = None, log_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of `hidden @ weight.T` without full logits.
+
+    hidden (B, T, C), weight (V, C), targets (B, T) -> scalar. log_counts (V,) or None: row v
+    stands for exp(log_counts[v]) tokens that share it (SeenVocab): the softmax counts it that many
+    times, and a target in it gets its one token's share. Matmuls run in the autocast dtype when
+    autocast is on; the softmax is always fp32.
+    workspace: a dict that keeps the (chunk, V) scratch buffers from one call to the next
+    (CausalLMLoss passes its own).
+    """
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.reshape(-1),
+                                         ignore_index, chunk, dtype, workspace,
+                                         None if log_counts is None else log_counts.float())
+
+
+class SeenVocab:
+    """The tokens a training corpus uses, and a head that costs only theirs.
+
+    A model trained from scratch never sees most of GPT-2's 50,257 tokens in a small corpus: they
+    never occur as inputs, and as outputs they only ever get pushed down. `tie(model)` gives all of
+    those unseen tokens one and the same (tied) embedding row. Full-vocabulary training keeps equal
+    rows equal (equal gradients, equal AdamW updates), and their softmax terms add up to one term:
+    logsumexp_j(h . w_j) = h . u + log(n_unseen). So the head runs over the seen rows plus one row
+    that stands for the rest, with log(n_unseen) added to its logit, and the gradient of that row,
+    n_unseen times each tied row's, is shared out among them (`rows`). The loss, the gradients and
+    the AdamW steps are those of the full head on the same model (training targets are seen tokens
+    by construction; an unseen target, e.g. in validation text, gets its exact loss but would untie
+    the rows if trained on); the head's cost is that of the seen rows only. The saved model is an
+    ordinary GPT-2 with all 50,257 rows.
+    """
+
+    def __init__(self, seen: torch.Tensor, vocab_size: int):
+        seen = torch.as_tensor(seen, dtype=torch.long).unique()            # sorted ids
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[seen] = False
+        self.vocab_size, self.seen, self.unseen = vocab_size, seen, mask.nonzero().squeeze(1)
+        if self.unseen.numel() == 0:
+            raise ValueError("SeenVocab: every token is seen; use the full head")
+        self.rep = int(self.unseen[0])                                        # the row that stands for all
+        self.index = torch.cat([seen, self.unseen[:1]])                       # (K+1,) rows of the head
+        self.remap = torch.full((vocab_size,), len(seen), dtype=torch.long)   # token id -> head row
+        self.remap[seen] = torch.arange(len(seen))
+        self.log_counts = torch.zeros(len(seen) + 1)                          # rows per head row
+        self.log_counts[-1] = math.log(self.unseen.numel())
+
+    @classmethod
+    def of_tokens(cls, tokens, vocab_size: int, max_share: float = 0.8,
+                  chunk: int = 1 << 24) -> Optional["SeenVocab"]:
+        """The vocabulary of a token array (e.g. a uint16 memmap); None when the tokens use more than
+        `max_share` of the vocabulary (the saving would be small)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for s in range(0, len(tokens), chunk):
+            counts += np.bincount(np.asarray(tokens[s:s + chunk], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+            if (counts > 0).sum() > max_share * vocab_size:
+                return None
+        return cls(torch.from_numpy(np.flatnonzero(counts)), vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    @torch.no_grad()
+    def tie(self, weight: torch.Tensor) -> None:
+        """Give every unseen token the representative's row (a model at initialisation)."""
+        weight[self.unseen] = weight[self.rep].clone()
+
+    @torch.no_grad()
+    def is_tied(self, weight: torch.Tensor) -> bool:
+        u = self.unseen.to(weight.device)
+        return bool((weight[u] == weight[self.rep]).all())
+
+    def to(self, device) -> "SeenVocab":
+        """The index tensors on `device` (in place; returns self)."""
+        self.seen, self.unseen, self.index = self.seen.to(device), self.unseen.to(device), self.index.to(device)
+        self.remap, self.log_counts = self.remap.to(device), self.log_counts.to(device)
+        return self
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """(K+1, C): the seen rows of `weight` (V, C), then the tied rows' shared one. Backward is
+        that of [w[seen]; mean(w[unseen])], which it equals while they are tied: each tied row
+        gets 1/n_unseen of the shared row's gradient (the full head's gradient, row by row)."""
+        return _SeenRows.apply(weight, self.index, self.unseen)
+
+
+class _SeenRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, index, unseen):
+        ctx.save_for_backward(index, unseen)
+        ctx.shape = w.shape
+        return w.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        index, unseen = ctx.saved_tensors
+        gw = g.new_zeros(ctx.shape)
+        gw.index_copy_(0, index[:-1], g[:-1])
+        gw[unseen] = g[-1] / unseen.numel()
+        return gw, None, None
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a GPT so that forward(x, y) -> mean loss; the unit that DDP/compile wrap in training.
+
+    vocab: a SeenVocab whose unseen rows the model has tied (`vocab.tie`): the fused head then runs
+    over the seen rows only, with the full head's loss and gradients. If the rows turn out untied at
+    the first step (e.g. weights loaded from elsewhere), the full head is used instead."""
+
+    def __init__(self, model: nn.Module, fused: bool = True, vocab: Optional[SeenVocab] = None):
+        super().__init__()
+        self.model, self.fused = model, fused
+        self.workspace: dict = {}               # the fused loss's scratch buffers, reused every step
+        self.vocab = vocab if fused else None
+        self._checked = False
+
+    def _seen_head(self, weight: torch.Tensor) -> bool:
+        """Whether the seen-rows head applies (checked once, at the first step)."""
+        if self.vocab is not None and not self._checked:
+            self._checked = True
+            if self.vocab.is_tied(weight):
+                self.vocab.to(weight.device)
+            else:
+                self.vocab = None
+        return self.vocab is not None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            w = self.model.lm_head.weight
+            if self._seen_head(w):
+                v = self.vocab
+                y = torch.where(y >= 0, v.remap[y.clamp(min=0)], y)
+                return fused_lm_loss(self.model.hidden_states(x), v.rows(w), y,
+                                     workspace=self.workspace, log_counts=v.log_counts)
+            return fused_lm_loss(self.model.hidden_states(x), w, y, workspace=self.workspace)
+        from ..model.gpt import lm_loss
+        return lm_loss(self.model(x), y)

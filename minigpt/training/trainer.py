@@ -1,0 +1,723 @@
+"""The one training loop, shared by pretraining (`minigpt train`) and fine-tuning (`minigpt finetune`).
+
+AdamW (or Muon on the hidden matrices: minigpt.training.optim) with decoupled weight decay on matrices
+only, linear warmup then cosine/linear decay, gradient accumulation and clipping, mixed precision
+(CUDA bf16/fp16, CPU bf16), optional torch.compile, DDP under torchrun, periodic evaluation, JSONL
+metrics, atomic checkpoints and exact resume (batches are a pure function of the step; RNG,
+optimizer and scaler state are saved), and an optional time budget (TimeBudget): the step count
+fixed after a few measured warm-up steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..device import PRECISIONS, autocast, peak_flops, process_rank, resolve_device, resolve_precision
+from ..errors import CheckpointError, ConfigError, TrainingStopped
+from ..fileio import atomic_write_json
+from .loss import CausalLMLoss
+from .optim import OPTIMIZERS, make_adamw, make_optimizer, param_groups  # noqa: F401 (re-exported)
+from .runs import CKPT_DIR, METRICS_FILE, RUN_INFO, STATE_FILE, latest_checkpoint
+
+_POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "keep_last")
+_NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "save_interval", "min_lr")
+
+
+@dataclass
+class TrainConfig:
+    """What the Trainer does; field names are the training commands' flags (TrainConfig.from_args)."""
+
+    out_dir: str = "out"
+    max_steps: int = 1000
+    batch_size: int = 16            # per device, per micro-step
+    grad_accum: int = 1             # micro-steps per optimizer step (over all ranks)
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # default lr / 10 (cosine); 0 for linear
+    warmup_steps: int = 100
+    schedule: str = "cosine"        # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 disables
+    eval_interval: int = 200
+    log_interval: int = 10
+    save_interval: Optional[int] = None   # default: eval_interval
+    keep_last: int = 2
+    precision: str = "auto"         # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    device: str = "auto"
+    max_bad_steps: int = 5          # consecutive non-finite losses before stopping
+    optimizer: str = "adamw"        # adamw | muon (Muon on the hidden matrices, AdamW on the rest)
+    muon_lr: Optional[float] = None  # Muon's peak lr (default: optim.MUON_LR_SCALE x lr)
+
+    def __post_init__(self):
+        self.validate(self)
+
+    @classmethod
+    def validate(cls, obj) -> None:
+        """Check the TrainConfig fields that `obj` (a TrainConfig or a command's flags) holds;
+        a ConfigError names the flag. None means "default" for the optional ones."""
+        def bad(name, rule):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(obj, name)!r}")
+
+        def value(name):
+            v = getattr(obj, name, None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                bad(name, "a finite number")
+            return v
+
+        for name in _POSITIVE + ("lr",):
+            if hasattr(obj, name) and value(name) is not None and not value(name) > 0:
+                bad(name, "> 0")
+        for name in _NON_NEGATIVE:
+            if value(name) is not None and value(name) < 0:
+                bad(name, ">= 0")
+        if getattr(obj, "schedule", "cosine") not in SCHEDULES:
+            bad("schedule", " or ".join(SCHEDULES))
+        if getattr(obj, "precision", "auto") not in PRECISIONS:
+            bad("precision", " or ".join(PRECISIONS))
+        if getattr(obj, "optimizer", "adamw") not in OPTIMIZERS:
+            bad("optimizer", " or ".join(OPTIMIZERS))
+        if value("muon_lr") is not None and not value("muon_lr") > 0:
+            bad("muon_lr", "> 0")
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> "TrainConfig":
+        """The settings of a command's parsed flags: every field of the same name, then `overrides`."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, **overrides})
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    min_lr = cfg.min_lr if cfg.min_lr is not None else (cfg.lr / 10 if cfg.schedule == "cosine" else 0.0)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    frac = min(1.0, frac)
+    if cfg.schedule == "linear":
+        return cfg.lr + (min_lr - cfg.lr) * frac
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def flops_per_token(model) -> float:
+    """6N + 12·L·H·Q·T (PaLM appendix B accounting) for a GPT-like model."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+
+class _DeferredInterrupt:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step; a second one
+    interrupts at once. Only installed in the main thread."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping after this step (Ctrl-C again to abort now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+
+# --- time budget ----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text) -> float:
+    """Seconds of a duration: "300", "300s", "5m", "1.5m", "1h". ValueError if it is not a positive one."""
+    m = _DURATION.match(str(text))
+    seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()] if m else float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"not a positive duration: {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """3.2s, 45s, 4m48s, 1h02m05s."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def _events(done: int, n: int, every: int) -> int:
+    """How many of steps done..n (the decision is made before step `done`'s evaluation and save)
+    are multiples of `every`, plus the last step n when it is not one."""
+    return n // every - (done - 1) // every + (n % every != 0)
+
+
+def _timed(fn: Callable) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@dataclass
+class BudgetMeasurement:
+    """What a TimeBudget decides from, in seconds."""
+
+    elapsed_s: float        # since the budget's clock started: setup, the steps so far, the probes
+    step_s: float           # one optimizer step
+    tok_per_s: float
+    eval_s: float = 0.0     # one evaluation, with its sample and best/ save
+    save_s: float = 0.0     # one checkpoint
+    final_s: float = 0.0    # what the caller does after fit (e.g. the final samples)
+
+
+@dataclass
+class TimeBudget:
+    """End a run within `seconds` of wall time, counted from `start` (default: when this is made).
+
+    After `decide_at(cfg)` steps, all inside the warm-up (whose learning rates do not depend on
+    max_steps; the first `skip` are not timed: allocation, compilation), the Trainer fixes
+    max_steps N: the largest N whose measured cost (steps left x step time, plus the evaluations and
+    checkpoints N implies, plus `final_cost(model)`) ends within the budget less `margin`. The decay then
+    runs over N exactly as with max_steps=N from the start. The decision (`decision`) is recorded in
+    run.json ("budget") and in every checkpoint, so resume continues with the same N.
+
+    evaluations: pick eval_interval so the run evaluates this many times (ceil(N / evaluations));
+        None keeps cfg.eval_interval.
+    eval_cost(model) -> seconds of one evaluation (e.g. one batch timed x the batch count); None:
+        the Trainer times one evaluation (its result is discarded).
+    final_cost(model) -> seconds the caller spends after fit (samples, ...).
+    """
+
+    seconds: float
+    label: str = ""
+    margin: float = 0.08
+    skip: int = 2
+    steps: int = 12
+    evaluations: Optional[int] = None
+    eval_cost: Optional[Callable] = None
+    final_cost: Optional[Callable] = None
+    start: float = field(default_factory=time.perf_counter)
+    decision: Optional[dict] = None
+    resumed: bool = False
+
+    def __post_init__(self):
+        self.label = self.label or format_duration(self.seconds)
+
+    def decide_at(self, cfg: TrainConfig) -> int:
+        """The step after which N is fixed: steps 0..warmup_steps have learning rates independent of N."""
+        n = self.skip + self.steps
+        return n if cfg.schedule == "constant" else max(1, min(n, cfg.warmup_steps + 1))
+
+    def measure(self, trainer: "Trainer", steps: list, evals: list, saves: list) -> BudgetMeasurement:
+        """Time what the plan needs (rank 0): `steps` (seconds, tokens) of this session's steps,
+        `evals` / `saves` the seconds of the evaluations and checkpoints so far. What is not
+        measured yet is probed without side effects (RNG state and model mode are restored)."""
+        kept = steps[min(self.skip, len(steps) // 2):]
+        busy = sum(t for t, _ in kept)
+        model, dev = trainer.model, trainer.device
+        was_training = model.training
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
+            weights_s = _timed(lambda: _probe_save(trainer))
+            eval_s = 0.0
+            if trainer.evaluate_fn is not None:
+                eval_s = sum(evals) / len(evals) if evals else (
+                    self.eval_cost(model) if self.eval_cost else _timed(lambda: trainer.evaluate_fn(model))
+                ) + weights_s + (_timed(lambda: trainer.sample_fn(model)) if trainer.sample_fn else 0.0)
+            final_s = self.final_cost(model) if self.final_cost else 0.0
+        model.train(was_training)
+        save_s = sum(saves) / len(saves) if saves else 4 * weights_s    # weights twice + the optimizer's 2x
+        return BudgetMeasurement(time.perf_counter() - self.start, busy / len(kept),
+                                 sum(n for _, n in kept) / max(busy, 1e-9), eval_s, save_s, final_s)
+
+    def plan(self, m: BudgetMeasurement, done: int, cfg: TrainConfig, evaluates: bool) -> dict:
+        """Fix N (>= done + 1; `done` when not even that fits) from measurement `m` after `done`
+        steps; sets and returns `decision`."""
+        limit = self.seconds * (1 - self.margin)
+
+        def interval(n):
+            return max(-(-n // self.evaluations), done + 1) if self.evaluations else cfg.eval_interval
+
+        def cost(n):
+            evals = _events(done, n, interval(n)) if evaluates else 0
+            saves = _events(done, n, cfg.save_interval or interval(n))
+            return m.elapsed_s + (n - done) * m.step_s + evals * m.eval_s + saves * m.save_s + m.final_s, evals, saves
+
+        n = done + 1
+        if cost(n)[0] > limit:
+            n = done
+        else:       # the largest n with cost(n) <= limit (cost grows with n)
+            hi = n + int(min(1e9, max(0.0, limit - m.elapsed_s) / max(m.step_s, 1e-9)))
+            while n < hi:
+                mid = (n + hi + 1) // 2
+                n, hi = (mid, hi) if cost(mid)[0] <= limit else (n, mid - 1)
+        expected, evals, saves = cost(n)
+        if n > done:
+            reason = (f"{m.elapsed_s:.3g}s so far + {n - done} steps x {m.step_s:.3g}s + {evals} evaluations x "
+                      f"{m.eval_s:.3g}s + {saves} checkpoints x {m.save_s:.3g}s + {m.final_s:.3g}s after training "
+                      f"= {expected:.4g}s, within {self.seconds:.4g}s less {self.margin:.0%}")
+        else:
+            reason = (f"setup and the first {done} steps took {m.elapsed_s:.3g}s: one more step would end at "
+                      f"{cost(done + 1)[0]:.4g}s, past {self.seconds:.4g}s less {self.margin:.0%}")
+        self.decision = {
+            "seconds": self.seconds, "given": self.label, "decided_at_step": done, "elapsed_s": round(m.elapsed_s, 3),
+            "measured_step_s": round(m.step_s, 5), "tok_per_s": round(m.tok_per_s, 1), "eval_s": round(m.eval_s, 4),
+            "save_s": round(m.save_s, 4), "final_s": round(m.final_s, 4), "margin": self.margin,
+            "chosen_max_steps": n, "eval_interval": interval(n), "evaluations": evals, "checkpoints": saves,
+            "expected_s": round(expected, 2), "reason": reason}
+        return self.decision
+
+    def describe(self) -> str:
+        """The line that says what was chosen and why."""
+        d = self.decision
+        if self.resumed:
+            return (f"time budget {d['given']}: continuing the run's decision at step {d['decided_at_step']}: "
+                    f"{d['chosen_max_steps']:,} steps")
+        if d["chosen_max_steps"] <= d["decided_at_step"]:
+            return (f"time budget {d['given']}: setup and the first {d['decided_at_step']} steps took "
+                    f"{format_duration(d['elapsed_s'])}; no further step fits -> stopping at step "
+                    f"{d['chosen_max_steps']} (give a longer budget or a fixed step count)")
+        return (f"time budget {d['given']}: {d['tok_per_s']:,.0f} tok/s measured -> {d['chosen_max_steps']:,} steps "
+                f"(expected end {format_duration(d['expected_s'])} incl. {d['evaluations']} evaluations, "
+                f"every {d['eval_interval']:,} steps)")
+
+    def summary(self, step: int) -> str:
+        """The final line: elapsed time against the budget."""
+        elapsed = time.perf_counter() - self.start
+        over = f", {format_duration(elapsed - self.seconds)} over" if elapsed > self.seconds else ""
+        planned = "" if self.resumed or not self.decision else \
+            f" (planned {format_duration(self.decision['expected_s'])})"
+        return (f"time budget {self.label}: {step:,} steps in {format_duration(elapsed)}"
+                f"{' this session' if self.resumed else ''}{planned}{over}")
+
+    def restore(self, state: dict) -> None:
+        """From a checkpoint's state: its decision (resume keeps N); one of a run with a fixed step
+        count continues with that count; a pending one is decided again."""
+        d = state.get("budget")
+        if d is None:
+            c = state.get("config", {})
+            d = {"seconds": self.seconds, "given": self.label, "decided_at_step": state.get("step", 0),
+                 "chosen_max_steps": c["max_steps"], "eval_interval": c["eval_interval"],
+                 "reason": "resumed a run with a fixed step count"}
+        if d.get("chosen_max_steps") is not None:
+            self.decision, self.resumed = dict(d), True
+
+
+def _probe_save(trainer: "Trainer") -> None:
+    d = trainer.out_dir / f".budget-probe-{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        trainer.save_weights(trainer.model, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _ddp_info() -> tuple[int, int, int]:
+    return process_rank(), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _metric_step(line: str) -> Optional[int]:
+    """The step of one metrics.jsonl line; None for a blank or torn line (e.g. after a crash)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
+class Trainer:
+    """Runs `cfg.max_steps` optimizer steps on `model`.
+
+    data: a dataset with `batch(step, micro) -> (x, y, n_tokens)` (TokenDataset,
+        InstructionDataset; or such a function): micro-batch `micro` of optimizer step `step`,
+        where micro indices run over all ranks (rank r, local micro m -> r * local_accum + m), so a
+        2-process run sees the same data as 1 process with 2x accum. n_tokens, the real
+        (non-padding) tokens of the batch, is what tok_per_s and MFU count; (x, y) pairs count
+        x.numel().
+    evaluate(model) -> dict of metrics including "val_loss" (rank 0 only); None: no evaluation
+        (and no best/ folder).
+    save_weights(model, dir) / load_weights(model, dir): how the model's trainable state is
+        persisted (full weights for pretraining, the adapter for LoRA).
+    sample(model) -> str, optional, printed at each evaluation.
+    loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy);
+        kept unwrapped as `self.loss_module` (evaluations can reuse it and its scratch buffers),
+        wrapped by compile / DDP as `self.fwd_model`.
+    budget: a TimeBudget: cfg.max_steps (and, with budget.evaluations, cfg.eval_interval) is then
+        decided after a few measured warm-up steps instead of taken from cfg.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, data, evaluate: Optional[Callable],
+                 save_weights: Callable, load_weights: Callable, sample: Optional[Callable] = None,
+                 run_info: Optional[dict] = None, loss_module: Optional[torch.nn.Module] = None,
+                 quiet: bool = False, budget: Optional[TimeBudget] = None):
+        self.cfg, self.budget, self.get_batch, self.evaluate_fn = cfg, budget, getattr(data, "batch", data), evaluate
+        self.save_weights, self.load_weights, self.sample_fn = save_weights, load_weights, sample
+        self.quiet, self.run_info = quiet, run_info or {}
+        self.rank, self.local_rank, self.world = _ddp_info()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.grad_accum % self.world:
+            raise ConfigError(f"--grad-accum ({cfg.grad_accum}) must be a multiple of the number of "
+                              f"processes ({self.world})")
+        self.local_accum = cfg.grad_accum // self.world
+        self.out_dir = Path(cfg.out_dir)
+        self.is_main = self.rank == 0
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = model.to(self.device)  # master weights stay fp32; autocast does the rest
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                        (cfg.beta1, cfg.beta2), cfg.muon_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.step, self.best_val, self.bad_steps = 0, float("inf"), 0
+        # the unit that computes the loss is what compile and DDP wrap: forward(x, y) -> loss
+        # (compiled on a GPU, the plain head + cross-entropy fuses best; the chunked, fused loss is
+        # for CPUs, where the full logits cost most of a small model's step)
+        fused = not (cfg.compile and self.device.type == "cuda")
+        self.loss_module = (loss_module or CausalLMLoss(self.model, fused=fused)).to(self.device)
+        self.fwd_model = self.loss_module
+        if cfg.compile:
+            self.fwd_model = torch.compile(self.fwd_model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.fwd_model = DDP(self.fwd_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.flops_tok = flops_per_token(self.model)
+        self.peak = peak_flops(self.device)
+
+    # --- precision --------------------------------------------------------------------------
+    def autocast(self):
+        return autocast(self.precision, self.device)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        st = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write out_dir/checkpoints/step-N atomically (temp folder + rename); rank 0 only."""
+        if not self.is_main:
+            return None
+        root = self.out_dir / CKPT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            self.save_weights(self.model, tmp)
+            state = {
+                "step": self.step, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": self._rng_state(), "config": asdict(self.cfg),
+            }
+            if self.budget is not None:
+                state["budget"] = self.budget.decision or {"pending": True}   # (decided again on resume)
+            torch.save(state, tmp / STATE_FILE)
+            for f in tmp.iterdir():  # make the data durable before the rename publishes it
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException as e:  # e.g. disk full: drop the half-written folder, keep the old ones
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"could not write checkpoint {final.name} ({e.strerror or e}); "
+                                       f"the previous checkpoints in {root} are intact") from e
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        # the model at the top of out_dir is always the latest; keep the last N checkpoints
+        self.save_weights(self.model, self.out_dir)
+        steps = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name[5:]))
+        for old in steps[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in out_dir, if any. Returns whether it did."""
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            return False
+        self.load_weights(self.model, ckpt)
+        try:
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({msg}); delete "
+                                  f"{ckpt} to resume from the checkpoint before it") from e
+        saved = state.get("config", {}).get("optimizer", "adamw")       # (older checkpoints: AdamW)
+        if saved != self.cfg.optimizer:
+            raise CheckpointError(f"--resume: {ckpt} was trained with --optimizer {saved}, this run uses "
+                                  f"{self.cfg.optimizer}; resume with --optimizer {saved}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.best_val = state["step"], state["best_val"]
+        if self.budget is not None:
+            self.budget.restore(state)
+        if self.is_main:  # drop metrics logged after the checkpoint (they will be repeated)
+            mpath = self.out_dir / METRICS_FILE
+            if mpath.exists():
+                keep = [ln for ln in mpath.read_text().splitlines()
+                        if _metric_step(ln) is not None and _metric_step(ln) <= self.step]
+                mpath.write_text("".join(ln + "\n" for ln in keep))
+        self._log(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    # --- logging ------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.is_main and not self.quiet:
+            tqdm.write(msg)
+
+    def _record(self, rec: dict) -> None:
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # strict JSON: a non-finite loss is written as null
+            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+
+    def _plot(self) -> None:
+        if not self.is_main:
+            return
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        recs = [json.loads(ln) for ln in (self.out_dir / METRICS_FILE).read_text().splitlines() if ln.strip()]
+        tr = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+        va = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train", alpha=0.7)
+        if va:
+            ax.plot(*zip(*va), "o-", label="val")
+        ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "loss.png", dpi=100)
+        plt.close(fig)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def run_eval(self) -> dict:
+        if not self.is_main or self.evaluate_fn is None:
+            return {}
+        metrics = self.evaluate_fn(self.model)
+        rec = {"step": self.step, **metrics}
+        self._record(rec)
+        self._log(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in metrics.items()))
+        if metrics.get("val_loss", float("inf")) < self.best_val:
+            self.best_val = metrics["val_loss"]
+            (self.out_dir / "best").mkdir(parents=True, exist_ok=True)
+            self.save_weights(self.model, self.out_dir / "best")
+        if self.sample_fn is not None:
+            self._log(self.sample_fn(self.model))
+        self._plot()
+        return metrics
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step (all micro-batches): (mean loss over ranks, tokens trained on)."""
+        cfg, model = self.cfg, self.fwd_model
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * (g.get("lr_scale") or 1.0)
+        total = torch.zeros(2, device=self.device)                        # loss, tokens
+        for m in range(self.local_accum):
+            x, y, *n = self.get_batch(self.step, self.rank * self.local_accum + m)
+            total[1] += n[0] if n else x.numel()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = m == self.local_accum - 1 or self.world == 1
+            ctx = model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with self.autocast():
+                    loss = model(x, y) / self.local_accum
+                self.scaler.scale(loss).backward()
+            total[0] += loss.detach()
+        if self.world > 1:
+            dist.all_reduce(total)
+            total[0] /= self.world
+        loss_val, tokens = total[0].item(), int(total[1].item())
+        if not math.isfinite(loss_val) and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingStopped(f"loss was not finite for {self.bad_steps} steps in a row at step "
+                                      f"{self.step}; stopped (last good checkpoint kept). Try a lower --lr")
+            self._log(f"step {self.step}: non-finite loss, step skipped")
+            return loss_val, tokens
+        self.bad_steps = 0
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_val, tokens
+
+    # --- the time budget -------------------------------------------------------------------------
+    def _start_budget(self) -> None:
+        """At fit(): apply a restored decision, or set the run up to decide after the measured steps."""
+        b, cfg = self.budget, self.cfg
+        self._pending = b is not None and b.decision is None
+        self._timings: dict[str, list] = {"step": [], "eval": [], "save": []}
+        if b is not None and b.decision is not None:
+            self._apply_budget()
+            if self.is_main:
+                self._log(b.describe())
+        elif self._pending:
+            self._decide_at = max(b.decide_at(cfg), self.step + 1)
+            cfg.max_steps = self._decide_at             # (the loop stops there unless the decision says more)
+            if b.evaluations:
+                cfg.eval_interval = sys.maxsize         # no evaluation before the interval is chosen
+
+    def _apply_budget(self) -> None:
+        d = self.budget.decision
+        self.cfg.max_steps, self.cfg.eval_interval = int(d["chosen_max_steps"]), int(d["eval_interval"])
+        self._pending = False
+
+    def _decide(self, bar) -> float:
+        """Fix max_steps (rank 0 measures and plans, the others follow); returns the seconds it took."""
+        t0, b = time.perf_counter(), self.budget
+        if self.is_main:
+            m = b.measure(self, self._timings["step"], self._timings["eval"], self._timings["save"])
+            b.plan(m, self.step, self.cfg, self.evaluate_fn is not None)
+        if self.world > 1:
+            d = b.decision or {}
+            t = torch.tensor([d.get("chosen_max_steps", 0), d.get("eval_interval", 0)], device=self.device)
+            dist.broadcast(t, 0)
+            b.decision = b.decision or {"chosen_max_steps": int(t[0]), "eval_interval": int(t[1]),
+                                        "decided_at_step": self.step}
+        self._apply_budget()
+        bar.total = self.cfg.max_steps
+        bar.refresh()
+        if self.is_main:
+            self._log(b.describe())
+            self._write_run_info()
+        return time.perf_counter() - t0
+
+    def _write_run_info(self) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        train = asdict(self.cfg)
+        info = {**self.run_info, "train": train}
+        if self.budget is not None:
+            b = self.budget
+            if self._pending:
+                train.update(max_steps=None, **({"eval_interval": None} if b.evaluations else {}))
+            info["budget"] = b.decision or {"seconds": b.seconds, "given": b.label, "chosen_max_steps": None,
+                                            "reason": f"decided after step {self._decide_at}"}
+        atomic_write_json(self.out_dir / RUN_INFO, info)
+
+    def _log_metrics(self, loss: float, bar) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, tokens = self._window
+        tps = tokens / (time.perf_counter() - t0)
+        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
+               "tokens": tokens, "tok_per_s": tps}                 # real tokens since the last record
+        if self.peak:
+            rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
+        self._record(rec)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}",
+                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+        self._window = [time.perf_counter(), 0]
+
+    def _advance(self, bar) -> Optional[dict]:
+        """One turn of the loop: a step, then what is due: the budget decision, a metrics record, an
+        evaluation (its metrics are returned), a checkpoint."""
+        cfg, t = self.cfg, time.perf_counter()
+        loss, tokens = self.train_step()
+        self.step += 1
+        if self._pending:
+            self._timings["step"].append((time.perf_counter() - t, tokens))
+            if self.step >= self._decide_at:
+                self._window[0] += self._decide(bar)      # (not counted in the logged tokens/s)
+        bar.update(1)
+        self._window[1] += tokens
+        if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+            self._log_metrics(loss, bar)
+        last = None
+        if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+            t = time.perf_counter()
+            last = self.run_eval()
+            self._timings["eval"].append(time.perf_counter() - t)
+        if self.step % (cfg.save_interval or cfg.eval_interval) == 0 or self.step == cfg.max_steps:
+            t = time.perf_counter()
+            self.save_checkpoint()
+            self._timings["save"].append(time.perf_counter() - t)
+        if self.world > 1:
+            dist.barrier()
+        return last
+
+    def fit(self, resume: bool = False) -> dict:
+        self.model.train()   # dropout (the model's and the adapters') on, whatever mode the model was loaded in
+        if resume:       # first: a checkpoint that does not fit this run must leave the folder as it was
+            self.resume()
+        elif self.is_main and (self.out_dir / METRICS_FILE).exists():
+            (self.out_dir / METRICS_FILE).unlink()
+        self._start_budget()
+        self._write_run_info()
+        cfg = self.cfg
+        bar = tqdm(total=None if self._pending else cfg.max_steps, initial=self.step, desc="training",
+                   unit="step", disable=not self.is_main or self.quiet, dynamic_ncols=True)
+        last: dict = {}
+        self._window = [time.perf_counter(), 0]             # start, tokens of the metrics record
+        with _DeferredInterrupt() as interrupt:
+            try:
+                while self.step < cfg.max_steps and not interrupt.requested:
+                    last = self._advance(bar) or last
+            finally:
+                bar.close()
+            if interrupt.requested:
+                path = self.save_checkpoint()
+                if self.is_main:
+                    print(f"interrupted at step {self.step}: checkpoint saved to {path}; "
+                          f"continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+        return {"step": self.step, "best_val_loss": self.best_val, **last}
