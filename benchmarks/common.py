@@ -151,6 +151,17 @@ def decoding_parser(doc: str):
     return ap
 
 
+def bench_parser(doc: str, quick: str):
+    """A benchmark's parser: its docstring as the description, --quick (help `quick`) and --threads
+    (torch threads, default 2); the script adds its own flags."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
@@ -225,6 +236,17 @@ def run_worker(script: str, spec: dict, timeout: float = 3600) -> dict:
         raise RuntimeError(f"worker {spec.get('role', '')} failed (exit {p.returncode}):\n"
                            f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return result
+
+
+def serve_as_worker(argv, tag: str, worker) -> bool:
+    """When argv (default sys.argv[1:]) is [tag, '<json spec>'], this process is a worker (see
+    run_worker): print worker(spec) as its `RESULT <json>` line and return True; else False."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if not (argv and argv[0] == tag):
+        return False
+    print("RESULT " + json.dumps(worker(json.loads(argv[1]))), flush=True)
+    return True
 
 
 def worker_result(stdout: str):

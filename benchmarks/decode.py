@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import decoding_parser, llama_system, machine_info, read_bandwidth_gb_s, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.inference.generate import generate, prepare_for_decoding  # noqa: E402
+from minigpt.inference.decode_weights import prepare_for_decoding  # noqa: E402
+from minigpt.inference.generate import generate  # noqa: E402
 from minigpt.weights.keymap import hf_to_minigpt  # noqa: E402
 
 
@@ -138,7 +139,8 @@ def main(argv=None) -> dict:
         systems[f"minigpt {mode} (prepare_for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(fast)
 
     for mode in [m for m in args.bases.split(",") if m]:
-        from minigpt.model.quant import for_decoding, quantize_model
+        from minigpt.inference.decode_weights import for_decoding
+        from minigpt.model.quant import quantize_model
         q = quantize_model(copy.deepcopy(base), mode)
         for_decoding(q)
         systems[f"minigpt {mode}-base (quantize_model + for_decoding)"] = (lambda f: lambda n: generate(f, idx, n))(q)

@@ -8,8 +8,8 @@ A run replaces the rows of the (method, lr) pairs it ran in the results file and
 Each (method, lr) runs the command's own code (minigpt.commands.finetune, in process) with every
 other flag at its default: the embedded instruction set, 3 epochs, batch 2 x 4, linear decay, and
 the held-out masked validation loss and exact match of the base ("before") and after training.
-Results: benchmarks/results/finetune_lr[_quick].json with the CPU model and flags; finetune.py's
-METHOD_LR (pretrained GPT-2) and SMALL_BASE_LR (small bases such as train.py's) come from here.
+Results: benchmarks/results/finetune_lr[_quick].json with the CPU model and flags; the default rates
+in minigpt.methods.table (lr: pretrained GPT-2; small_base_lr: small bases such as train.py's) come from here.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ Results: benchmarks/results/finetune_recipe_<cpu kind>[_quick].json with the CPU
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -42,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import kind_tag, machine_info, worker_result, write_json  # noqa: E402
+from common import bench_parser, kind_tag, machine_info, serve_as_worker, worker_result, write_json  # noqa: E402
 
 RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=["c_attn"], lr=2e-4, batch=2, accum=4, max_length=256)
 
@@ -187,18 +186,14 @@ def summarise(row: dict, train: list[dict], max_length: int, hf_pad: bool) -> di
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_hf":
-        print("RESULT " + json.dumps(hf_worker(json.loads(argv[1]))), flush=True)
+    if serve_as_worker(argv, "_hf", hf_worker):
         return {}
-    from minigpt.data.records import default_instructions_path
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny base (2 x 128), 16 examples, max length 128")
+    ap = bench_parser(__doc__, "tiny base (2 x 128), 16 examples, max length 128")
     ap.add_argument("--data", default=None, help="instruction data (default: the embedded set)")
     ap.add_argument("--examples", type=int, default=None, help="training examples (default 96; 16 with --quick)")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    from minigpt.data.records import default_instructions_path
+
     tmp = Path(tempfile.mkdtemp(prefix="recipe-"))
     data = args.data or str(default_instructions_path())
     max_length = 128 if args.quick else RECIPE["max_length"]

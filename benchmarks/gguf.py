@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import decoding_parser, llama_system, machine_info, write_json  # noqa: E402
 
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.inference.generate import generate, prepare_for_decoding  # noqa: E402
+from minigpt.inference.decode_weights import prepare_for_decoding  # noqa: E402
+from minigpt.inference.generate import generate  # noqa: E402
 from minigpt.weights.gguf import export_gguf  # noqa: E402
 
 

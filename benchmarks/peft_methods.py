@@ -8,7 +8,7 @@ bottleneck adapters trained with one recipe, minigpt vs peft (on transformers) w
 The recipe (the same for every method and both libraries): the embedded instruction set, alpaca
 template, prompt tokens masked, max length 256 (or the base's context less 20), batch 2 x 4 (grad
 accumulation), AdamW (betas 0.9/0.95, no weight decay), linear warm-up (5%) and decay from the
-method's default learning rate for the base's size (finetune.py's METHOD_LR / SMALL_BASE_LR),
+method's default learning rate for the base's size (minigpt.methods.table.default_lr),
 gradient clipping at 1.0, fp32, the same batches in the same order.
 Method settings: LoRA/DoRA r 8, alpha 16, dropout 0.05 on c_attn; IA3 peft's GPT-2 defaults
 (c_attn and mlp.c_proj, mlp.c_proj at its input); prefix and prompt tuning 20 virtual tokens
@@ -24,7 +24,6 @@ with the CPU model and flags.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -39,7 +38,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import machine_info, peak_rss_mb, reset_peak_rss, run_worker, write_json  # noqa: E402
+from common import (  # noqa: E402
+    bench_parser,
+    machine_info,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_worker,
+    serve_as_worker,
+    write_json,
+)
 
 PEFT_HAS = ("lora", "dora", "ia3", "prefix", "prompt")
 SETTINGS = {"lora": dict(r=8, alpha=16.0, dropout=0.05, targets=("c_attn",)),
@@ -169,20 +176,15 @@ def _quick_base(d: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_worker":
-        print("RESULT " + json.dumps(worker(json.loads(argv[1]))), flush=True)
+    if serve_as_worker(argv, "_worker", worker):
         return {}
     from minigpt import GPT
-    from minigpt.commands.finetune import METHOD_LR, SMALL_BASE_LR, SMALL_BASE_PARAMS
-    from minigpt.methods import METHODS
+    from minigpt.methods.table import METHODS, default_lr
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny random base, 3 steps, max length 64")
+    ap = bench_parser(__doc__, "tiny random base, 3 steps, max length 64")
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--base", default=None, help="base model folder (default: ./out, the train.py output)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 60; 3 with --quick)")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     tmp = tempfile.TemporaryDirectory()
@@ -193,7 +195,8 @@ def main(argv=None) -> dict:
     max_length = min(64 if args.quick else 256, block - 20)      # room for 20 virtual tokens, for every method
     spec = dict(base=str(Path(base).resolve()), steps=args.steps or (3 if args.quick else 60), batch=2, accum=4,
                 max_length=max_length, threads=args.threads, val_batches=2 if args.quick else None)
-    rates = SMALL_BASE_LR if GPT.from_pretrained(base).num_params() < SMALL_BASE_PARAMS else METHOD_LR
+    n_params = GPT.from_pretrained(base).num_params()
+    rates = {m: default_lr(m, n_params) for m in METHODS}
     rows = []
     for method in methods:
         for side in ("minigpt", "peft") if method in PEFT_HAS else ("minigpt",):

@@ -54,7 +54,8 @@ def worker(spec: dict) -> dict:
     from minigpt.device import reuse_freed_memory
     from minigpt.methods.lora import add_lora
     from minigpt.model.quant import cast_unquantized, quant_bytes, quantize_model
-    from minigpt.training.trainer import TrainConfig, Trainer
+    from minigpt.training.config import TrainConfig
+    from minigpt.training.trainer import Trainer
 
     reuse_freed_memory()
     torch.set_num_threads(spec["threads"])

@@ -98,7 +98,8 @@ class MinigptSystem:
     def __init__(self, spec, batches):
         from minigpt import GPT
         from minigpt.methods.lora import add_lora
-        from minigpt.training.trainer import TrainConfig, Trainer
+        from minigpt.training.config import TrainConfig
+        from minigpt.training.trainer import Trainer
         device = spec.get("device", "cpu")
         model = GPT.from_pretrained(spec["weights"]).train()
         if spec["bench"] == "lora":

@@ -2,19 +2,19 @@
 
     MinigptError                  anything the user can fix; the message is one line
     ├── ConfigError (ValueError)  an invalid argument, flag or config field (names it)
+    │   └── ChatError             a chat problem (bad setting, prompt cannot fit, no model to load)
     ├── CheckpointError           a model file or folder that cannot be found, read or matched
     │   └── AdapterError (ValueError)  the same for an adapter folder
     ├── DataError (ValueError)    a dataset that cannot be read (names the file and line)
     ├── RunDirError               an output folder that may not be used (would lose data)
     └── TrainingStopped           training could not go on (e.g. repeated non-finite loss)
 
-ChatError (minigpt.inference.chat) is a ConfigError too. Errors of the machine itself (disk full, no
-permission) stay OSError.
+Errors of the machine itself (disk full, no permission) stay OSError.
 """
 from __future__ import annotations
 
-__all__ = ["MinigptError", "ConfigError", "CheckpointError", "AdapterError", "DataError", "RunDirError",
-           "TrainingStopped"]
+__all__ = ["MinigptError", "ConfigError", "ChatError", "CheckpointError", "AdapterError", "DataError",
+           "RunDirError", "TrainingStopped"]
 
 
 class MinigptError(Exception):
@@ -23,6 +23,10 @@ class MinigptError(Exception):
 
 class ConfigError(MinigptError, ValueError):
     """An invalid argument, command-line flag or config field; the message names it."""
+
+
+class ChatError(ConfigError):
+    """A user-facing chat problem (bad setting, prompt cannot fit, no model to load): one-line message."""
 
 
 class CheckpointError(MinigptError):

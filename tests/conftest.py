@@ -6,6 +6,9 @@ import socket
 import pytest
 import torch
 
+# tests/reliability/bad_input.py holds the checks of the test_bad_input_* files: pytest rewrites its asserts too
+pytest.register_assert_rewrite("bad_input")
+
 
 def make_hf_gpt2(n_layer: int = 2, n_head: int = 4, n_embd: int = 64, vocab_size: int = 50257,
                  n_positions: int = 64, std: float = 0.2, seed: int = 0):

@@ -1,5 +1,6 @@
-"""The package's shape: thin root scripts, short functions, no import cycles, a ruff-clean tree,
-and --help texts that read well."""
+"""The package's shape: thin root scripts, short functions and modules, subpackages that name the parts,
+the top-level package as the public surface, no import cycles, a ruff-clean tree, and --help texts that
+read well."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import minigpt
 from minigpt.commands import COMMANDS, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ PKG = ROOT / "minigpt"
 
 
 def test_root_scripts_are_thin_shims():
-    for name in ("train.py", "finetune.py", "chat.py"):
+    for name in ("train.py", "finetune.py", "chat.py", "serve.py"):
         text = (ROOT / name).read_text(encoding="utf-8")
         assert len(text.splitlines()) <= 60 and f"from minigpt.commands.{name[:-3]} import main" in text
 
@@ -31,34 +33,119 @@ def test_no_function_longer_than_80_lines():
     assert not long, long
 
 
-def _module_imports(f: Path) -> set[str]:
-    """Package modules a file imports at module level (relative imports), as dotted names."""
-    pkg = ".".join(f.relative_to(ROOT).with_suffix("").parts[:-1])
+def test_no_module_longer_than_600_lines():
+    long = [f"{f.relative_to(ROOT)} ({n} lines)" for f in sorted(PKG.rglob("*.py"))
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > 600]
+    assert not long, long
+
+
+SUBPACKAGES = ("model", "weights", "methods", "training", "data", "inference", "commands")
+
+
+def test_subpackages_name_the_parts():
+    missing = [name for name in SUBPACKAGES if not (PKG / name / "__init__.py").is_file()]
+    assert not missing, missing
+
+
+# what `from minigpt import ...` offers, and the subpackage each name is defined in
+PUBLIC = {"GPT": "model", "GPTConfig": "model", "quantize_model": "model", "get_tokenizer": "data",
+          "TokenDataset": "data", "InstructionDataset": "data", "add_lora": "methods", "merge_lora": "methods",
+          "unmerge_lora": "methods", "save_adapter": "methods", "load_adapter": "methods",
+          "export_gguf": "weights", "prepare_for_decoding": "inference"}
+
+
+def test_top_level_package_is_the_public_surface():
+    from minigpt import (  # noqa: F401  (the import itself is the first check)
+        GPT,
+        GPTConfig,
+        InstructionDataset,
+        TokenDataset,
+        add_lora,
+        export_gguf,
+        get_tokenizer,
+        load_adapter,
+        merge_lora,
+        prepare_for_decoding,
+        quantize_model,
+        save_adapter,
+        unmerge_lora,
+    )
+
+    wrong = []
+    for name, sub in PUBLIC.items():
+        obj = getattr(minigpt, name)
+        where = getattr(obj, "__module__", None) or "?"
+        if not where.startswith(f"minigpt.{sub}.") and where != f"minigpt.{sub}":
+            wrong.append(f"{name}: defined in {where}, expected under minigpt.{sub}")
+        elif not any(getattr(mod, name, None) is obj for key, mod in list(sys.modules.items())
+                     if key.startswith(f"minigpt.{sub}.") or key == f"minigpt.{sub}"):
+            wrong.append(f"{name}: minigpt.{name} is not the {name} of any module under minigpt.{sub}")
+        if name not in minigpt.__all__:
+            wrong.append(f"{name}: missing from minigpt.__all__")
+    assert not wrong, wrong
+
+
+# The only package imports that may point upward: GPT's convenience methods (loading and saving
+# checkpoints, generating), which import their implementations when called.
+UPWARD_OK = {("minigpt.model.gpt", "GPT", m) for m in ("from_pretrained", "save_pretrained", "generate", "stream")}
+
+
+def _relative_imports(node: ast.AST, scope: tuple = ()):
+    """(ImportFrom node, enclosing class/function names) for every relative import, nested ones too."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ImportFrom) and child.level:
+            yield child, scope
+        named = isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        yield from _relative_imports(child, scope + (child.name,) if named else scope)
+
+
+def _module_name(f: Path) -> str:
+    return ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _module_imports(f: Path, modules: set[str]) -> set[str]:
+    """Package modules a file imports (relative imports anywhere in the file, module level or inside
+    functions), as dotted names: `from .a import b` counts a and, if b is a module, a.b; `from . import b`
+    counts b if it is a module, else the package (whose attribute b it reads)."""
+    name = _module_name(f)
+    pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for n in ast.parse(f.read_text(encoding="utf-8")).body:
-        if isinstance(n, ast.ImportFrom) and n.level:
-            base = pkg.rsplit(".", n.level - 1)[0] if n.level > 1 else pkg
-            out.add(f"{base}.{n.module}" if n.module else base)
-    return out
+    for n, scope in _relative_imports(ast.parse(f.read_text(encoding="utf-8"))):
+        if (name, *scope[:2]) in UPWARD_OK:
+            continue
+        base = pkg.rsplit(".", n.level - 1)[0] if n.level > 1 else pkg
+        target = f"{base}.{n.module}" if n.module else base
+        subs = {f"{target}.{a.name}" for a in n.names} & modules
+        out |= subs
+        if n.module or len(subs) < len(n.names):     # `from . import sibling` needs only the sibling
+            out.add(target)
+    return out & modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = sorted(PKG.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    return {_module_name(f): _module_imports(f, modules) - {_module_name(f)} for f in files}
 
 
 def test_no_import_cycles_between_modules():
-    graph = {".".join(f.relative_to(ROOT).with_suffix("").parts): _module_imports(f) for f in PKG.rglob("*.py")}
-    graph = {k.removesuffix(".__init__"): {d for d in v if d in graph or d + ".__init__" in graph}
-             for k, v in graph.items()}
+    graph = _import_graph()
     state: dict[str, int] = {}
+    cycles = []
 
     def visit(m, path):
         if state.get(m) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(path + [m]))
+            cycles.append(" -> ".join(path[path.index(m):] + [m]))
+            return
         if state.get(m) == 2:
             return
         state[m] = 1
-        for d in graph.get(m, ()):
+        for d in sorted(graph.get(m, ())):
             visit(d, path + [m])
         state[m] = 2
-    for m in graph:
+    for m in sorted(graph):
         visit(m, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
     assert "minigpt.model.gpt" not in graph["minigpt.weights.checkpoint"]
 
 

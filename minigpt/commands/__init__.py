@@ -1,7 +1,8 @@
 """The command-line programs, as library code: `minigpt <command>` and the root train.py,
-finetune.py and chat.py shims all call `COMMANDS[name](argv)`.
+finetune.py, chat.py and serve.py shims all call `COMMANDS[name](argv)`.
 
     args.py      typed dataclass flags, the flags both training commands share, one-line errors
+    common.py    what chat, serve and export share: loading the model, its decoding weights
     train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
     chat.py      terminal chat          serve.py      OpenAI-compatible API + chat page
     export.py    GGUF for llama.cpp

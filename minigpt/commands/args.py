@@ -12,8 +12,8 @@ from typing import Callable, ClassVar, Optional, Sequence, TypeVar
 
 from ..device import PRECISIONS
 from ..errors import ConfigError, MinigptError
+from ..training.config import SCHEDULES, TrainConfig
 from ..training.optim import MUON_LR_SCALE, OPTIMIZERS
-from ..training.trainer import SCHEDULES, TrainConfig
 
 T = TypeVar("T")
 

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..data.templates import TEMPLATE_NAMES
+from ..errors import ChatError
 from ..model.quant import QUANT_MODES
 from .args import CLIError, command_main, field
 
@@ -107,8 +108,6 @@ def _show(session, source: str) -> str:
 
 def _say(session, text: str, con: _Console) -> None:
     """One user turn: stream the reply; Ctrl-C stops it and returns to the prompt."""
-    from ..inference.chat import ChatError
-
     it = None
     wrote = False
     try:
@@ -136,8 +135,6 @@ def _say(session, text: str, con: _Console) -> None:
 
 def _command(session, line: str, con: _Console, source: str) -> bool:
     """Run a /command; returns False to quit."""
-    from ..inference.chat import ChatError
-
     name, _, arg = line[1:].partition(" ")
     name, arg = name.lower(), arg.strip()
     if name in ("quit", "exit", "q"):
@@ -190,49 +187,16 @@ def _read_line(interactive: bool) -> Optional[str]:
     return line.rstrip("\r\n")
 
 
-def prepare_weights(model, weights: str, device, compile: bool, quantize: Optional[str] = None) -> str:
-    """Swap in decoding weights (minigpt.inference.generate.prepare_for_decoding) as --weights asks;
-    returns what the model decodes with, for the banner. A --quantize base keeps its own layers
-    (int8: torch's weight-only int8 kernel; nf4 on CPU: dense fp16 copies of the NF4 numbers)."""
-    from ..inference.generate import DECODE_MODES, prepare_for_decoding
-    from ..model.quant import for_decoding
-
-    if quantize is not None:
-        if weights != "auto":
-            raise CLIError("use either --quantize (a quantized base) or --weights (decoding weights), not both")
-        return f"{quantize} base: " + (for_decoding(model) if device.type == "cpu" else "as loaded")
-
-    if weights not in ("auto", "plain") + DECODE_MODES:
-        raise CLIError(f"--weights must be one of auto, plain, {', '.join(DECODE_MODES)}; got {weights!r}")
-    if compile and device.type == "cpu" and weights in ("fp32", "bf16", "w8a8"):
-        raise CLIError(f"--compile cannot trace the repacked --weights {weights} on CPU; "
-                       f"use fp16, int8, int4 or plain")
-    compiled = ", compiled steps" if compile else ""
-    if weights == "plain" or (weights == "auto" and (device.type != "cpu" or compile)):
-        return "plain" + compiled
-    mode = "fp32" if weights == "auto" else weights
-    try:
-        prepare_for_decoding(model, mode)
-    except ValueError as e:
-        if weights != "auto":                            # auto: keep the plain weights
-            raise CLIError(f"--weights {weights}: {e}") from None
-        return "plain"
-    return mode + (" (exact, repacked)" if mode == "fp32" else "") + compiled
-
-
 def chat(args: ChatArgs) -> int:
     """The body of `minigpt chat`."""
-    from ..device import resolve_device
-    from ..inference.chat import ChatError, ChatSession, load_chat_model
+    from ..inference.chat import ChatSession
+    from .common import decoding_model
 
     interactive = args.prompt is None and sys.stdin.isatty()
     con = _Console(interactive)
     if not interactive and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")            # undecodable input bytes: U+FFFD, not a crash
-    device = resolve_device(args.device)
-    loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
-    weights = prepare_weights(loaded.model, args.weights, device, args.compile, args.quantize)
-    template = args.template or loaded.template or DEFAULT_TEMPLATE
+    loaded, template, weights = decoding_model(args, args.compile)
     try:
         session = ChatSession(loaded.model, template=template, system=args.system, stop=args.stop,
                               on_notice=con.warn, temperature=args.temperature, top_k=args.top_k,

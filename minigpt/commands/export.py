@@ -99,16 +99,14 @@ def _check_adapter_kind(args: ExportArgs) -> None:
 
 def export(args: ExportArgs) -> int:
     """The body of `minigpt export`: check, load (LoRA merged unless --lora-gguf), write."""
-    from ..data.templates import DEFAULT_TEMPLATE
-    from ..inference.chat import load_chat_model
     from ..methods.lora import lora_layers
     from ..weights.gguf import export_gguf, export_lora_gguf
+    from .common import load_model
 
     _check_outputs(args)
     _check_adapter_kind(args)
-    loaded = load_chat_model(args.model, args.adapter, device="cpu", merge=not args.lora_gguf)
+    loaded, template = load_model(args, "cpu", merge=not args.lora_gguf)
     model = loaded.model
-    template = args.template or loaded.template or DEFAULT_TEMPLATE
     name = args.name or Path(str(args.adapter or loaded.source).split(" + ")[-1]).name or None
     if args.lora_gguf:
         if not lora_layers(model):

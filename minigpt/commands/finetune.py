@@ -18,28 +18,18 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
-from ..methods import MERGEABLE, METHODS, NAMES
+from ..methods import table
+from ..methods.adapter import NON_LINEARITIES, PLACEMENTS, AdapterConfig
+from ..methods.ia3 import IA3Config
+from ..methods.lora import LoRAConfig
+from ..methods.prefix_tuning import PROMPT_INITS, PrefixConfig, PromptConfig
+from ..methods.table import MERGEABLE, METHODS, NAMES, QUANTIZABLE, SMALL_BASE_PARAMS, TABLE
 from ..model.quant import QUANT_MODES
 from .args import CLIError, RunArgs, check, command_main, field
 
 LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
-# each method's own flags (a flag given to another method is an error) and its default learning rate
-METHOD_FLAGS = {
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora"),
-    "dora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora"),
-    "ia3": ("ia3_targets", "ia3_feedforward"),
-    "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
-    "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
-    "adapter": ("adapter_size", "adapter_placement", "adapter_nonlinearity"),
-}
-# default peak learning rates: for pretrained GPT-2 (>= 100M parameters; lora 2e-4 is the seed-000
-# recipe, the others the usual rates for these methods) and for small bases such as train.py's 7M
-# model, which need larger steps (measured: benchmarks/finetune_lr.py -> results/finetune_lr.json)
-METHOD_LR = {None: 2e-4, "lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "adapter": 1e-3}
-SMALL_BASE_LR = {None: 2e-4, "lora": 3e-3, "dora": 3e-3, "ia3": 3e-1, "prefix": 3e-1, "prompt": 1e-1,
-                 "adapter": 3e-3}
-SMALL_BASE_PARAMS = 100_000_000
-QUANTIZABLE = ("lora", "ia3", "prefix", "prompt", "adapter")    # methods that run on a quantized base
+# each method's own flags (a flag given to another method is an error), its default learning rates and
+# whether it runs on a quantized base: minigpt.methods.table; the defaults in the help: the method configs
 
 
 @dataclass
@@ -50,8 +40,9 @@ class FinetuneArgs(RunArgs):
                      "text (default: the embedded set)",
                 out_dir="where the adapter (or model), checkpoints and metrics go",
                 max_steps="optimizer steps (default: from --epochs)",
-                lr="peak learning rate (default: per method and base size, see METHOD_LR / SMALL_BASE_LR: "
-                   "lora 2e-4 on GPT-2 124M+, 3e-3 on a small base such as train.py's)",
+                lr="peak learning rate (default: per method and base size, see minigpt.methods.table: "
+                   f"lora {TABLE['lora'].lr:g} on GPT-2 124M+, {TABLE['lora'].small_base_lr:g} on a small base "
+                   "such as train.py's)",
                 eval_batches="validation batches per evaluation (default: all; 0 = no evaluation)",
                 val_fraction="share held out for validation when the data has no 'split' field, in [0, 1)",
                 samples="held-out prompts answered before and after training")
@@ -62,29 +53,33 @@ class FinetuneArgs(RunArgs):
     method: Optional[str] = field(None, "parameter-efficient method (base frozen); without it all weights are "
                                         "trained", choices=METHODS)
     lora: bool = field(False, "short for --method lora")
-    lora_r: Optional[int] = field(None, "LoRA/DoRA rank (default: 8)")
-    lora_alpha: Optional[float] = field(None, "LoRA/DoRA alpha, update scaled by alpha / r (default: 16)")
-    lora_dropout: Optional[float] = field(None, "dropout on the LoRA/DoRA input path (default: 0.05)")
+    lora_r: Optional[int] = field(None, f"LoRA/DoRA rank (default: {LoRAConfig.r})")
+    lora_alpha: Optional[float] = field(None, "LoRA/DoRA alpha, update scaled by alpha / r "
+                                              f"(default: {LoRAConfig.alpha:g})")
+    lora_dropout: Optional[float] = field(None, f"dropout on the LoRA/DoRA input path (default: {LoRAConfig.dropout})")
     lora_targets: Optional[list[str]] = field(None, "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
-                                                    "c_fc, lm_head, or q k v (slices of c_attn) (default: c_attn)",
-                                              metavar="NAME")
+                                                    "c_fc, lm_head, or q k v (slices of c_attn) "
+                                                    f"(default: {' '.join(LoRAConfig.targets)})", metavar="NAME")
     rslora: Optional[bool] = field(None, "rank-stabilised LoRA/DoRA: scale by alpha / sqrt(r)")
     ia3_targets: Optional[list[str]] = field(None, "IA3: modules whose outputs (or, for --ia3-feedforward ones, "
-                                                   "inputs) are rescaled (default: c_attn mlp.c_proj)", metavar="NAME")
-    ia3_feedforward: Optional[list[str]] = field(None, "IA3: targets rescaled at their input (default: mlp.c_proj)",
-                                                 metavar="NAME")
-    num_virtual_tokens: Optional[int] = field(None, "prefix/prompt tuning: virtual tokens (default: 20)")
+                                                   "inputs) are rescaled (default: "
+                                                   f"{' '.join(IA3Config.targets)})", metavar="NAME")
+    ia3_feedforward: Optional[list[str]] = field(None, "IA3: targets rescaled at their input "
+                                                       f"(default: {' '.join(IA3Config.feedforward)})", metavar="NAME")
+    num_virtual_tokens: Optional[int] = field(None, "prefix/prompt tuning: virtual tokens "
+                                                    f"(default: {PrefixConfig.num_virtual_tokens})")
     prefix_projection: Optional[bool] = field(None, "prefix tuning: reparameterise the prefixes through an MLP")
     encoder_hidden_size: Optional[int] = field(None, "prefix tuning: hidden width of that MLP (default: n_embd)")
     prompt_init: Optional[str] = field(None, "prompt tuning: initial virtual tokens, random or the embeddings of "
-                                             "--prompt-init-text (default: random)", choices=("random", "text"))
+                                             f"--prompt-init-text (default: {PromptConfig.init})", choices=PROMPT_INITS)
     prompt_init_text: Optional[str] = field(None, "prompt tuning: the text for --prompt-init text")
-    adapter_size: Optional[int] = field(None, "bottleneck adapters: bottleneck width (default: 64)")
+    adapter_size: Optional[int] = field(None, f"bottleneck adapters: bottleneck width (default: {AdapterConfig.size})")
     adapter_placement: Optional[str] = field(None, "bottleneck adapters: houlsby (after attention and MLP) or "
-                                                   "pfeiffer (after the MLP) (default: houlsby)",
-                                             choices=("houlsby", "pfeiffer"))
-    adapter_nonlinearity: Optional[str] = field(None, "bottleneck adapters: activation (default: relu)",
-                                                choices=("relu", "gelu", "tanh", "silu"))
+                                                   f"pfeiffer (after the MLP) (default: {AdapterConfig.placement})",
+                                             choices=tuple(PLACEMENTS))
+    adapter_nonlinearity: Optional[str] = field(None, "bottleneck adapters: activation "
+                                                      f"(default: {AdapterConfig.non_linearity})",
+                                                choices=tuple(NON_LINEARITIES))
     template: str = field(DEFAULT_TEMPLATE, "prompt template", choices=TEMPLATE_NAMES)
     mask_prompt: bool = field(True, "train on responses only (--no-mask-prompt: on prompts too)")
     max_length: Optional[int] = field(None, "max tokens per example, longer ones are cut at the end "
@@ -122,9 +117,9 @@ class FinetuneArgs(RunArgs):
             if self.method not in (None, "lora"):
                 raise CLIError(f"--lora is short for --method lora; it cannot be combined with --method {self.method}")
             self.method = "lora"
-        for flag in dict.fromkeys(f for names in METHOD_FLAGS.values() for f in names):
-            if getattr(self, flag) is not None and flag not in METHOD_FLAGS.get(self.method, ()):
-                owners = ", ".join(m for m, names in METHOD_FLAGS.items() if flag in names)
+        for flag in dict.fromkeys(f for m in TABLE.values() for f in m.flags):
+            if getattr(self, flag) is not None and flag not in (TABLE[self.method].flags if self.method else ()):
+                owners = ", ".join(m.name for m in TABLE.values() if flag in m.flags)
                 given = f"--method {self.method}" if self.method else "a full fine-tune (no --method)"
                 raise CLIError(f"--{flag.replace('_', '-')} applies to --method {owners}, not to {given}")
         if self.quantize and self.method not in QUANTIZABLE:
@@ -144,13 +139,10 @@ class FinetuneArgs(RunArgs):
     def peft_config(self):
         """The chosen method's validated config object (None for full fine-tuning)."""
         if self.method in ("lora", "dora"):
-            from ..methods.lora import LoRAConfig
-
-            def pick(v, default):
-                return default if v is None else v
-            return LoRAConfig(r=pick(self.lora_r, 8), alpha=pick(self.lora_alpha, 16.0),
-                              dropout=pick(self.lora_dropout, 0.05), targets=tuple(self.lora_targets or ("c_attn",)),
-                              rslora=bool(self.rslora), use_dora=self.method == "dora", flags=LORA_FLAGS)
+            given = dict(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                         targets=tuple(self.lora_targets) if self.lora_targets else None)   # None: LoRAConfig's
+            return LoRAConfig(**{k: v for k, v in given.items() if v is not None}, rslora=bool(self.rslora),
+                              use_dora=self.method == "dora", flags=LORA_FLAGS)
         if self.method is None:
             return None
         from ..methods import method_config
@@ -172,7 +164,7 @@ def default_lr(args: FinetuneArgs, model) -> tuple[float, str]:
         return args.lr, "--lr"
     n = model.num_params()
     small = n < SMALL_BASE_PARAMS
-    lr = (SMALL_BASE_LR if small else METHOD_LR)[args.method]
+    lr = table.default_lr(args.method, n)
     return lr, (f"default for {args.method or 'full fine-tuning'} on a {'small' if small else 'GPT-2-sized'} base "
                 f"({n / 1e6:.0f}M params {'<' if small else '>='} {SMALL_BASE_PARAMS // 1_000_000}M)")
 
@@ -332,8 +324,9 @@ def finetune(args: FinetuneArgs) -> dict:
     from ..data.tokenizer import get_tokenizer
     from ..device import process_rank, resolve_device, resolve_precision
     from ..methods import count_parameters
+    from ..training.config import TrainConfig
     from ..training.runs import RunInput, check_run_dir, claim_run_dir, resolve_base
-    from ..training.trainer import TrainConfig, Trainer
+    from ..training.trainer import Trainer
 
     # every check first: flags, data, the run folder, the base model; nothing is deleted before
     precision = resolve_precision(args.precision, resolve_device(args.device))

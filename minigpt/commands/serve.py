@@ -8,8 +8,7 @@ examples:
   minigpt serve --host 0.0.0.0 --api-key KEY         # reachable from other machines, with a key
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Name three colors."}]}'
-(`python serve.py ...` and `python -m minigpt.inference.serve ...` are the same command; needs
-pip install -e ".[serve]".)
+(`python serve.py ...` is the same command; needs pip install -e ".[serve]".)
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from ..data.templates import TEMPLATE_NAMES
 from ..model.quant import QUANT_MODES
 from .args import CLIError, check, command_main, field
 
@@ -68,19 +67,14 @@ def serve(args: ServeArgs) -> int:
     import torch
 
     from ..data.tokenizer import get_tokenizer
-    from ..device import resolve_device
-    from ..inference.chat import load_chat_model
     from ..inference.engine import Engine
     from ..inference.serve import create_app
-    from .chat import prepare_weights
+    from .common import decoding_model
 
     uvicorn = _server_modules()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    loaded = load_chat_model(args.model, args.adapter, device=device, quantize=args.quantize)
-    weights = prepare_weights(loaded.model, args.weights, device, False, args.quantize)
-    template = args.template or loaded.template or DEFAULT_TEMPLATE
+    loaded, template, weights = decoding_model(args)
     model_id = args.model_id or Path(loaded.adapter or loaded.source).name or "minigpt"
     engine = Engine(loaded.model, get_tokenizer(), max_batch=args.max_batch, max_waiting=args.max_waiting).start()
     app = create_app(engine, model_id, template=template, api_key=args.api_key)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..training.trainer import parse_duration
+from ..training.budget import parse_duration
+from ..training.config import TrainConfig
 from .args import CLIError, RunArgs, check, command_main, field
 
 DEFAULT_BUDGET = "5m"          # the run's wall time when --max-steps is not given
@@ -181,7 +182,7 @@ def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int,
     generator (one is timed)."""
     import time
 
-    from ..training.trainer import TimeBudget
+    from ..training.budget import TimeBudget
 
     seconds = args.budget_seconds()
     if seconds is None:
@@ -223,7 +224,7 @@ def train(args: TrainArgs) -> dict:
     from ..training.evaluate import evaluate_bpb, evaluate_loss
     from ..training.loss import CausalLMLoss
     from ..training.runs import RunInput, check_run_dir, claim_run_dir
-    from ..training.trainer import TrainConfig, Trainer
+    from ..training.trainer import Trainer
 
     start = time.perf_counter()           # a time budget counts from here
     # every check first: flags, inputs, the run folder; nothing is written or deleted before

@@ -1,6 +1,7 @@
-"""Multi-turn chat on top of the KV-cache decoder: `ChatSession` (library) and model discovery.
+"""Multi-turn chat on top of the KV-cache decoder: `ChatSession`, its settings and its prompts.
 
-    from minigpt.inference.chat import ChatSession, load_chat_model
+    from minigpt.inference.chat import ChatSession
+    from minigpt.training.runs import load_chat_model
     loaded = load_chat_model("out-finetune")            # or a preset, HF dir, --adapter, ...
     chat = ChatSession(loaded.model, template=loaded.template, system="Be brief.",
                        temperature=0.0, max_new_tokens=64)
@@ -25,14 +26,7 @@ Interruptions: closing `reply_stream` early (or a KeyboardInterrupt while decodi
 partial answer as that turn's reply, flagged `interrupted`, when it holds any text; an interrupted
 reply without text drops the user's message too, as if it had not been sent.
 
-Model sources (`load_chat_model`, `find_latest_run`; built on minigpt.training.runs):
-* `--model` = any GPT.from_pretrained source (preset, HF dir, OpenAI TF checkpoint, train.py out/);
-* `--adapter` = a LoRA adapter dir (minigpt's or PEFT's); its base is `--model`, else the base the
-  adapter records (minigpt_finetune.json, else adapter_config.json's base_model_name_or_path);
-* a finetune.py output dir (LoRA adapter or full weights + minigpt_finetune.json) given as either;
-  the template is read from its metadata;
-* nothing: the newest finetune.py output (./out-finetune, ...), else the newest train.py output
-  (./out, ...).
+Which model to talk to (model sources, the newest local run) is minigpt.training.runs.load_chat_model.
 """
 from __future__ import annotations
 
@@ -47,21 +41,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from ..data.templates import DEFAULT_TEMPLATE, Template, get_template
-from ..errors import ConfigError
+from ..errors import ChatError, ConfigError
 from .sampling import NAMES as SAMPLING_NAMES
 from .sampling import SamplingConfig, check_sampling, parse_number
 
-__all__ = ["ChatSession", "ChatSettings", "ReplyTrim", "ChatError", "PromptInfo", "LoadedModel", "load_chat_model",
-           "find_latest_run", "validate_setting", "NO_MODEL_MESSAGE"]
+__all__ = ["ChatSession", "ChatSettings", "ReplyTrim", "ChatError", "PromptInfo", "validate_setting"]
 
-NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.py` (writes out-finetune/), "
-                    "pretrain one with `python train.py` (writes out/), or pass --model gpt2 "
-                    "(or any checkpoint directory)")
 TRANSCRIPT_FORMAT = "minigpt-chat-transcript"
-
-
-class ChatError(ConfigError):
-    """A user-facing chat problem (bad setting, prompt cannot fit, ...): one-line message."""
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -394,77 +380,3 @@ class ChatSession:
             if tmp.exists():
                 tmp.unlink()
         return p
-
-
-# --- finding and loading models ---------------------------------------------------------------
-# Run discovery and finetune loading live in minigpt.training.runs (shared with finetune.py); this adds
-# chat's precedence (finetune before pretrain, --model / --adapter combinations) on top.
-
-def find_latest_run(root: Union[str, os.PathLike] = ".") -> Optional[Path]:
-    """The newest finetune.py output among `root` and its subdirectories (e.g. ./out-finetune),
-    else the newest train.py output (e.g. ./out); None when there is neither."""
-    from ..training import runs
-    return runs.find_latest_run("finetune", root) or runs.find_latest_run("pretrain", root)
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    template: Optional[str]      # the template the model was tuned with (None when unknown)
-    source: str                  # human-readable description
-    adapter: Optional[str] = None
-
-
-def _is_finetune_dir(d: Path) -> bool:
-    from ..training import runs
-    return d.is_dir() and ((d / "adapter_config.json").is_file() or runs.read_finetune_meta(d) is not None)
-
-
-def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
-                    device: Union[str, torch.device, None] = None, root: Union[str, os.PathLike] = ".",
-                    merge: bool = True, quantize: Optional[str] = None) -> LoadedModel:
-    """Load what chat.py should talk to.
-
-    model:   any GPT.from_pretrained source, or a finetune.py output dir (LoRA or full).
-    adapter: a LoRA adapter / finetune output dir applied to `model` (default base: the one the
-             adapter records).
-    neither: the newest finetune output under `root`, else the newest train.py output.
-    LoRA adapters are merged into the weights for fast decoding (exactly what merge_lora gives)
-    unless merge=False or the adapter touches the tied lm_head. Raises ChatError /
-    CheckpointError / FileNotFoundError / ValueError with one-line messages.
-    """
-    from ..methods import MERGEABLE, merge_and_unload, method_of
-    from ..methods.lora import lora_layers
-    from ..model.gpt import GPT
-    from ..training import runs
-
-    if model is None and adapter is None:
-        latest = find_latest_run(root)
-        if latest is None:
-            raise ChatError(NO_MODEL_MESSAGE)
-        model = str(latest)
-    if adapter is None and model is not None and _is_finetune_dir(Path(model).expanduser()):
-        model, adapter = None, model                          # a finetune output dir as --model
-    if adapter is None:
-        m = GPT.from_pretrained(model, device=device, quantize=quantize)
-        template, source = None, str(model)
-    else:
-        ad = Path(adapter).expanduser()
-        if not ad.is_dir():
-            raise ChatError(f"adapter directory {adapter} not found")
-        m, template = runs.load_finetuned(ad, base=model, device=device, quantize=quantize)
-        meta = runs.read_finetune_meta(ad) or {}
-        if not meta.get("template"):
-            template = None                                   # runs says alpaca when it cannot know
-        source = f"{model} + {adapter}" if model is not None else str(adapter)
-        if merge and method_of(m) in MERGEABLE and not quantize:
-            try:
-                m = merge_and_unload(m)
-            except ValueError:                                # LoRA on the tied lm_head: keep as is
-                if not lora_layers(m):
-                    raise
-    if device is not None:
-        m.to(device)
-    m.eval()
-    m.requires_grad_(False)
-    return LoadedModel(m, template, source, adapter)

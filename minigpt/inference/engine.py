@@ -31,8 +31,8 @@ import torch
 
 from ..errors import ConfigError, MinigptError
 from ..model.gpt import check_token_ids
-from .generate import TextStream, sample_next
-from .sampling import SamplingConfig
+from .generate import TextStream
+from .sampling import SamplingConfig, sample_next
 
 __all__ = ["Engine", "EngineBusy", "Request", "Event"]
 

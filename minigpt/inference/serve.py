@@ -13,8 +13,8 @@ context policy (minigpt.inference.chat.ChatSession.build_prompt: the oldest turn
 last message keeps its end); a raw prompt that does not fit is a 400. Errors are OpenAI-shaped:
 {"error": {"message", "type", "param", "code"}} with 400 / 401 / 404 / 413 / 429.
 
-Needs the optional extra: pip install -e ".[serve]" (Starlette + uvicorn).
-`python -m minigpt.inference.serve` is `minigpt serve` (minigpt.commands.serve).
+Needs the optional extra: pip install -e ".[serve]" (Starlette + uvicorn). The command that loads a
+model and runs this app is `minigpt serve` (minigpt.commands.serve).
 """
 from __future__ import annotations
 
@@ -388,10 +388,3 @@ class _Shape:
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": done.finish_reason}
         return {**self.head("full"), "choices": [choice], "usage": _usage(done)}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from ..commands.serve import main
-    sys.exit(main())

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdapterError, ConfigError
+from .table import NAMES
 
 __all__ = ["BottleneckAdapter", "AdapterConfig", "adapter_modules", "PLACEMENTS", "NON_LINEARITIES"]
 
@@ -42,6 +43,9 @@ FORMAT_VERSION = 1
 
 class BottleneckAdapter(nn.Module):
     """h -> h + up(act(down(dropout(h)))) * scaling; down (size, C), up (C, size), up zero-initialised."""
+
+    adapter_method = "adapter"               # what minigpt.methods.table.method_of reads
+    adapter_title = NAMES["adapter"]
 
     def __init__(self, n_embd: int, size: int, non_linearity: str = "relu", scaling: float = 1.0,
                  dropout: float = 0.0, device=None, dtype=None):

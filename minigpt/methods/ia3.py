@@ -19,44 +19,45 @@ adapter_config.json (peft_type IA3, target_modules, feedforward_modules, fan_in_
 adapter_model.safetensors with `base_model.model.<module>.ia3_l`: [out, 1], or [1, in] for
 feedforward modules (the same shapes for HF's Conv1D layers).
 
-This module is minigpt.methods's "ia3" method: attached, save, load, method_config, merge_and_unload.
+This module is minigpt.methods's "ia3" method: attached, save, load, method_config, merge_and_unload,
+plain_weights. The layer surgery it shares with LoRA is minigpt.methods.surgery.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import AdapterError, ConfigError
-from ..model.quant import QuantLinear
-from . import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    NAMES,
-    PEFT_PREFIX,
-    adapter_method,
-    base_name,
-    read_config,
-    read_tensors,
-    write_adapter,
+from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, read_method_config, read_tensors, save_with
+from .surgery import (
+    WrappedLinear,
+    adapter_target,
+    find_targets,
+    layer_functions,
+    loaded_layers,
+    name_matches,
+    set_module,
+    split_targets,
+    suffix_targets,
+    wrapped_layers,
 )
-from .lora import _name_matches, _set_module, find_targets, merge_layers, remove_layers, split_targets, unmerge_layers
+from .table import NAMES
 
 __all__ = ["IA3Config", "IA3Linear", "add_ia3", "ia3_layers", "ia3_parameters", "merge_ia3", "unmerge_ia3",
-           "remove_ia3", "merge_and_unload", "save_adapter", "load_adapter", "attached", "save", "load",
-           "method_config", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD", "KNOWN_TARGETS"]
+           "remove_ia3", "merge_and_unload", "plain_weights", "save_adapter", "load_adapter", "attached", "save",
+           "load", "method_config", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD", "KNOWN_TARGETS"]
 
 DEFAULT_TARGETS = ("c_attn", "mlp.c_proj")
 DEFAULT_FEEDFORWARD = ("mlp.c_proj",)
 KNOWN_TARGETS = ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """An nn.Linear whose output (or, feedforward, input) is scaled by a learned vector `ia3_l`.
 
     base:        the nn.Linear; its Parameters are reused, so names and ties hold. Or a frozen
@@ -64,48 +65,37 @@ class IA3Linear(nn.Module):
     feedforward: scale the input (ia3_l (in,)) instead of the output (ia3_l (out,)).
     """
 
+    adapter_method = "ia3"                   # what minigpt.methods.table.method_of reads
+    adapter_title = NAMES["ia3"]
+    kind, merge_what, api = "IA3", "IA3 scaling", "ia3"   # for minigpt.methods.surgery: messages, function names
+
     def __init__(self, base: nn.Linear, feedforward: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.quant = base if isinstance(base, QuantLinear) else None
-        self.weight = None if self.quant is not None else base.weight   # (out, in), same Parameter
-        self.bias = base.bias                                           # (out,) or None
+        super().__init__(base)                  # weight, bias (or quant), merged, enabled
         self.feedforward = bool(feedforward)
-        device = self.quant.codes.device if self.quant is not None else self.weight.device
         dtype = torch.float32 if self.quant is not None else self.weight.dtype
         n = self.in_features if self.feedforward else self.out_features
-        self.ia3_l = nn.Parameter(torch.ones(n, device=device, dtype=dtype))   # (in,) or (out,)
-        self.merged = False
-        self.enabled = True
+        self.ia3_l = nn.Parameter(torch.ones(n, device=self._device, dtype=dtype))   # (in,) or (out,)
         self.train(base.training)
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant(x) if self.quant is not None else F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
-            return self._base(x)
+            return self.base_forward(x)
         if self.feedforward:
-            return self._base((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))   # (..., in) scaled
-        y = self._base(x)                                                         # (..., out)
+            return self.base_forward((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))   # (..., in) scaled
+        y = self.base_forward(x)                                                  # (..., out)
         return (y * self.ia3_l).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the scaling into W (and b for output scaling); forward then runs the plain layer."""
-        if self.merged:
-            raise RuntimeError("IA3 layer is already merged")
-        if self.quant is not None:
-            raise ConfigError("cannot merge IA3 into a quantized (nf4/int8) base: load the base in full "
-                              "precision, load the adapter there and merge")
+        self.check_merge()
         self._scale(self.ia3_l.detach().float())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Divide the scaling out again (exact up to rounding; refused where a scale is zero)."""
-        if not self.merged:
-            raise RuntimeError("IA3 layer is not merged")
+        self.check_merge(merge=False)
         l = self.ia3_l.detach().float()
         if bool((l == 0).any()):
             raise ConfigError("cannot unmerge an IA3 layer with zero scales: the merged weights lost those rows")
@@ -133,15 +123,6 @@ class IA3Linear(nn.Module):
         if b is not None:
             self.bias.data = b.to(self.bias.dtype)
 
-    def to_linear(self) -> nn.Module:
-        """A plain nn.Linear sharing this layer's weight/bias Parameters (the QuantLinear for a quantized base)."""
-        if self.quant is not None:
-            return self.quant
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight = self.weight
-        lin.bias = self.bias
-        return lin
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"feedforward={self.feedforward}, merged={self.merged}")
@@ -162,7 +143,7 @@ class IA3Config:
         self.feedforward = split_targets(self.feedforward)
         if not self.targets:
             raise ConfigError("IA3 targets must name at least one module")
-        bad = [f for f in self.feedforward if not any(_name_matches(f, t) for t in self.targets)]
+        bad = [f for f in self.feedforward if not any(name_matches(f, t) for t in self.targets)]
         if bad:
             raise ConfigError(f"IA3 feedforward module(s) {bad} are not among the targets {list(self.targets)}")
 
@@ -195,7 +176,7 @@ def method_config(method: str = "ia3", **kw) -> IA3Config:
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     """{module name: IA3Linear} for every IA3 layer in the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return wrapped_layers(model, IA3Linear)
 
 
 def ia3_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -214,58 +195,34 @@ def add_ia3(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
     their input); with `freeze`, everything else is frozen. Returns the model (in place)."""
     cfg = IA3Config(targets, feedforward)
     found = find_targets(model, cfg.targets, IA3Linear, "IA3", KNOWN_TARGETS)
-    ff = {n for n in found if any(_name_matches(n, f) for f in cfg.feedforward)}
-    unused = [f for f in cfg.feedforward if not any(_name_matches(n, f) for n in found)]
+    ff = {n for n in found if any(name_matches(n, f) for f in cfg.feedforward)}
+    unused = [f for f in cfg.feedforward if not any(name_matches(n, f) for n in found)]
     if unused:
         raise ConfigError(f"IA3 feedforward module(s) {unused} match no targeted module")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name in found:
-        _set_module(model, name, IA3Linear(model.get_submodule(name), feedforward=name in ff))
+        set_module(model, name, IA3Linear(model.get_submodule(name), feedforward=name in ff))
     return model
 
 
-def merge_ia3(model: nn.Module) -> nn.Module:
-    """Fold every IA3 vector into its layer's weights (refused for the tied lm_head). Undo: unmerge_ia3."""
-    return merge_layers(model, ia3_layers(model), "IA3 scaling", "remove_ia3")
+# merge_ia3, unmerge_ia3, remove_ia3(model, merge=True), merge_and_unload (= remove_ia3 merging):
+# every IA3 layer at once; merging is refused for the tied lm_head
+merge_ia3, unmerge_ia3, remove_ia3, merge_and_unload = layer_functions(IA3Linear)
 
 
-def unmerge_ia3(model: nn.Module) -> nn.Module:
-    """Divide every merged IA3 vector out of its layer's weights again."""
-    return unmerge_layers(model, ia3_layers(model))
-
-
-def remove_ia3(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every IA3Linear by a plain nn.Linear (merging first when `merge`, else dropping the
-    scaling); every parameter is trainable again, the lm_head/wte tie intact."""
-    return remove_layers(model, ia3_layers(model), merge, merge_ia3)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """remove_ia3(model, merge=True): a plain GPT again."""
-    return remove_ia3(model, merge=True)
+def plain_weights(model: nn.Module, sd: dict[str, torch.Tensor], merge: bool) -> None:
+    """In a copy `sd` of the model's state dict: the ia3_l vectors dropped and each scaled layer's
+    weight (and bias) replaced by its float32 value with the scaling folded in (merge) or out."""
+    for name, m in ia3_layers(model).items():
+        sd.pop(f"{name}.ia3_l")
+        sd[f"{name}.weight"], bias = m.weights(merged=merge)
+        if bias is not None:
+            sd[f"{name}.bias"] = bias
 
 
 # --- adapter folders (minigpt.methods's protocol) -----------------------------------------------
-
-def _suffixes(model: nn.Module, chosen: set[str], avoid: Sequence[str] = ()) -> list[str]:
-    """The shortest dotted suffix of each chosen module name that selects (dot boundary) only chosen
-    modules among all of the model's, and that no name in `avoid` ends with (PEFT matches
-    feedforward_modules by plain str.endswith)."""
-    all_names = [n for n, _ in model.named_modules() if n]
-    out: list[str] = []
-    for name in sorted(chosen):
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):
-            t = ".".join(parts[-k:])
-            if (all(n in chosen for n in all_names if _name_matches(n, t))
-                    and not any(a.endswith(t) for a in avoid)):
-                break
-        if t not in out:
-            out.append(t)
-    return out
-
 
 def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
          ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
@@ -276,8 +233,8 @@ def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
     if any(m.merged for m in layers.values()):
         raise ConfigError("unmerge the IA3 layers (unmerge_ia3) before saving the adapter")
     ff = {n for n, m in layers.items() if m.feedforward}
-    ff_targets = _suffixes(model, ff, avoid=[n for n in layers if n not in ff])
-    targets = _suffixes(model, set(layers) - ff) + ff_targets
+    ff_targets = suffix_targets(model, ff, avoid=[n for n in layers if n not in ff])
+    targets = suffix_targets(model, set(layers) - ff) + ff_targets
     config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
               "revision": None, "inference_mode": True, "target_modules": targets,
               "feedforward_modules": ff_targets, "exclude_modules": None,
@@ -290,7 +247,7 @@ def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
 
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors in PEFT's IA3 layout; returns the dir."""
-    return write_adapter(out_dir, *save(model, base_name(model, base_model_name_or_path)))
+    return save_with(save, model, out_dir, base_model_name_or_path)
 
 
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
@@ -322,13 +279,7 @@ def _parse(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tens
 
 def _layer_plan(model: nn.Module, name: str, t: torch.Tensor, ff: bool) -> tuple:
     """Check one module against the model; (name, module, vector, feedforward)."""
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        raise AdapterError(f"adapter targets {name!r}, which this model does not have "
-                           f"(key {PEFT_PREFIX}{name}.ia3_l)") from None
-    if not isinstance(mod, (nn.Linear, QuantLinear, IA3Linear)):
-        raise AdapterError(f"adapter targets {name!r}, a {type(mod).__name__}, not a linear layer")
+    mod = adapter_target(model, name, f"{PEFT_PREFIX}{name}.ia3_l", IA3Linear)
     n = mod.in_features if ff else mod.out_features
     want = [(1, n), (n,)] if ff else [(n, 1), (n,)]
     if tuple(t.shape) not in want:
@@ -352,12 +303,7 @@ def load(model: nn.Module, adapter_dir, cfg: dict, tensors: dict[str, torch.Tens
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{d / ADAPTER_CONFIG_NAME}: modules_to_save={cfg['modules_to_save']!r} is not supported")
     mods = _parse(tensors, str(d / ADAPTER_WEIGHTS_NAME))
-    existing = ia3_layers(model)
-    if any(m.merged for m in existing.values()):
-        raise AdapterError("model has merged IA3 layers; unmerge_ia3(model) before loading an adapter")
-    if existing and set(existing) != set(mods):
-        raise AdapterError(f"model already has IA3 layers {sorted(existing)[:3]}... that differ from the "
-                           f"adapter's {sorted(mods)[:3]}...; load it into a plain model instead")
+    existing = loaded_layers(model, IA3Linear, mods, "before loading an adapter")
     plan = [_layer_plan(model, name, t, _is_feedforward(cfg, name)) for name, t in sorted(mods.items())]
     if freeze and not existing:
         for p in model.parameters():
@@ -365,7 +311,7 @@ def load(model: nn.Module, adapter_dir, cfg: dict, tensors: dict[str, torch.Tens
     for name, mod, t, ff in plan:
         if not isinstance(mod, IA3Linear):
             mod = IA3Linear(mod, feedforward=ff)
-            _set_module(model, name, mod)
+            set_module(model, name, mod)
         with torch.no_grad():
             mod.ia3_l.copy_(t)
     return model
@@ -374,11 +320,6 @@ def load(model: nn.Module, adapter_dir, cfg: dict, tensors: dict[str, torch.Tens
 def load_adapter(model: nn.Module, adapter_dir, freeze: bool = True) -> nn.Module:
     """Load a minigpt- or PEFT-written IA3 adapter folder into `model` (see `load`); a folder of
     another method is refused naming both."""
-    d = Path(adapter_dir)
-    cfg = read_config(d)
-    found = adapter_method(d, cfg)
-    if found != "ia3":
-        raise AdapterError(f"{d} holds a {NAMES[found]} adapter ({found}), not IA3 (ia3); "
-                           "load it with minigpt.methods.load_adapter")
+    d, cfg = read_method_config(adapter_dir, ("ia3",))
     tensors, meta = read_tensors(d)
     return load(model, d, cfg, tensors, meta, freeze=freeze)

@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError, ConfigError
+from .files import ADAPTER_CONFIG_NAME
+from .table import NAMES, method_of
 
 __all__ = ["PrefixTuning", "PromptTuning", "PrefixConfig", "PromptConfig", "attached", "save", "load",
            "remove", "method_config", "text_init_embeddings", "MLP_KEY_PREFIX"]
@@ -50,6 +52,9 @@ PROMPT_INITS = ("random", "text")
 
 class PrefixTuning(nn.Module):
     """Trainable keys/values of P virtual tokens in every layer (see the module docstring)."""
+
+    adapter_method = "prefix"                # what minigpt.methods.table.method_of reads
+    adapter_title = NAMES["prefix"]
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, num_virtual_tokens: int,
                  projection: bool = False, encoder_hidden_size: Optional[int] = None, device=None):
@@ -95,6 +100,9 @@ class PromptTuning(nn.Module):
     """Trainable input embeddings of P virtual tokens, used as a KV prefix (see the module docstring).
 
     init / init_text: how they were initialised (recorded in the adapter's config)."""
+
+    adapter_method = "prompt"
+    adapter_title = NAMES["prompt"]
 
     def __init__(self, n_embd: int, num_virtual_tokens: int, init: str = "random",
                  init_text: Optional[str] = None, device=None):
@@ -153,8 +161,6 @@ def _check_room(model, P: int, error=ConfigError) -> None:
 
 def _attach(model, module: nn.Module, freeze: bool = True):
     """Put `module` on model.kv_prefix; with `freeze`, only its parameters stay trainable."""
-    from . import NAMES, method_of
-
     found = method_of(model)
     if found is not None:
         raise ConfigError(f"model already carries {NAMES[found]} ({found}); minigpt attaches one method at a time")
@@ -166,14 +172,24 @@ def _attach(model, module: nn.Module, freeze: bool = True):
     return model
 
 
+class _VirtualTokenConfig:
+    """What PrefixConfig and PromptConfig share: `method` (the minigpt.methods name) and to_dict."""
+
+    method = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class PrefixConfig:
+class PrefixConfig(_VirtualTokenConfig):
     """Prefix tuning: num_virtual_tokens (P); projection: make the prefixes with an MLP (PEFT's
     prefix_projection) of hidden width encoder_hidden_size (None: the model's n_embd)."""
 
     num_virtual_tokens: int = 20
     projection: bool = False
     encoder_hidden_size: Optional[int] = None
+    method = "prefix"
 
     def __post_init__(self) -> None:
         _check_count("num_virtual_tokens", self.num_virtual_tokens)
@@ -182,13 +198,6 @@ class PrefixConfig:
         _check_count("encoder_hidden_size", self.encoder_hidden_size, allow_none=True)
         if self.encoder_hidden_size is not None and not self.projection:
             raise ConfigError("encoder_hidden_size is the width of the projection MLP: it needs projection=True")
-
-    @property
-    def method(self) -> str:
-        return "prefix"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def apply(self, model):
         """Attach trainable prefixes to `model` (in place; everything else frozen); returns it."""
@@ -202,13 +211,14 @@ class PrefixConfig:
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(_VirtualTokenConfig):
     """Prompt tuning: num_virtual_tokens (P) trainable input embeddings, initialised at random
     (init="random") or from the token embeddings of init_text (init="text")."""
 
     num_virtual_tokens: int = 20
     init: str = "random"
     init_text: Optional[str] = None
+    method = "prompt"
 
     def __post_init__(self) -> None:
         _check_count("num_virtual_tokens", self.num_virtual_tokens)
@@ -218,13 +228,6 @@ class PromptConfig:
             raise ConfigError("prompt-tuning init 'text' needs a non-empty init_text")
         if self.init != "text" and self.init_text is not None:
             raise ConfigError("init_text is only used with init='text'")
-
-    @property
-    def method(self) -> str:
-        return "prompt"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def apply(self, model):
         """Attach trainable virtual-token embeddings to `model` (in place; everything else frozen)."""
@@ -364,8 +367,6 @@ def load(model, adapter_dir, cfg: dict, tensors: dict, meta: Optional[dict] = No
     """Load a PREFIX_TUNING / PROMPT_TUNING adapter (minigpt- or PEFT-written) into `model`, in place.
     A model already carrying the same method gets its values overwritten (exact resume: the
     Parameters stay the same objects, so an optimizer keeps them)."""
-    from . import ADAPTER_CONFIG_NAME
-
     where = Path(adapter_dir) / ADAPTER_CONFIG_NAME
     method = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}.get(cfg.get("peft_type"))
     if method is None:

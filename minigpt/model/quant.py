@@ -16,8 +16,8 @@ Training: forward and backward dequantise the weight on the fly, in the compute 
 keep it (a custom autograd function recomputes it in backward), so the peak holds one layer's
 dense weight at a time; the base gets no gradient (LoRA layers on top do). Inference on CPU: int8
 decoding steps (at most 16 rows, no autograd) use torch's weight-only int8 kernel (what
-prepare_for_decoding's int8 mode uses); `densify(model)` caches dense fp16 copies for fast NF4
-decoding (the memory of fp16, the numbers of NF4).
+prepare_for_decoding's int8 mode uses); minigpt.inference.decode_weights.for_decoding gives NF4
+layers dense fp16 copies for fast decoding (the memory of fp16, the numbers of NF4).
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "cast_unquantized", "densify", "for_decoding",
-           "is_quantized",
+__all__ = ["NF4_CODE", "QUANT_MODES", "QuantLinear", "quantize_model", "cast_unquantized", "is_quantized",
            "quant_bytes", "nf4_quantize", "nf4_dequantize"]
 
 QUANT_MODES = ("nf4", "int8")
@@ -126,7 +125,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", scale)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self._dense: Optional[torch.Tensor] = None                                # densify()'s cache
+        self._dense: Optional[torch.Tensor] = None         # decode_weights.densify()'s cache
         self.save_dense = False                                # set by GPT.gradient_checkpointing
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -167,13 +166,13 @@ def _block_linears(model: nn.Module):
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace every nn.Linear of the transformer blocks with a frozen QuantLinear (in place).
-    LoRA layers must be merged or removed first; the rest of the model is frozen too."""
+    A fine-tuning method's layers (any module with an `adapter_title`, see minigpt.methods.table)
+    must be merged or removed first; the rest of the model is frozen too."""
     if mode not in QUANT_MODES:
         raise ConfigError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {mode!r}")
-    from ..methods import NAMES, method_of
-
-    if method_of(model) is not None:
-        raise ConfigError(f"quantize the base before adding {NAMES[method_of(model)]} layers (or merge them first)")
+    adapted = next((m for m in model.modules() if hasattr(m, "adapter_title")), None)
+    if adapted is not None:
+        raise ConfigError(f"quantize the base before adding {adapted.adapter_title} layers (or merge them first)")
     for name, lin in list(_block_linears(model)):
         parent, _, child = name.rpartition(".")
         q = QuantLinear(lin, mode)
@@ -200,31 +199,6 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
-
-
-def densify(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Cache a dense copy of every NF4 layer's weight in `dtype` (inference: fast CPU decoding at
-    the memory of `dtype`; the numbers are still NF4's). int8 layers keep their own kernel."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.mode == "nf4":
-            m._dense = m.dense(torch.float32).to(dtype)
-    return model
-
-
-def for_decoding(model: nn.Module) -> str:
-    """CPU inference on a quantized base at the speed of prepare_for_decoding: NF4 blocks get dense
-    fp16 copies (densify), and the tied head a decoding copy (fp16 for nf4, int8 per channel for
-    int8); the input embeddings keep their own full-precision weight. Returns what it did."""
-    from ..inference.generate import DecodeLinear
-
-    modes = {m.mode for m in model.modules() if isinstance(m, QuantLinear)}
-    if not modes:
-        raise ConfigError("for_decoding needs a quantized model (quantize_model)")
-    head = "fp16" if "nf4" in modes else "int8"
-    if "nf4" in modes:
-        densify(model)
-    model.lm_head = DecodeLinear(model.lm_head.weight, None, head)
-    return f"{'/'.join(sorted(modes))} blocks{' (dense fp16 copies)' if 'nf4' in modes else ''}, {head} head"
 
 
 def quant_bytes(model: nn.Module) -> dict:

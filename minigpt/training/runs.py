@@ -1,5 +1,6 @@
 """Run folders: what each command writes into its --out-dir, whether a folder may be used, what
---overwrite may delete, and finding and loading finished runs (one policy for every command).
+--overwrite may delete, and finding and loading finished runs (one policy for every command),
+including the model that chat, serve and export use (`load_chat_model`).
 
 A run folder holds `run.json` (written first by `claim_run_dir`, then by the Trainer:
 {"kind": "pretrain" | "finetune", "train": ..., ...}) and the latest weights at its top level:
@@ -16,6 +17,16 @@ finetune writes `minigpt_finetune.json` (FINETUNE_META) with what is needed to u
     claim_run_dir("out", "pretrain", inputs=[RunInput("--init-from", "m1/best", model=True)])
     model, template = load_finetuned("out-finetune")     # base + adapter, or the full weights
     run = find_latest_run("pretrain")                     # e.g. Path("out"), or None
+    loaded = load_chat_model()                            # newest finetune run, else pretrain run
+
+Model sources of `load_chat_model` (`minigpt chat`, `serve` and `export`):
+* `--model` = any GPT.from_pretrained source (preset, HF dir, OpenAI TF checkpoint, train.py out/);
+* `--adapter` = an adapter dir (minigpt's or PEFT's); its base is `--model`, else the base the
+  adapter records (minigpt_finetune.json, else adapter_config.json's base_model_name_or_path);
+* a finetune.py output dir (adapter or full weights + minigpt_finetune.json) given as either;
+  the template is read from its metadata;
+* nothing: the newest finetune.py output (./out-finetune, ...), else the newest train.py output
+  (./out, ...).
 """
 from __future__ import annotations
 
@@ -24,15 +35,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from ..data.templates import DEFAULT_TEMPLATE
-from ..errors import CheckpointError, RunDirError
+from ..errors import ChatError, CheckpointError, RunDirError
 from ..fileio import atomic_write_json
 
 __all__ = ["FINETUNE_META", "RUN_INFO", "METRICS_FILE", "CKPT_DIR", "STATE_FILE", "RUN_OUTPUTS",
            "RunInput", "check_run_dir", "claim_run_dir", "latest_checkpoint", "read_run_info", "read_finetune_meta",
-           "has_model", "has_adapter", "find_latest_run", "resolve_base", "load_finetuned"]
+           "has_model", "has_adapter", "find_latest_run", "resolve_base", "load_finetuned", "LoadedModel",
+           "load_chat_model", "NO_MODEL_MESSAGE"]
 
 RUN_INFO = "run.json"
 FINETUNE_META = "minigpt_finetune.json"
@@ -213,14 +225,17 @@ def _newest_mtime(d: Path) -> float:
     return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
 
 
-def find_latest_run(kind: str, root: PathLike = ".") -> Optional[Path]:
+def find_latest_run(kind: Optional[str] = None, root: PathLike = ".") -> Optional[Path]:
     """The most recently written complete run of `kind` ("pretrain" or "finetune") among `root`
-    and its immediate subdirectories (e.g. ./out, ./out-finetune), or None.
+    and its immediate subdirectories (e.g. ./out, ./out-finetune), or None. kind None: the newest
+    finetune run, else the newest pretraining run (what chat loads when given no model).
 
     Complete means: the run's weights are there (config.json + model.safetensors; for finetune
     runs alternatively a LoRA adapter). Pretraining runs are recognised by run.json's
     "kind": "pretrain", fine-tuning runs by "kind": "finetune" or minigpt_finetune.json.
     """
+    if kind is None:
+        return find_latest_run("finetune", root) or find_latest_run("pretrain", root)
     if kind not in ("pretrain", "finetune"):
         raise ValueError(f"unknown run kind {kind!r} (pretrain or finetune)")
     root = Path(root)
@@ -290,3 +305,71 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
         raise CheckpointError(f"{d}: no fine-tuned model found (expected adapter_config.json + "
                               "adapter_model.safetensors, or config.json + model.safetensors)")
     return model.eval(), template
+
+
+# --- the model to talk to (chat, serve, export) ----------------------------------------------------
+
+NO_MODEL_MESSAGE = ("no model to chat with: fine-tune one with `python finetune.py` (writes out-finetune/), "
+                    "pretrain one with `python train.py` (writes out/), or pass --model gpt2 "
+                    "(or any checkpoint directory)")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    template: Optional[str]      # the template the model was tuned with (None when unknown)
+    source: str                  # human-readable description
+    adapter: Optional[str] = None
+
+
+def _is_finetune_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / "adapter_config.json").is_file() or read_finetune_meta(d) is not None)
+
+
+def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
+                    device=None, root: PathLike = ".", merge: bool = True,
+                    quantize: Optional[str] = None) -> LoadedModel:
+    """Load what chat, serve and export use (see the module docstring for the sources).
+
+    model:   any GPT.from_pretrained source, or a finetune.py output dir (LoRA or full).
+    adapter: a LoRA adapter / finetune output dir applied to `model` (default base: the one the
+             adapter records).
+    neither: the newest finetune output under `root`, else the newest train.py output.
+    LoRA adapters are merged into the weights for fast decoding (exactly what merge_lora gives)
+    unless merge=False or the adapter touches the tied lm_head. Raises ChatError /
+    CheckpointError / FileNotFoundError / ValueError with one-line messages.
+    """
+    from ..methods import MERGEABLE, merge_and_unload, method_of
+    from ..methods.lora import lora_layers
+    from ..model.gpt import GPT
+
+    if model is None and adapter is None:
+        latest = find_latest_run(root=root)
+        if latest is None:
+            raise ChatError(NO_MODEL_MESSAGE)
+        model = str(latest)
+    if adapter is None and model is not None and _is_finetune_dir(Path(model).expanduser()):
+        model, adapter = None, model                          # a finetune output dir as --model
+    if adapter is None:
+        m = GPT.from_pretrained(model, device=device, quantize=quantize)
+        template, source = None, str(model)
+    else:
+        ad = Path(adapter).expanduser()
+        if not ad.is_dir():
+            raise ChatError(f"adapter directory {adapter} not found")
+        m, template = load_finetuned(ad, base=model, device=device, quantize=quantize)
+        meta = read_finetune_meta(ad) or {}
+        if not meta.get("template"):
+            template = None                                   # load_finetuned says alpaca when it cannot know
+        source = f"{model} + {adapter}" if model is not None else str(adapter)
+        if merge and method_of(m) in MERGEABLE and not quantize:
+            try:
+                m = merge_and_unload(m)
+            except ValueError:                                # LoRA on the tied lm_head: keep as is
+                if not lora_layers(m):
+                    raise
+    if device is not None:
+        m.to(device)
+    m.eval()
+    m.requires_grad_(False)
+    return LoadedModel(m, template, source, adapter)

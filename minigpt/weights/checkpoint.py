@@ -188,7 +188,7 @@ def load_checkpoint(src: PathLike, *, n_head: int | None = None, need_config: bo
         if path.suffix == ".index":
             return _load_tf(path)
         if path.suffix == ".gguf":                                  # llama.cpp's format (minigpt.weights.gguf)
-            from .gguf import load_gguf_checkpoint
+            from .gguf.load import load_gguf_checkpoint
             cfg, sd = load_gguf_checkpoint(path)
             return (_named(cfg) if need_config else None), sd
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):

@@ -4,20 +4,18 @@ import json
 import math
 
 import pytest
+import tiny
 import torch
 
-from minigpt import GPT, GPTConfig
 from minigpt.commands import train
+from minigpt.training.config import TrainConfig, lr_at
 from minigpt.training.optim import MUON_LR_SCALE, Muon, MuonAdamW, make_optimizer, newton_schulz_dtype
-from minigpt.training.trainer import TrainConfig, lr_at
 
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
-        "--eval-batches", "1", "--samples", "0", "--threads", "1", "--precision", "fp32"]
+TINY = tiny.train_flags(precision="fp32")
 
 
 def _model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=96))
+    return tiny.gpt(block_size=32, vocab_size=96, train=True)
 
 
 def _reference_muon(w, g, buf, lr, wd, mu=0.95):

@@ -7,17 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
 from minigpt import GPT
 from minigpt.commands import train
-from minigpt.training.trainer import TrainConfig, lr_at
+from minigpt.training.config import TrainConfig, lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
-        "--eval-batches", "2", "--samples", "0", "--threads", "1", "--log-interval", "1", "--lr", "3e-3",
-        "--warmup-steps", "5", "--precision", "fp32"]
+ROOT = Path(__file__).resolve().parents[2]
+TINY = tiny.train_flags(eval_batches=2, log_interval=1, lr="3e-3", warmup_steps=5, precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny import gpt as tiny_gpt
 
 from minigpt import GPT, GPTConfig
 from minigpt.commands import chat as chat_cli
@@ -99,12 +100,8 @@ def test_gpt2_accuracy_and_memory(gpt2, mode, fake, ratio):
 
 
 def tiny():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if ".ln_" in n and n.endswith("weight") else 0.0, 0.2)
-    return m
+    """2 layers, 64 dims, weights at std 0.2, left in training mode."""
+    return tiny_gpt(std=0.2, train=True)
 
 
 @pytest.mark.parametrize("mode, checkpointing", [("nf4", False), ("int8", False), ("nf4", True)])
@@ -239,10 +236,11 @@ def test_chat_on_a_quantized_base_with_an_adapter(setup, tmp_path, capsys, mode)
             "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
     assert chat_cli.main(argv) == 0
     reply = capsys.readouterr().out.strip()
-    from minigpt.inference.chat import ChatSession, load_chat_model
+    from minigpt.inference.chat import ChatSession
+    from minigpt.training.runs import load_chat_model
     loaded = load_chat_model(str(root / "base"), str(tmp_path / "ad"), quantize=mode)
+    from minigpt.inference.decode_weights import for_decoding
     from minigpt.methods.lora import lora_layers
-    from minigpt.model.quant import for_decoding
     assert lora_layers(loaded.model) and all(m.quant is not None for m in lora_layers(loaded.model).values())
     for_decoding(loaded.model)                                   # what chat does on a CPU
     assert reply == ChatSession(loaded.model, template="alpaca", temperature=0.0, max_new_tokens=8).reply("Hi")

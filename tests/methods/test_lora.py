@@ -6,6 +6,7 @@ import math
 import warnings
 
 import pytest
+import tiny
 import torch
 import torch.nn as nn
 
@@ -34,12 +35,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # --- helpers -------------------------------------------------------------------------------
 
 def tiny_gpt(seed=0, **over) -> GPT:
-    torch.manual_seed(seed)
-    m = GPT(GPTConfig(**{**TINY, **over}))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.2)
-    return m.eval()
+    """All weights N(0, 0.2), LayerNorm gains included."""
+    return tiny.gpt(**{**TINY, **over}, seed=seed, std=0.2, ln_mean=0.0)
 
 
 def hf_gpt2(seed=0, **over):

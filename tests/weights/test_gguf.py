@@ -14,8 +14,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import gpt as tiny_gpt
 
-from minigpt import GPT, GPTConfig, get_tokenizer
+from minigpt import GPT, get_tokenizer
 from minigpt.commands import export as export_cmd
 from minigpt.data.templates import TEMPLATE_NAMES, get_template
 from minigpt.errors import CheckpointError, ConfigError
@@ -54,13 +55,7 @@ TEXTS = ["Hello world", "  leading spaces   and   trailing   ", "123456789 3.141
 
 def tiny(block_size: int = 256, seed: int = 0, std: float = 0.2, **shape) -> GPT:
     """2 layers, 64 dims, weights at std 0.2 (confident logits, no near-ties to flip)."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": block_size, **shape})
-    m = GPT(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if ".ln_" in n and n.endswith("weight") else 0.0, std)
-    return m
+    return tiny_gpt(block_size=block_size, seed=seed, std=std, **shape)
 
 
 def with_lora(model: GPT, seed: int = 1) -> GPT:

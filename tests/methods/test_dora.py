@@ -6,10 +6,11 @@ import json
 import warnings
 
 import pytest
+import tiny
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_lora import hf_logits, ids, peft_model_from_dir, tiny_gpt
+from test_lora import hf_logits, ids, peft_model_from_dir
 
 from minigpt import GPT, GPTConfig
 from minigpt.errors import AdapterError, ConfigError
@@ -37,7 +38,8 @@ PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # --- helpers -------------------------------------------------------------------------------
 
 def small_gpt(seed=0) -> GPT:
-    return tiny_gpt(seed, **SMALL)
+    """test_lora's tiny_gpt with 4 heads and 64 dims: all weights N(0, 0.2), LayerNorm gains included."""
+    return tiny.gpt(**SMALL, seed=seed, std=0.2, ln_mean=0.0)
 
 
 def hf_from(base_dir):

@@ -13,9 +13,9 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.commands import finetune as ft
 from minigpt.commands.args import parse_args
-from minigpt.inference.chat import load_chat_model
 from minigpt.methods import MERGEABLE, METHODS, adapter_method, method_of
-from minigpt.training.runs import FINETUNE_META, load_finetuned
+from minigpt.methods.table import TABLE
+from minigpt.training.runs import FINETUNE_META, load_chat_model, load_finetuned
 
 COMMON = ["--batch-size", "4", "--grad-accum", "1", "--max-length", "48", "--threads", "1",
           "--sample-tokens", "4", "--samples", "1", "--precision", "fp32", "--device", "cpu", "--exact-match", "0"]
@@ -100,7 +100,7 @@ def _same_run(a: Path, b: Path, steps: int) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])    # lora: tests/test_finetune.py
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])    # lora: tests/training/test_finetune.py
 def test_resume_is_exact(base, data, tmp_path, monkeypatch, method):
     """Ctrl-C during step 5, then --resume == the uninterrupted run (losses, lr, final adapter)."""
     args = ["--base", base, "--data", data, "--method", method, "--log-interval", 1, "--eval-interval", 4,
@@ -176,13 +176,13 @@ def test_resume_with_another_method_and_loading_as_another(base, data, tmp_path,
 
 
 def test_default_learning_rate_follows_the_base(base, data, tmp_path):
-    """No --lr: a small base (< 100M parameters) gets SMALL_BASE_LR, recorded with the reason."""
+    """No --lr: a small base (< 100M parameters) gets its small_base_lr, recorded with the reason."""
     out = tmp_path / "lr"
     run(["--base", base, "--data", data, "--out-dir", out, "--method", "prefix", "--max-steps", 1,
          "--num-virtual-tokens", 2, *COMMON, "--samples", 0])
     meta = json.loads((out / FINETUNE_META).read_text())
-    assert meta["lr"] == ft.SMALL_BASE_LR["prefix"] and "small base" in meta["lr_choice"]
-    assert json.loads((out / "run.json").read_text())["train"]["lr"] == ft.SMALL_BASE_LR["prefix"]
+    assert meta["lr"] == TABLE["prefix"].small_base_lr and "small base" in meta["lr_choice"]
+    assert json.loads((out / "run.json").read_text())["train"]["lr"] == TABLE["prefix"].small_base_lr
     assert meta["before"]["val_loss"] > 0
     with torch.device("meta"):
         big = GPT(GPTConfig.from_name("gpt2"))

@@ -15,7 +15,7 @@ from minigpt.commands.args import parse_args
 from minigpt.methods.lora import lora_layers
 from minigpt.training.runs import FINETUNE_META, find_latest_run, load_finetuned
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PAIRS = {"apple": "red", "sky": "blue", "grass": "green", "snow": "white",
          "coal": "black", "sun": "yellow", "night": "dark", "fire": "hot"}

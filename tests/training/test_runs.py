@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import gpt as tiny_gpt
+from tiny import train_flags as tiny_flags
 
 from minigpt import GPT, GPTConfig
 from minigpt.commands import finetune, train
@@ -18,14 +20,13 @@ from minigpt.data.records import load_records
 from minigpt.data.templates import get_template
 from minigpt.data.tokenizer import get_tokenizer
 from minigpt.errors import DataError, RunDirError
-from minigpt.inference.chat import load_chat_model
-from minigpt.training.runs import FINETUNE_META, RunInput, check_run_dir
-from minigpt.training.trainer import TrainConfig, Trainer
+from minigpt.training.config import TrainConfig
+from minigpt.training.runs import FINETUNE_META, RunInput, check_run_dir, load_chat_model
+from minigpt.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
-         "--eval-batches", "1", "--samples", "0", "--threads", "1", "--precision", "fp32", "--device", "cpu",
-         "--max-steps", "2", "--eval-interval", "2", "--warmup-steps", "1"]
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = tiny_flags(n_embd=32, batch_size=2, precision="fp32", device="cpu", max_steps=2, eval_interval=2,
+                   warmup_steps=1)
 TUNE = ["--batch-size", "2", "--grad-accum", "1", "--max-length", "48", "--threads", "1", "--samples", "0",
         "--precision", "fp32", "--device", "cpu", "--max-steps", "2", "--exact-match", "0", "--eval-interval", "2"]
 
@@ -51,9 +52,8 @@ def fx(tmp_path_factory):
     data = root / "tasks.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Repeat {w}.", "output": w}) + "\n"
                             for w in "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()))
-    torch.manual_seed(0)
     base = root / "plain"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).save_pretrained(base)
+    tiny_gpt(n_embd=32).save_pretrained(base)                   # torch.manual_seed(0), context 64
     m1, ft1 = root / "m1", root / "ft1"
     assert run(train, ["--data", corpus, "--out-dir", m1, *TRAIN]) == 0
     assert (m1 / "best" / "model.safetensors").is_file()
@@ -207,8 +207,7 @@ def test_11_sample_tokens_checked_first(fx, tmp_path, capsys, value):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    return tiny_gpt(n_layer=1, n_embd=32, block_size=32)
 
 
 @pytest.mark.parametrize("kw, message", [

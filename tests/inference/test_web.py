@@ -29,7 +29,7 @@ try:
 except ImportError:  # the test extra installs selenium; without it the module skips
     webdriver = None
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CONTEXT = 256

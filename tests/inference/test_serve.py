@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
+from tiny import gpt as tiny_gpt
 
-from minigpt import GPT, GPTConfig, get_tokenizer
+from minigpt import GPT, get_tokenizer
 from minigpt.inference.chat import ChatSession
 from minigpt.inference.engine import Engine, Request
 from minigpt.inference.sampling import SamplingConfig
@@ -25,12 +26,7 @@ PROMPTS = ["Hello there", "The quick brown fox", "One two three four five", "a",
 
 def tiny(block_size: int = 256) -> GPT:
     """2 layers, 64 dims, weights at std 0.2 (confident logits, no near-ties to flip)."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=block_size)).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if ".ln_" in n and n.endswith("weight") else 0.0, 0.2)
-    return m
+    return tiny_gpt(block_size=block_size, std=0.2)
 
 
 def alone(model, ids, n):

@@ -5,24 +5,21 @@ import copy
 import io
 
 import pytest
+import tiny
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt import GPT, GPTConfig, get_tokenizer
-from minigpt.inference.generate import (
+from minigpt import GPTConfig, get_tokenizer
+from minigpt.inference.decode_weights import (
     CertifiedArgmax,
     DecodeLinear,
-    _top_p_drop,
-    apply_repetition_penalty,
     dequantize_int4,
-    generate,
     prepare_for_decoding,
     quantize_int4,
-    sample_next,
-    stream,
-    stream_text,
 )
+from minigpt.inference.generate import generate, stream, stream_text
+from minigpt.inference.sampling import _top_p_drop, apply_repetition_penalty, sample_next
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,7 +52,7 @@ def models():
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.2)
-    m = GPT(GPTConfig(**TINY)).eval()
+    m = tiny.gpt(**TINY, seed=None)                # its own init is overwritten by HF's weights
     missing, unexpected = m.load_state_dict(hf_to_minigpt(hf), strict=False)
     assert not unexpected and not [k for k in missing if k != "lm_head.weight"]
     return hf, m

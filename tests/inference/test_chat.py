@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
-from minigpt import GPT, GPTConfig, get_tokenizer
+from minigpt import GPT, get_tokenizer
 from minigpt.commands import chat as chat_cli
 from minigpt.data.templates import get_template
-from minigpt.inference.chat import ChatError, ChatSession, find_latest_run, load_chat_model
+from minigpt.inference.chat import ChatError, ChatSession
 from minigpt.inference.generate import generate
 from minigpt.methods.lora import add_lora, merge_and_unload, save_adapter
+from minigpt.training.runs import find_latest_run, load_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TOK = get_tokenizer()
 EOT = TOK.eot_token
@@ -30,13 +32,7 @@ EOT = TOK.eot_token
 def tiny_model(seed: int = 0, block_size: int = 128, std: float = 0.3) -> GPT:
     """Tiny random GPT; weights at std 0.3 so that greedy replies are varied words (at GPT-2's
     init std 0.02 they are runs of newlines and U+FFFD)."""
-    torch.manual_seed(seed)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=block_size)).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if not (".ln_" in name and name.endswith("weight")):
-                p.normal_(0.0, std)
-    return m
+    return tiny.gpt(block_size=block_size, seed=seed, std=std, ln_mean=None)
 
 
 def scripted_model(chain: list[int], r: float = 3.0) -> GPT:

@@ -313,7 +313,7 @@ def test_embedded_instruction_set():
 
 
 def test_generator_reproduces_embedded_file():
-    script = Path(__file__).resolve().parent.parent / "scripts" / "make_instructions.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_instructions.py"
     spec = importlib.util.spec_from_file_location("make_instructions", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

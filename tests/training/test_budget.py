@@ -1,4 +1,4 @@
-"""train.py's time budget (minigpt.training.trainer.TimeBudget): the step count fixed after measured warm-up
+"""train.py's time budget (minigpt.training.budget.TimeBudget): the step count fixed after measured warm-up
 steps, recorded in run.json and the checkpoints; exact resume; --max-steps N reproduces it."""
 import json
 import os
@@ -6,22 +6,17 @@ import signal
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
 from minigpt.commands import train
-from minigpt.training.trainer import (
-    BudgetMeasurement,
-    TimeBudget,
-    TrainConfig,
-    Trainer,
-    format_duration,
-    parse_duration,
-)
+from minigpt.training.budget import BudgetMeasurement, TimeBudget, format_duration, parse_duration
+from minigpt.training.config import TrainConfig
+from minigpt.training.trainer import Trainer
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
-        "--eval-batches", "2", "--samples", "0", "--threads", "1", "--log-interval", "1", "--precision", "fp32",
-        "--device", "cpu", "--dropout", "0.1"]
+TINY = tiny.train_flags(n_layer=1, n_embd=32, batch_size=2, eval_batches=2, log_interval=1, precision="fp32",
+                        device="cpu", dropout=0.1)
 # what the patched measurement reports: 1 s so far, 0.25 s a step, 0.5 s an evaluation, 0.1 s a
 # checkpoint, 0.2 s after training. With --time-budget 10s (9.2 s less the 8% margin) after 14
 # steps: 1 + 0.25 (N - 14) + 2 x 0.5 + 2 x 0.1 + 0.2 <= 9.2  ->  N = 41, evaluations every 21 steps
@@ -190,7 +185,7 @@ def test_ddp_ranks_follow_rank_zeros_decision(tmp_path, corpus):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(root / "train.py"), "--data", str(corpus), "--out-dir", str(out), "--time-budget", "6s",

@@ -8,11 +8,13 @@ import threading
 import warnings
 
 import pytest
+import tiny
 import torch
 
 from minigpt import GPT, GPTConfig, get_tokenizer
 from minigpt.errors import AdapterError, CheckpointError, ConfigError
-from minigpt.inference.generate import generate, prepare_for_decoding, stream
+from minigpt.inference.decode_weights import prepare_for_decoding
+from minigpt.inference.generate import generate, stream
 from minigpt.methods import count_parameters, load_adapter, method_config, method_of, save_adapter
 from minigpt.methods.prefix_tuning import (
     MLP_KEY_PREFIX,
@@ -43,11 +45,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny random GPT-2 (weights at std 0.2, LayerNorm gains near 1) saved in HF's layout."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(**TINY))
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if ".ln_" in n and n.endswith("weight") else 0.0, 0.2)
+    m = tiny.gpt(**TINY, std=0.2, train=True)
     d = tmp_path_factory.mktemp("base")
     m.save_pretrained(d)
     return d
