@@ -85,7 +85,7 @@ SUPPORT = [
      "you are online; if you are offline and they are not cached yet, minigpt stops with a clear error. "
      "Download them once while online, or pass a local folder instead."),
     (["How do I add LoRA to a model in Python?", "What is the Python API for LoRA?"],
-     "`from minigpt.lora import add_lora` and call `add_lora(model, r=8, alpha=16, dropout=0.05, "
+     "`from minigpt import add_lora` and call `add_lora(model, r=8, alpha=16, dropout=0.05, "
      "targets=(\"c_attn\",))`. It wraps the matching layers, freezes everything else and returns the model."),
     (["How many parameters does LoRA train on GPT-2 small?", "How many trainable parameters with r=8 on c_attn?"],
      "With r=8 on c_attn, each of the 12 layers adds an 8 x 768 matrix A and a 2304 x 8 matrix B, which is "
