@@ -5,7 +5,7 @@ finetune.py, chat.py and serve.py shims all call `COMMANDS[name](argv)`.
     common.py    what chat, serve and export share: loading the model, its decoding weights
     train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
     chat.py      terminal chat          serve.py      OpenAI-compatible API + chat page
-    export.py    GGUF for llama.cpp
+    export.py    GGUF for llama.cpp     eval.py       perplexity, bits per byte of a text
     info.py      versions, device, presets, cache
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ COMMANDS = {
     "chat": "chat with a model in the terminal (default: the newest local run)",
     "serve": "serve a model over an OpenAI-compatible API with a browser chat page",
     "export": "write a model (or a LoRA adapter) as a GGUF file for llama.cpp",
+    "eval": "perplexity and bits per byte of a model on a text (sliding window)",
     "info": "versions, device, presets and the cache (also plain `minigpt`)",
 }
 

@@ -41,9 +41,11 @@ literal leading /."""
 
 @dataclass
 class ChatArgs:
-    model: Optional[str] = field(None, "any GPT.from_pretrained source (preset, HF/OpenAI dir, train.py "
-                                       "output) or a finetune output dir (default: newest out-finetune/, "
-                                       "else out/)")
+    model: Optional[str] = field(None, "any GPT.from_pretrained source (Hub name ORG/NAME, preset, HF/OpenAI dir, "
+                                       "train.py output) or a finetune output dir (default: newest "
+                                       "out-finetune/, else out/)")
+    revision: Optional[str] = field(None, "Hub revision of a --model ORG/NAME (or of the adapter's Hub base): "
+                                          "a branch, tag or commit sha (default: main)", metavar="REV")
     adapter: Optional[str] = field(None, "adapter dir, any fine-tuning method (minigpt's or PEFT's; base: --model, "
                                          "else "
                                          "the adapter's base_model_name_or_path)")
@@ -192,6 +194,8 @@ def chat(args: ChatArgs) -> int:
     from ..inference.chat import ChatSession
     from .common import decoding_model
 
+    if args.prompt is None and sys.stdin is None:          # started with stdin closed (`<&-`)
+        raise CLIError("stdin is closed: pass the message with --prompt TEXT, or pipe the turns in (one per line)")
     interactive = args.prompt is None and sys.stdin.isatty()
     con = _Console(interactive)
     if not interactive and hasattr(sys.stdin, "reconfigure"):

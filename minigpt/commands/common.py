@@ -9,13 +9,13 @@ from .args import CLIError
 
 
 def load_model(args, device, *, merge: bool = True):
-    """(LoadedModel, template) for a command's --model / --adapter (/ --quantize) flags, loaded on
+    """(LoadedModel, template) for a command's --model / --adapter (/ --quantize / --revision) flags, loaded on
     `device` (minigpt.training.runs.load_chat_model); the template is --template, else the one the
     model was tuned with, else the default."""
     from ..training.runs import load_chat_model
 
     loaded = load_chat_model(args.model, args.adapter, device=device, merge=merge,
-                             quantize=getattr(args, "quantize", None))
+                             quantize=getattr(args, "quantize", None), revision=getattr(args, "revision", None))
     return loaded, args.template or loaded.template or DEFAULT_TEMPLATE
 
 

@@ -34,8 +34,11 @@ _UNEXPORTABLE_PEFT = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt
 @dataclass
 class ExportArgs:
     gguf: Optional[str] = field(None, "the model GGUF file to write", metavar="OUT.gguf")
-    model: Optional[str] = field(None, "any GPT.from_pretrained source (preset, folder, .gguf) or a finetune "
-                                       "output folder (default: newest out-finetune/, else out/)", metavar="SRC")
+    model: Optional[str] = field(None, "any GPT.from_pretrained source (Hub name ORG/NAME, preset, folder, .gguf) "
+                                       "or a finetune output folder (default: newest out-finetune/, else out/)",
+                                 metavar="SRC")
+    revision: Optional[str] = field(None, "Hub revision of a --model ORG/NAME (or of the adapter's Hub base): "
+                                          "a branch, tag or commit sha (default: main)", metavar="REV")
     adapter: Optional[str] = field(None, "adapter folder (minigpt's or PEFT's) applied to --model: LoRA, "
                                          "DoRA or IA3, merged",
                                    metavar="DIR")

@@ -7,6 +7,7 @@ examples:
   minigpt finetune --lora --lora-r 16 --lora-targets c_attn c_proj --merge
   minigpt finetune --base out --epochs 5 --lr 5e-5           # full fine-tuning
   minigpt finetune --lora --resume                           # continue an interrupted run exactly
+  minigpt finetune --objective dpo --data prefs.jsonl --method lora --beta 0.1   # preference tuning (ipo, orpo)
   minigpt chat --model out-finetune                          # then talk to the result
 (`python finetune.py ...` is the same command.)
 """
@@ -17,15 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..data.formats import parse_columns
 from ..data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from ..methods import table
 from ..methods.adapter import NON_LINEARITIES, PLACEMENTS, AdapterConfig
-from ..methods.ia3 import IA3Config
+from ..methods.ia3 import DEFAULTS as IA3_DEFAULTS
+from ..methods.lora import DEFAULT_TARGETS as LORA_DEFAULTS
 from ..methods.lora import LoRAConfig
 from ..methods.prefix_tuning import PROMPT_INITS, PrefixConfig, PromptConfig
 from ..methods.table import MERGEABLE, METHODS, NAMES, QUANTIZABLE, SMALL_BASE_PARAMS, TABLE
 from ..model.quant import QUANT_MODES
 from .args import CLIError, RunArgs, check, command_main, field
+
+OBJECTIVE_NAMES = ("sft", "dpo", "ipo", "orpo")       # (minigpt.training.preference.OBJECTIVES + sft)
 
 LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
 # each method's own flags (a flag given to another method is an error), its default learning rates and
@@ -36,8 +41,9 @@ LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
 class FinetuneArgs(RunArgs):
     DEFAULTS = dict(out_dir="out-finetune", max_steps=None, batch_size=2, grad_accum=4, lr=None,
                     schedule="linear", weight_decay=0.0, eval_interval=50, eval_batches=None, seed=42)
-    HELP = dict(data="instruction data: Alpaca JSON/JSONL, chat JSONL (messages) or '### Human:/### Assistant:' "
-                     "text (default: the embedded set)",
+    HELP = dict(data="instruction data: a file, folder or glob of JSON, JSONL, CSV, TSV or Parquet records "
+                     "(Alpaca, messages, ShareGPT conversations, prompt/response, prompt/completion) or "
+                     "'### Human:/### Assistant:' text (default: the embedded set)",
                 out_dir="where the adapter (or model), checkpoints and metrics go",
                 max_steps="optimizer steps (default: from --epochs)",
                 lr="peak learning rate (default: per method and base size, see minigpt.methods.table: "
@@ -45,11 +51,17 @@ class FinetuneArgs(RunArgs):
                    "such as train.py's)",
                 eval_batches="validation batches per evaluation (default: all; 0 = no evaluation)",
                 val_fraction="share held out for validation when the data has no 'split' field, in [0, 1)",
-                samples="held-out prompts answered before and after training")
+                samples="held-out prompts answered before and after training",
+                warmup_steps="linear warmup steps (default: 5%% of the steps; or --warmup-ratio)")
 
-    base: Optional[str] = field(None, "base model: any GPT.from_pretrained source (preset name, HF or "
-                                      "minigpt folder, OpenAI checkpoint). Default: gpt2 when cached, "
-                                      "else the latest train.py output (out/)")
+    warmup_ratio: Optional[float] = field(None, "warmup as a share of the steps: ceil(X x steps), as "
+                                                "transformers' warmup_ratio (0.03 of 500 steps: 15)")
+
+    base: Optional[str] = field(None, "base model: any GPT.from_pretrained source (Hub name ORG/NAME, preset "
+                                      "name, HF or minigpt folder, OpenAI checkpoint). Default: gpt2 when "
+                                      "cached, else the latest train.py output (out/)")
+    revision: Optional[str] = field(None, "Hub revision of a --base ORG/NAME: a branch, tag or "
+                                          "commit sha (default: main)", metavar="REV")
     method: Optional[str] = field(None, "parameter-efficient method (base frozen); without it all weights are "
                                         "trained", choices=METHODS)
     lora: bool = field(False, "short for --method lora")
@@ -58,14 +70,18 @@ class FinetuneArgs(RunArgs):
                                               f"(default: {LoRAConfig.alpha:g})")
     lora_dropout: Optional[float] = field(None, f"dropout on the LoRA/DoRA input path (default: {LoRAConfig.dropout})")
     lora_targets: Optional[list[str]] = field(None, "modules to adapt: c_attn, c_proj, attn.c_proj, mlp.c_proj, "
-                                                    "c_fc, lm_head, or q k v (slices of c_attn) "
-                                                    f"(default: {' '.join(LoRAConfig.targets)})", metavar="NAME")
+                                                    "c_fc, lm_head, or q k v (slices of c_attn); GPT-Neo: q_proj, "
+                                                    "k_proj, v_proj, out_proj, c_fc, c_proj, lm_head (default: "
+                                                    f"{' '.join(LORA_DEFAULTS['gpt2'])}; GPT-Neo: "
+                                                    f"{' '.join(LORA_DEFAULTS['gpt_neo'])})", metavar="NAME")
     rslora: Optional[bool] = field(None, "rank-stabilised LoRA/DoRA: scale by alpha / sqrt(r)")
     ia3_targets: Optional[list[str]] = field(None, "IA3: modules whose outputs (or, for --ia3-feedforward ones, "
                                                    "inputs) are rescaled (default: "
-                                                   f"{' '.join(IA3Config.targets)})", metavar="NAME")
+                                                   f"{' '.join(IA3_DEFAULTS['gpt2'][0])}; GPT-Neo: "
+                                                   f"{' '.join(IA3_DEFAULTS['gpt_neo'][0])})", metavar="NAME")
     ia3_feedforward: Optional[list[str]] = field(None, "IA3: targets rescaled at their input "
-                                                       f"(default: {' '.join(IA3Config.feedforward)})", metavar="NAME")
+                                                       f"(default: {' '.join(IA3_DEFAULTS['gpt2'][1])}; GPT-Neo: "
+                                                       f"{' '.join(IA3_DEFAULTS['gpt_neo'][1])})", metavar="NAME")
     num_virtual_tokens: Optional[int] = field(None, "prefix/prompt tuning: virtual tokens "
                                                     f"(default: {PrefixConfig.num_virtual_tokens})")
     prefix_projection: Optional[bool] = field(None, "prefix tuning: reparameterise the prefixes through an MLP")
@@ -80,10 +96,17 @@ class FinetuneArgs(RunArgs):
     adapter_nonlinearity: Optional[str] = field(None, "bottleneck adapters: activation "
                                                       f"(default: {AdapterConfig.non_linearity})",
                                                 choices=tuple(NON_LINEARITIES))
-    template: str = field(DEFAULT_TEMPLATE, "prompt template", choices=TEMPLATE_NAMES)
+    template: str = field(DEFAULT_TEMPLATE, "prompt template (none: the prompt text as is, the response right "
+                                            "after it)", choices=TEMPLATE_NAMES)
+    columns: Optional[str] = field(None, "read other column names as the record fields, e.g. "
+                                         "prompt=question,response=answer (fields: instruction, input, output, "
+                                         "system, messages, conversations, prompt, response, completion, text)",
+                                   metavar="FIELD=COLUMN,...")
     mask_prompt: bool = field(True, "train on responses only (--no-mask-prompt: on prompts too)")
     max_length: Optional[int] = field(None, "max tokens per example, longer ones are cut at the end "
                                             "(default: 256, or the base model's context if shorter)")
+    pack: bool = field(False, "pack several examples into each row of --max-length tokens, attention and "
+                              "positions kept per example (same loss, less padding); --batch-size counts rows")
     epochs: Optional[float] = field(None, "passes over the training data (default: 3; "
                                           "use either --epochs or --max-steps)")
     exact_match: int = field(16, "checkable validation records scored by exact match at each "
@@ -94,6 +117,16 @@ class FinetuneArgs(RunArgs):
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
     merge: bool = field(False, "also write OUT_DIR/merged: the adapter merged into a plain GPT-2 model "
                                "(lora, dora, ia3)")
+    objective: str = field("sft", "training objective: sft (supervised), or preference tuning on "
+                                  "prompt/chosen/rejected pairs: dpo, ipo (DPO's squared-loss variant), orpo "
+                                  "(SFT plus an odds-ratio term, no reference model)", choices=OBJECTIVE_NAMES)
+    beta: Optional[float] = field(None, "dpo/ipo/orpo: beta, the strength of the reference (dpo: the reward "
+                                        "scale; ipo: the margin is 1/(2 beta); orpo: the odds-ratio weight) "
+                                        "(default: 0.1)")
+    label_smoothing: Optional[float] = field(None, "dpo: the share of pairs taken to be mislabelled, in "
+                                                   "[0, 0.5) (conservative DPO; default: 0)")
+    ref_model: Optional[str] = field(None, "dpo/ipo: the reference model, any --base source (default: the base, "
+                                           "with the adapter switched off, or a frozen copy of it)", metavar="SRC")
 
     def __post_init__(self) -> None:
         self._resolve_method()
@@ -101,6 +134,11 @@ class FinetuneArgs(RunArgs):
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
         check(self.max_length is None or self.max_length >= 2, "max_length", "at least 2", self.max_length)
         check(self.exact_match >= 0, "exact_match", ">= 0", self.exact_match)
+        check(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise CLIError("use either --warmup-steps or --warmup-ratio, not both")
+        parse_columns(self.columns)
+        self._check_objective()
         if self.epochs is not None and self.max_steps is not None:
             raise CLIError("use either --epochs or --max-steps, not both")
         check(self.epochs is None or (self.epochs > 0 and self.epochs < float("inf")), "epochs", "> 0", self.epochs)
@@ -130,6 +168,23 @@ class FinetuneArgs(RunArgs):
             raise CLIError(f"--merge: {NAMES[self.method]} cannot be merged into the weights (it adds "
                            f"{'virtual tokens' if self.method in ('prefix', 'prompt') else 'modules'}); "
                            "leave out --merge and load the adapter on its base")
+
+    def _check_objective(self) -> None:
+        """--beta, --label-smoothing, --ref-model: only with the objectives that use them."""
+        pref = self.objective != "sft"
+        for flag in ("beta", "label_smoothing", "ref_model"):
+            if getattr(self, flag) is not None and not pref:
+                raise CLIError(f"--{flag.replace('_', '-')} applies to --objective dpo, ipo or orpo, not to sft")
+        check(self.beta is None or 0 < self.beta < float("inf"), "beta", "> 0", self.beta)
+        check(self.label_smoothing is None or 0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
+              self.label_smoothing)
+        if self.label_smoothing and self.objective != "dpo":
+            raise CLIError(f"--label-smoothing applies to --objective dpo, not to {self.objective}")
+        if self.ref_model is not None and self.objective == "orpo":
+            raise CLIError("--ref-model: ORPO needs no reference model (it trains against the odds of the rejected "
+                           "answer); leave it out, or use --objective dpo")
+        if pref and self.pack:
+            raise CLIError(f"--pack applies to --objective sft; {self.objective} batches pairs of whole sequences")
 
     @property
     def peft(self) -> bool:
@@ -228,7 +283,7 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
     from ..data.records import default_instructions_path, load_records, split_records
 
     data_path = Path(args.data) if args.data else default_instructions_path()
-    records = load_records(data_path)
+    records = load_records(data_path, columns=args.columns)
     train_recs, val_recs = split_records(records, args.val_fraction, seed=args.seed)
     if not train_recs:
         raise CLIError(f"{data_path}: no training records (all {len(records)} are in the validation split)")
@@ -238,6 +293,59 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
         raise CLIError(f"{data_path}: every training example's prompt is longer than --max-length {max_length}")
     stats = {k: tstats[k] + vstats[k] for k in ("truncated", "dropped")}
     return train_recs, val_recs, train_ex, val_ex, stats
+
+
+def _datasets(args: FinetuneArgs, tok, template, max_length: int):
+    """(train records, val records, train dataset, val dataset or None, stats) for the objective. With a
+    preference objective the records are SFT-shaped views of the pairs (the chosen answer as the
+    response: what the before/after samples show)."""
+    from ..data.instruct import InstructionDataset
+
+    if args.objective == "sft":
+        train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
+        train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum,
+                                      pack=max_length - 1 if args.pack else None)
+        val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
+        return train_recs, val_recs, train_ds, val_ds, stats
+    from ..data.preferences import PreferenceDataset, load_preferences, tokenize_pairs
+    from ..data.records import split_records
+
+    if not args.data:
+        raise CLIError(f"--objective {args.objective} needs --data: preference pairs ({{\"prompt\", \"chosen\", "
+                       "\"rejected\"}} records, messages or Chatbot Arena rows); there is no embedded set yet")
+    pairs, counts = load_preferences(Path(args.data), columns=args.columns)
+    train_p, val_p = split_records(pairs, args.val_fraction, seed=args.seed)
+    train_ex, tstats = tokenize_pairs(train_p, tok, template, max_length)
+    val_ex, vstats = tokenize_pairs(val_p, tok, template, max_length)
+    if not train_ex:
+        raise CLIError(f"{args.data}: no training pairs (after {counts['ties']} ties, {counts['identical']} with "
+                       f"chosen = rejected and {tstats['dropped']} prompts longer than --max-length were left out)")
+    stats = {k: tstats[k] + vstats[k] for k in ("truncated", "dropped")}
+    stats.update(unit="pairs", note=f", {counts['ties']} Arena ties dropped, {counts['identical']} with chosen = "
+                                    "rejected skipped")
+    def view(p):
+        return {**p, "messages": [*p["messages"], {"role": "assistant", "content": p["chosen"]}]}
+    return ([view(p) for p in train_p], [view(p) for p in val_p],
+            PreferenceDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum),
+            PreferenceDataset(val_ex, args.batch_size * 4) if val_ex else None, stats)
+
+
+def _preference_loss(args: FinetuneArgs, model):
+    """The objective's loss module (None for SFT): the reference is --ref-model, else the base with the
+    adapter switched off (a parameter-efficient run) or a frozen copy of the model (full fine-tuning)."""
+    if args.objective == "sft":
+        return None
+    import copy
+
+    from ..model.gpt import GPT
+    from ..training.preference import PreferenceLoss
+
+    ref = None
+    if args.objective != "orpo":
+        ref = GPT.from_pretrained(args.ref_model, quantize=args.quantize) if args.ref_model else \
+            "adapters" if args.peft else copy.deepcopy(model)
+    return PreferenceLoss(model, args.objective, 0.1 if args.beta is None else args.beta,
+                          label_smoothing=args.label_smoothing or 0.0, reference=ref)
 
 
 def _weights_io(args: FinetuneArgs, base_id: str):
@@ -250,14 +358,20 @@ def _weights_io(args: FinetuneArgs, base_id: str):
     return (lambda m, d: m.save_pretrained(d)), (lambda m, d: m.load_state_dict(GPT.from_pretrained(d).state_dict()))
 
 
-def _evaluator(args: FinetuneArgs, precision: str, tok, template, val_ds, val_recs):
-    """evaluate(model) -> metrics: masked loss/accuracy on the validation batches + exact match."""
+def _evaluator(args: FinetuneArgs, precision: str, tok, template, val_ds, val_recs, loss_module=None):
+    """evaluate(model) -> metrics: masked loss/accuracy on the validation batches + exact match; with a
+    preference loss module: its val_loss and val_rewards/... on the validation pairs."""
     from ..data.instruct import exact_match_accuracy
     from ..data.records import checkable_records
     from ..device import autocast
     from ..training.evaluate import evaluate_loss
 
     val_batches = list(val_ds.sequential(args.batch_size * 4, args.eval_batches)) if val_ds else []
+    if loss_module is not None:
+        def evaluate_pairs(m) -> dict:
+            with autocast(precision, m.device):
+                return loss_module.evaluate(val_batches)
+        return evaluate_pairs
     checkable = checkable_records(val_recs)[:args.exact_match]
 
     def evaluate(m) -> dict:
@@ -319,12 +433,11 @@ def finetune(args: FinetuneArgs) -> dict:
     "out_dir", "samples" (before/after answers) and "model" (the trained model)."""
     import torch
 
-    from ..data.instruct import InstructionDataset
     from ..data.templates import get_template
     from ..data.tokenizer import get_tokenizer
     from ..device import process_rank, resolve_device, resolve_precision
     from ..methods import count_parameters
-    from ..training.config import TrainConfig
+    from ..training.config import TrainConfig, warmup_for
     from ..training.runs import RunInput, check_run_dir, claim_run_dir, resolve_base
     from ..training.trainer import Trainer
 
@@ -343,11 +456,9 @@ def finetune(args: FinetuneArgs) -> dict:
     if args.quantize and precision == "bf16":         # QLoRA in bf16: the rest of the base in bf16 too
         from ..model.quant import cast_unquantized
         cast_unquantized(model, torch.bfloat16)
-    train_recs, val_recs, train_ex, val_ex, stats = _load_data(args, tok, template, max_length)
-    train_ds = InstructionDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum)
-    val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
+    train_recs, val_recs, train_ds, val_ds, stats = _datasets(args, tok, template, max_length)
     max_steps = args.max_steps or train_ds.steps_for(args.epochs or 3.0)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * max_steps))
+    warmup = warmup_for(max_steps, args.warmup_steps, args.warmup_ratio)
     lr, lr_why = default_lr(args, model)
     cfg = TrainConfig.from_args(args, max_steps=max_steps, warmup_steps=warmup, lr=lr)
     claim_run_dir(args.out_dir, "finetune", **run)
@@ -358,15 +469,13 @@ def finetune(args: FinetuneArgs) -> dict:
         peft_cfg.apply(model)
     model.gradient_checkpointing = args.gradient_checkpointing
     trainable, total = count_parameters(model)
-    meta = {"kind": "finetune", "method": args.method or "full", "base": base_id, "template": template.name,
-            "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
-            "lora": peft_cfg.to_dict() if args.method in ("lora", "dora") else None,
-            "peft": peft_cfg.to_dict() if peft_cfg is not None else None,
-            "data": str(args.data) if args.data else "embedded:instructions", "merged": None,
-            "lr": lr, "lr_choice": lr_why}
-    evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs) if args.eval_batches != 0 else None
+    meta = _run_meta(args, base_id, template, max_length, peft_cfg, lr, lr_why)
+    loss_module = _preference_loss(args, model)                      # None: SFT's
+    evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs, loss_module) \
+        if args.eval_batches != 0 else None
     save, load = _weights_io(args, base_id)
-    trainer = Trainer(model, cfg, train_ds, evaluate, save, load, run_info={"kind": "finetune", "finetune": meta})
+    trainer = Trainer(model, cfg, train_ds, evaluate, save, load, run_info={"kind": "finetune", "finetune": meta},
+                      loss_module=loss_module)
     out_dir = Path(args.out_dir)
     sample_recs = (val_recs or train_recs)[:args.samples]
     if trainer.is_main:
@@ -375,9 +484,11 @@ def finetune(args: FinetuneArgs) -> dict:
                 if peft_cfg is not None else "full fine-tuning")
         print(f"base: {base_src} ({model.config.n_layer} layers x {model.config.n_embd} dims) | {what}: "
               f"{trainable:,} of {total:,} params trainable ({trainable / total:.2%})")
-        print(f"data: {args.data or 'embedded instructions'}: {len(train_ex)} train / {len(val_ex)} val examples "
+        unit = stats.get("unit", "examples")
+        print(f"data: {args.data or 'embedded instructions'}: {len(train_ds)} train / {len(val_ds or ())} val {unit} "
               f"(template {template.name}, max length {max_length}, {stats['truncated']} truncated, "
-              f"{stats['dropped']} dropped) | {max_steps} steps of {args.batch_size}x{args.grad_accum} examples "
+              f"{stats['dropped']} dropped{stats.get('note', '')}) | {max_steps} steps of {args.batch_size}x"
+              f"{args.grad_accum} {'packed rows' if args.pack else unit} "
               f"(~{max_steps / train_ds.steps_for(1.0):.2g} epochs) | device {trainer.device} {trainer.precision}")
         print(f"learning rate {cfg.lr:g} ({meta['lr_choice']})")
     before = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) \
@@ -392,6 +503,18 @@ def finetune(args: FinetuneArgs) -> dict:
         _show("samples after fine-tuning:", sample_recs, after)
         result = {**result, **_finish(args, model, template, sample_recs, before, after, meta)}
     return {**result, "model": model}
+
+
+def _run_meta(args: FinetuneArgs, base_id: str, template, max_length: int, peft_cfg, lr: float, lr_why: str) -> dict:
+    """The run's finetune metadata (what load_finetuned, chat and serve read back)."""
+    return {"kind": "finetune", "method": args.method or "full", "base": base_id, "template": template.name,
+            "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
+            "lora": peft_cfg.to_dict() if args.method in ("lora", "dora") else None,
+            "peft": peft_cfg.to_dict() if peft_cfg is not None else None,
+            "data": str(args.data) if args.data else "embedded:instructions", "merged": None,
+            "lr": lr, "lr_choice": lr_why, "base_revision": args.revision, "pack": args.pack,
+            "objective": args.objective, "beta": (0.1 if args.beta is None else args.beta) if args.objective != "sft"
+            else None, "label_smoothing": args.label_smoothing, "ref_model": args.ref_model}
 
 
 def _before_metrics(args: FinetuneArgs, model, evaluate, trainer) -> Optional[dict]:
@@ -429,7 +552,7 @@ def _load_base(args: FinetuneArgs, base_src: str, virtual: int = 0):
     `virtual` tokens of prefix / prompt tuning)."""
     from ..model.gpt import GPT
 
-    model = GPT.from_pretrained(base_src, quantize=args.quantize)
+    model = GPT.from_pretrained(base_src, quantize=args.quantize, revision=args.revision)
     block = model.config.block_size
     room = block - virtual
     if room < 2:

@@ -12,7 +12,9 @@ dropped (None); `tokenize_records` counts them.
 
 Collator convention: it returns next-token-aligned tensors, x = ids[:-1] and y = labels[1:], so
 `lm_loss(model(batch["input_ids"]), batch["labels"])` is the masked loss directly. Sequences of
-max_length tokens therefore feed the model max_length - 1 positions.
+max_length tokens therefore feed the model max_length - 1 positions. Padding is by position, never
+by token value: the pad id is EOS (GPT-2 has none of its own), and the EOS label after each response
+stays trained. Packing (several examples per row): minigpt.data.packing.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .packing import PackedCollator, pack_rows
 from .templates import DEFAULT_TEMPLATE, EOS_TEXT, Template, get_template
 
 __all__ = ["EOS_ID", "IGNORE_INDEX", "Collator", "InstructionDataset", "exact_match_accuracy", "length_grouped_batches",
@@ -207,43 +210,86 @@ class InstructionDataset:
     """Tokenised examples in length-grouped batches with TokenDataset's contract: `batch(step,
     micro)` is a pure function of its arguments (exact resume, any number of processes).
 
-    Global micro-batch g = step * grad_accum + micro is batch g % per_epoch of epoch
-    g // per_epoch, whose order is length_grouped_batches seeded by (seed, epoch). The token
-    count returned is the batch's real (non-padding) input tokens."""
+    An optimizer step trains on one step batch of batch_size * grad_accum examples (grad_accum
+    counts the micro-batches of all processes), whatever the split: epoch e's step batches are
+    length_grouped_batches(lengths, batch_size * grad_accum) seeded by (seed, e), and micro-batch
+    m is the m-th of grad_accum consecutive slices of its step batch (B x A holds the same
+    examples, in the same order, as A*B x 1; a short last step batch is shared out evenly).
+
+    pack: a row width in positions (e.g. max_length - 1): examples are packed into such rows
+    (minigpt.data.packing; best-fit decreasing over the epoch's shuffled examples, then the rows
+    shuffled), batch_size counts rows, and `batch` returns a 4th item, the model's keyword
+    arguments {"pos", "mask"}. The token count returned is the batch's real (non-padding) input
+    tokens."""
 
     def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0, grad_accum: int = 1,
-                 collator: Collator | None = None):
+                 collator: Collator | None = None, pack: int | None = None):
         if not examples:
             raise ValueError("InstructionDataset needs at least one example")
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be positive")
         self.examples, self.batch_size, self.seed, self.grad_accum = list(examples), batch_size, seed, grad_accum
         self.collate = collator or Collator()
+        self.pack = pack
+        self.packer = PackedCollator(self.collate.pad_id, self.collate.ignore_index) if pack else None
         self.lengths = [len(e["input_ids"]) for e in self.examples]
-        self.per_epoch = math.ceil(len(self.examples) / batch_size)
-        self._orders: dict[int, list[list[int]]] = {}
+        self.step_size = batch_size * grad_accum
+        self._orders: dict[int, list[list]] = {}
+        units = len(self._packed_rows(0)) if pack else len(self.examples)   # (the same count every epoch)
+        self.per_epoch = math.ceil(units / self.step_size)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def steps_for(self, epochs: float) -> int:
         """Optimizer steps that make `epochs` passes over the examples (at least 1)."""
-        return max(1, math.ceil(epochs * self.per_epoch / self.grad_accum))
+        return max(1, math.ceil(epochs * self.per_epoch))
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
+    def _packed_rows(self, epoch: int) -> list[list[int]]:
+        rng, order = random.Random(self.seed * 100_003 + epoch), list(range(len(self.examples)))
+        rng.shuffle(order)
+        rows = pack_rows([n - 1 for n in self.lengths], self.pack, order)
+        rng.shuffle(rows)
+        return rows
+
+    def _epoch(self, epoch: int) -> list[list]:
+        """The epoch's step batches: lists of example indices (with pack: of rows of them)."""
         if epoch not in self._orders:
             if len(self._orders) > 4:
                 self._orders.clear()
-            self._orders[epoch] = length_grouped_batches(self.lengths, self.batch_size,
-                                                         seed=self.seed * 100_003 + epoch)
+            if self.pack:
+                rows = self._packed_rows(epoch)
+                steps = [rows[s:s + self.step_size] for s in range(0, len(rows), self.step_size)]
+            else:
+                steps = length_grouped_batches(self.lengths, self.step_size, seed=self.seed * 100_003 + epoch)
+            self._orders[epoch] = steps
         return self._orders[epoch]
+
+    def indices(self, step: int, micro: int = 0) -> list:
+        """The example indices (with pack: rows of them) of micro-batch `micro` of step `step`."""
+        if not 0 <= micro < self.grad_accum:
+            raise IndexError(f"micro-batch {micro} of a dataset made for grad_accum {self.grad_accum}")
+        batch = self._epoch(step // self.per_epoch)[step % self.per_epoch]
+        q, r = divmod(len(batch), self.grad_accum)
+        start = micro * q + min(micro, r)
+        return batch[start:start + q + (micro < r)]
 
     def _collated(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         b = self.collate([self.examples[i] for i in indices])
         return b["input_ids"], b["labels"], int(b["attention_mask"].sum())
 
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Micro-batch `micro` of optimizer step `step`: input_ids, labels (B, T) and the token count."""
-        g = step * self.grad_accum + micro
-        return self._collated(self._epoch(g // self.per_epoch)[g % self.per_epoch])
+    def batch(self, step: int, micro: int = 0) -> tuple:
+        """Micro-batch `micro` of optimizer step `step`: input_ids, labels (B, T) and the token count
+        (with pack, then {"pos", "mask"} for the model). A micro-batch left empty by a short step
+        batch is one padding position without a label."""
+        part = self.indices(step, micro)
+        if not part:
+            x = torch.full((1, 1), self.collate.pad_id, dtype=torch.long)
+            return (x, torch.full_like(x, self.collate.ignore_index), 0) + (({},) if self.pack else ())
+        if self.pack:
+            b = self.packer([[self.examples[i] for i in row] for row in part])
+            return b["input_ids"], b["labels"], b["n_tokens"], {"pos": b["pos"], "mask": b["mask"]}
+        return self._collated(part)
 
     def sequential(self, batch_size: int, max_batches: int | None = None):
         """Every example once, shortest first, in batches (for evaluation): yields (input_ids, labels)."""

@@ -6,7 +6,7 @@ supervised, so the model learns to stop after each answer. `Template.prompt_ids`
 prompt segment by segment with the GPT-2 BPE exactly as `minigpt.data.instruct.tokenize_example` does,
 so training and chat see identical token streams.
 
-    TEMPLATE_NAMES     ("alpaca", "human-assistant", "chat")
+    TEMPLATE_NAMES     ("alpaca", "human-assistant", "chat", "none")
     DEFAULT_TEMPLATE   "alpaca"
     STOP_STRINGS       every turn marker of every template (generation stops before any of them)
 
@@ -137,6 +137,11 @@ TEMPLATES: dict[str, Template] = {
         system_fmt=f"{_SYSTEM_TAG}\n{{system}}\n",
         stop_strings=(_USER_TAG, _SYSTEM_TAG, _ASSISTANT_TAG),
         description="role tags <|system|>, <|user|>, <|assistant|> as plain BPE text",
+    ),
+    "none": Template(
+        name="none",
+        user_fmt="{content}",
+        description="no template: the prompt text as is, the response right after it (trl's prompt/completion)",
     ),
 }
 TEMPLATE_NAMES: tuple[str, ...] = tuple(TEMPLATES)

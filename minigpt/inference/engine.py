@@ -9,7 +9,12 @@ decoding thread over up to `max_batch` requests at once:
 * every step feeds each active row its last token at the row's own position (one KV write per
   row, `KVCache.update` with per-row positions) and attends under a mask over what the row holds;
 * a request leaves when it ends (eos, a stop string, its token budget or the context) or is
-  cancelled (a client that went away): the last active row moves into its place at once.
+  cancelled (a client that went away): the last active row moves into its place at once;
+* a request whose own prefill or sampling fails gets an "error" event and leaves alone: the other
+  rows go on untouched (only a failure of the batched step itself ends every active request);
+* capacity: `submit` accepts a request while fewer than max_batch + max_waiting are admitted and
+  unfinished (waiting, joining or decoding), so max_waiting=0 means "no queue": a request is
+  accepted exactly when a batch slot is free.
 
 Each row samples with its own settings and generator, so at temperature 0 a request gets the
 tokens it would get alone (up to float rounding of the batched matmuls). Text is produced by
@@ -38,7 +43,7 @@ __all__ = ["Engine", "EngineBusy", "Request", "Event"]
 
 
 class EngineBusy(MinigptError):
-    """Too many requests are waiting; the caller should retry later."""
+    """max_batch + max_waiting requests are already admitted; the caller should retry later."""
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Request:
     # state kept by the engine
     cancelled: bool = field(default=False, init=False)
     tokens: list[int] = field(default_factory=list, init=False)
+    admitted: bool = field(default=False, init=False)      # counted against the engine's capacity
 
     def cancel(self) -> None:
         """Leave the batch before the next step (safe from any thread)."""
@@ -89,7 +95,8 @@ class _Row:
 
 
 class Engine:
-    """One decoding thread serving up to `max_batch` requests at once; `max_waiting` more wait."""
+    """One decoding thread serving up to `max_batch` requests at once; `max_waiting` more wait
+    (submit refuses a request once max_batch + max_waiting are admitted and unfinished)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 64):
         if max_batch < 1 or max_waiting < 0:
@@ -107,6 +114,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._admitted = 0                               # waiting + joining + decoding, unfinished
         self.steps = 0                                   # decoding steps run (for tests and stats)
 
     # --- the public side ----------------------------------------------------------------------
@@ -131,11 +139,21 @@ class Engine:
             raise ConfigError(f"prompt of {n} tokens + max_tokens {req.max_new_tokens} must fit the model's "
                               f"context of {self.context_length} tokens (and both be >= 1)")
         with self._wake:
-            if len(self.waiting) >= self.max_waiting:
-                raise EngineBusy(f"{len(self.waiting)} requests are already waiting; retry later")
+            if self._admitted >= self.max_batch + self.max_waiting:
+                raise EngineBusy(f"the server is at capacity ({self.max_batch} decoding + {self.max_waiting} "
+                                 f"waiting); retry later")
+            self._admitted += 1
+            req.admitted = True
             self.waiting.append(req)
             self._wake.notify()
         return req
+
+    def _release(self, req: Request) -> None:
+        """`req` no longer counts against the capacity (once; it finished, failed or was dropped)."""
+        with self._wake:
+            if req.admitted:
+                req.admitted = False
+                self._admitted -= 1
 
     @property
     def load(self) -> dict:
@@ -159,27 +177,40 @@ class Engine:
                     self._drop_cancelled()
                     if self.rows:
                         self._step()
-            except Exception as e:                        # never let the thread die silently
+            except Exception as e:                        # the batched step failed: every row ends
                 for row in self.rows:
-                    self._emit(row.req, Event("error", message=f"decoding failed: {type(e).__name__}: {e}"))
+                    self._fail(row.req, e)
                 self.rows.clear()
         for row in self.rows:
             self._emit(row.req, Event("error", message="the server is shutting down"))
 
     def _emit(self, req: Request, event: Event) -> None:
+        if event.kind in ("done", "error"):
+            self._release(req)
         try:
             req.on_event(event)
         except Exception:                                 # a consumer's bug must not stop the batch
             req.cancel()
 
+    def _fail(self, req: Request, e: Exception) -> None:
+        """End `req` alone with an error event (it leaves the batch at the next _drop_cancelled)."""
+        self._emit(req, Event("error", message=f"decoding failed: {type(e).__name__}: {e}"))
+        req.cancel()
+
     def _join(self, req: Request) -> None:
+        """Prefill `req` into the first free row; a failure here ends `req` only (the row stays free)."""
         if req.cancelled:
+            self._release(req)
             return
         r = len(self.rows)
-        caches = [c.view(slice(r, r + 1)) for c in self.caches]
-        idx = torch.tensor([list(req.prompt)], dtype=torch.long, device=self.model.device)
-        logits = self.model(idx, caches=caches, last_only=True)[:, -1]        # (1, V)
-        row = _Row(req, self.tokenizer, self.vocab, idx.device)
+        try:
+            caches = [c.view(slice(r, r + 1)) for c in self.caches]
+            idx = torch.tensor([list(req.prompt)], dtype=torch.long, device=self.model.device)
+            logits = self.model(idx, caches=caches, last_only=True)[:, -1]        # (1, V)
+            row = _Row(req, self.tokenizer, self.vocab, idx.device)
+        except Exception as e:
+            self._fail(req, e)
+            return
         self.rows.append(row)
         self._advance([row], logits)
 
@@ -202,28 +233,35 @@ class Engine:
         logp = logits.float().log_softmax(-1) if any(r.req.logprobs is not None for r in rows) else None
         greedy = logits.argmax(-1).tolist()                       # what plain greedy rows take (one pass)
         for i, row in enumerate(rows):
-            req, s = row.req, row.req.sampling
-            if s.temperature == 0 and row.seen is None:
-                t = greedy[i]
-            else:
-                t = int(sample_next(logits[i:i + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                    repetition_penalty=s.repetition_penalty, seen=row.seen, generator=row.gen)[0])
-            req.tokens.append(t)
-            if row.seen is not None:
-                row.seen[0, t] = True
-            finish = self._finish_reason(row, t)
-            text = "" if t == req.eos_token_id else row.text.feed(t)
-            if finish is not None and not row.text.stopped:
-                text += row.text.finish()
-            if row.text.stopped:
-                finish = "stop"
-            if text or req.logprobs is not None:
-                self._emit(req, self._text_event(req, text, t, logp[i] if logp is not None else None))
-            if finish is not None:
-                self._emit(req, Event("done", finish_reason=finish, prompt_tokens=len(req.prompt),
-                                      completion_tokens=len(req.tokens)))
-                req.cancel()                                             # leaves at the next step
+            try:                                                  # one row's failure ends that row only
+                self._advance_row(row, logits[i:i + 1], greedy[i], logp[i] if logp is not None else None)
+            except Exception as e:
+                self._fail(row.req, e)
         self._drop_cancelled()
+
+    def _advance_row(self, row: _Row, logits: torch.Tensor, greedy: int, logp: Optional[torch.Tensor]) -> None:
+        """Sample one row's next token from its logits (1, V); emit its text and, when it ends, "done"."""
+        req, s = row.req, row.req.sampling
+        if s.temperature == 0 and row.seen is None:
+            t = greedy
+        else:
+            t = int(sample_next(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                repetition_penalty=s.repetition_penalty, seen=row.seen, generator=row.gen)[0])
+        req.tokens.append(t)
+        if row.seen is not None:
+            row.seen[0, t] = True
+        finish = self._finish_reason(row, t)
+        text = "" if t == req.eos_token_id else row.text.feed(t)
+        if finish is not None and not row.text.stopped:
+            text += row.text.finish()
+        if row.text.stopped:
+            finish = "stop"
+        if text or req.logprobs is not None:
+            self._emit(req, self._text_event(req, text, t, logp))
+        if finish is not None:
+            self._emit(req, Event("done", finish_reason=finish, prompt_tokens=len(req.prompt),
+                                  completion_tokens=len(req.tokens)))
+            req.cancel()                                                 # leaves at the next step
 
     def _finish_reason(self, row: _Row, t: int) -> Optional[str]:
         req = row.req
@@ -251,10 +289,11 @@ class Engine:
             if not self.rows[i].req.cancelled:
                 i += 1
                 continue
-            last = len(self.rows) - 1
+            gone, last = self.rows[i].req, len(self.rows) - 1
             if i != last:
                 n = self.rows[last].length
                 for c in self.caches:
                     c.copy_row(i, last, n)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
+            self._release(gone)

@@ -2,7 +2,10 @@
 and the commands) and `sample_next` (logits -> token ids), with its repetition penalty and top-p.
 
 Order (as in Hugging Face): repetition penalty -> temperature -> top-k -> top-p. temperature 0
-means greedy (argmax after the repetition penalty; top-k/top-p are then moot).
+means greedy (argmax after the repetition penalty; top-k/top-p are then moot). Extreme arguments
+are computed safely, never as NaN: a row whose scaled logits overflow the float range (a
+temperature such as 1e-300, or a repetition penalty such as 1e-300 that sends seen logits to inf)
+samples from its top logits only, the limit of sampling as temperature -> 0 (greedy, ties drawn).
 """
 from __future__ import annotations
 
@@ -120,6 +123,16 @@ def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor
         k *= 4
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, each row whose largest scaled logit is not finite (overflow) replaced
+    by 0 at its top logits and -inf elsewhere: greedy, the temperature -> 0 limit, instead of NaN
+    probabilities. Rows that scale fine are returned bit for bit (no host sync either way)."""
+    scaled = logits / temperature
+    bad = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))                  # (B, 1)
+    top = torch.where(logits == logits.amax(dim=-1, keepdim=True), 0.0, float("-inf"))
+    return torch.where(bad, top, scaled)
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                 seen: Optional[torch.Tensor] = None,
@@ -135,7 +148,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Option
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = _scaled(logits, temperature)
     use_top_p = top_p is not None and top_p < 1.0
     if top_k is not None and 0 < top_k < logits.size(-1):
         vals, ids = logits.topk(top_k, dim=-1)                            # (B, k), descending

@@ -7,11 +7,26 @@
     POST /v1/completions        a raw prompt
 
 Both POST routes take temperature, top_p, top_k, repetition_penalty, max_tokens (also
-max_completion_tokens), stop (a string or up to 4), seed, n=1, stream (+ stream_options.
-include_usage), logprobs (+ top_logprobs / an int for completions). Chat prompts follow the chat
-context policy (minigpt.inference.chat.ChatSession.build_prompt: the oldest turns are dropped, an over-long
-last message keeps its end); a raw prompt that does not fit is a 400. Errors are OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}} with 400 / 401 / 404 / 413 / 429.
+max_completion_tokens, which wins when given), stop (a string or up to 4), seed, n=1, stream
+(+ stream_options, an object: include_usage, a boolean), logprobs (+ top_logprobs, which needs
+logprobs: true / an int for completions). Extreme sampling arguments are computed safely (a
+temperature so small that logits / temperature overflow samples greedily: see sampling.py).
+
+Context: as OpenAI, a prompt that does not fit the context with max_tokens is a 400 with
+error.code "context_length_exceeded" (streaming or not); a chat without max_tokens gets
+min(256, context / 2) reply tokens, fewer when the prompt leaves less room. The extension field
+"truncation": "auto" (the name OpenAI's Responses API uses; default "disabled") asks a chat to be
+fitted instead, by the chat context policy (minigpt.inference.chat.ChatSession.build_prompt: the
+oldest turns are dropped, then an over-long last message keeps its end); the chat page sends it.
+
+Limits: a body of at most MAX_BODY_BYTES (413 above), JSON nested too deeply is a 400; a request
+is refused with 429 only when max_batch + max_waiting requests are already admitted (Engine).
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with 400 / 401 / 404 /
+405 (with an Allow header) / 413 / 429. A client that leaves while sending its body is not logged.
+
+Network (minigpt.inference.http_guard): create_app puts the routes behind HostOriginGuard, a 403
+for a foreign Host on a loopback bind (DNS rebinding) or a foreign web Origin, CORS for allowed
+origins; `minigpt serve` adds a deadline for receiving each request (408) and a connection limit (503).
 
 Needs the optional extra: pip install -e ".[serve]" (Starlette + uvicorn). The command that loads a
 model and runs this app is `minigpt serve` (minigpt.commands.serve).
@@ -20,21 +35,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import reprlib
 import secrets
 import time
 import uuid
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError, MinigptError
 from .chat import ChatError, ChatSession, ReplyTrim
 from .engine import Engine, EngineBusy, Event, Request
+from .http_guard import HostOriginGuard, OriginPolicy
 from .sampling import SamplingConfig
 
 __all__ = ["create_app", "ApiError", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "developer", "user", "assistant")
+TRUNCATION = ("disabled", "auto")          # the chat extension field "truncation" (see the docstring)
+_SHOW = reprlib.Repr()                     # (keyword arguments only from Python 3.12)
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 60, 60, 6, 6
+
+
+def _show(v: Any) -> str:
+    """A client's value for an error message: short, and safe however deeply it nests."""
+    return _SHOW.repr(v)
 
 
 class ApiError(MinigptError):
@@ -56,9 +81,10 @@ def _field(body: dict, name: str, kinds: tuple, default=None, check=None, rule: 
     if v is None:
         return default
     if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise ApiError(400, f"'{name}' must be {rule or ' or '.join(k.__name__ for k in kinds)}, got {v!r}", name)
+        raise ApiError(400, f"'{name}' must be {rule or ' or '.join(k.__name__ for k in kinds)}, got {_show(v)}",
+                       name)
     if check is not None and not check(v):
-        raise ApiError(400, f"'{name}' must be {rule}, got {v!r}", name)
+        raise ApiError(400, f"'{name}' must be {rule}, got {_show(v)}", name)
     return v
 
 
@@ -85,14 +111,36 @@ def _common(body: dict, block_size: int) -> dict:
     """The options both POST routes share, checked."""
     if _field(body, "n", (int,), 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    max_tokens = _field(body, "max_completion_tokens", (int,), None) or _field(body, "max_tokens", (int,), None)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
-    opts = _field(body, "stream_options", (dict,), {}) or {}
-    return {"sampling": _sampling(body), "stops": _stops(body), "max_tokens": max_tokens,
+    return {"sampling": _sampling(body), "stops": _stops(body), "max_tokens": _max_tokens(body),
             "seed": _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
-            "stream": _field(body, "stream", (bool,), False),
-            "usage": bool(opts.get("include_usage")) if isinstance(opts, dict) else False}
+            "stream": _field(body, "stream", (bool,), False), "usage": _include_usage(body)}
+
+
+def _max_tokens(body: dict) -> Optional[int]:
+    """max_completion_tokens when given, else max_tokens, else None; each must be >= 1 when given."""
+    given = {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = given[name] = _field(body, name, (int,), None)
+        if v is not None and v < 1:
+            raise ApiError(400, f"'{name}' must be >= 1, got {v}", name)
+    return given["max_tokens"] if given["max_completion_tokens"] is None else given["max_completion_tokens"]
+
+
+def _include_usage(body: dict) -> bool:
+    opts = _field(body, "stream_options", (dict,), {}, rule="an object")
+    usage = opts.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ApiError(400, f"'stream_options.include_usage' must be a boolean, got {_show(usage)}",
+                       "stream_options.include_usage")
+    return bool(usage)
+
+
+def _truncation(body: dict) -> bool:
+    """True when a chat asks to be fitted to the context ("truncation": "auto")."""
+    v = body.get("truncation")
+    if v is not None and (not isinstance(v, str) or v not in TRUNCATION):
+        raise ApiError(400, f"'truncation' must be one of {', '.join(TRUNCATION)}, got {_show(v)}", "truncation")
+    return v == "auto"
 
 
 def _content(m: dict, i: int) -> str:
@@ -140,6 +188,7 @@ class _Service:
 
     def chat_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
         system, turns, last = _turns(body.get("messages"))
+        truncate = _truncation(body)
         bs = self.engine.context_length
         max_new = common["max_tokens"] or min(256, bs // 2)
         if max_new >= bs:
@@ -149,10 +198,29 @@ class _Service:
             session = ChatSession(self.engine.model, self.engine.tokenizer, template=self.template, system=system,
                                   stop=common["stops"], max_new_tokens=min(max_new, bs - 1))
             session.turns = turns
+            if not truncate:
+                return self._whole_chat(session, last, common["max_tokens"], max_new)
             ids, _, _ = session.build_prompt(last)
         except ChatError as e:                             # the chat's words for it, in the API's terms
             msg = str(e).replace(" with /set max_new_tokens N", "").replace("max_new_tokens", "max_tokens")
             raise ApiError(400, f"{msg} (context {bs} tokens)", "max_tokens", "context_length_exceeded") from None
+        return ids, session.stop_strings, max_new
+
+    def _whole_chat(self, session: ChatSession, last: str, asked: Optional[int],
+                    max_new: int) -> tuple[list[int], list[str], int]:
+        """Every message in the prompt, as OpenAI: a 400 when they and the reply do not fit (without
+        max_tokens the reply takes what room is left)."""
+        msgs = session.messages() + [{"role": "user", "content": last}]
+        ids = session.template.prompt_ids(msgs, session.tokenizer, session.system)
+        bs = self.engine.context_length
+        if asked is None:
+            max_new = max(1, min(max_new, bs - len(ids)))
+        if len(ids) + max_new > bs:
+            raise ApiError(400, f"This model's maximum context length is {bs} tokens. However, you requested "
+                                f"{len(ids) + max_new} tokens ({len(ids)} in the messages, {max_new} in the "
+                                "completion). Please reduce the length of the messages or completion (or send "
+                                "\"truncation\": \"auto\" to drop the oldest turns).", "messages",
+                           "context_length_exceeded")
         return ids, session.stop_strings, max_new
 
     def completion_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
@@ -174,7 +242,7 @@ class _Service:
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.model_id:
-            raise ApiError(404, f"model {model!r} not found; this server serves {self.model_id!r}", "model",
+            raise ApiError(404, f"model {_show(model)} not found; this server serves {self.model_id!r}", "model",
                            "model_not_found")
 
 
@@ -182,9 +250,14 @@ def _read_page() -> str:
     return resources.files("minigpt").joinpath("assets/chat.html").read_text(encoding="utf-8")
 
 
-def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key: Optional[str] = None):
-    """The Starlette app serving `engine` (already started) under the name `model_id`."""
+def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key: Optional[str] = None, *,
+               loopback: bool = True, allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()):
+    """The Starlette app serving `engine` (already started) under the name `model_id`, behind
+    minigpt.inference.http_guard.HostOriginGuard: `loopback` (the server listens on loopback only):
+    the Host header must be localhost, an IP address or one of `allow_hosts` (DNS rebinding); an
+    Origin header must be the server's own or one of `allow_origins` (which get CORS headers)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
@@ -210,7 +283,9 @@ def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key:
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", _authed(svc, models)),
               Route("/v1/chat/completions", _authed(svc, chat_completions), methods=["POST"]),
               Route("/v1/completions", _authed(svc, completions), methods=["POST"])]
-    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    guard = Middleware(HostOriginGuard, loopback=loopback, allow_origins=OriginPolicy(allow_origins),
+                       allow_hosts=allow_hosts)
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed}, middleware=[guard])
     app.state.service = svc
     return app
 
@@ -223,12 +298,13 @@ async def _not_found(request, exc):
 async def _not_allowed(request, exc):
     from starlette.responses import JSONResponse
     return JSONResponse(ApiError(405, f"method {request.method} not allowed on {request.url.path}").body(),
-                        status_code=405)
+                        status_code=405, headers=getattr(exc, "headers", None))     # Allow: the methods
 
 
 def _authed(svc: _Service, handler):
     """The handler behind the API key check (when the server has one) and the error mapping."""
-    from starlette.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response
 
     async def wrapped(request):
         try:
@@ -241,6 +317,8 @@ def _authed(svc: _Service, handler):
             return await handler(request)
         except ApiError as e:
             return JSONResponse(e.body(), status_code=e.status)
+        except ClientDisconnect:                  # left while sending its body: nobody to answer, nothing to log
+            return Response(status_code=499)      # (nginx's "client closed request"; never sent)
     return wrapped
 
 
@@ -257,6 +335,8 @@ async def _body(request) -> Any:
         return json.loads(raw)
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON nests too deeply") from None
 
 
 async def _complete(svc: _Service, request, chat: bool):
@@ -301,9 +381,12 @@ async def _complete(svc: _Service, request, chat: bool):
 
 def _logprobs(body: dict, chat: bool) -> Optional[int]:
     if chat:
+        top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
         if not _field(body, "logprobs", (bool,), False):
+            if top is not None:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
             return None
-        return _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
+        return top or 0
     return _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
 
 

@@ -30,6 +30,7 @@ IA3 share in .surgery. This module re-exports the methods' main public names.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +63,7 @@ __all__ = ["METHODS", "MERGEABLE", "NAMES", "PEFT_TYPES", "TABLE", "method_confi
            "read_config", "read_tensors", "write_adapter", "base_name", "PEFT_PREFIX", "ADAPTER_CONFIG_NAME",
            "ADAPTER_WEIGHTS_NAME", "ADAPTER_BIN_NAME", "LoRAConfig", "LoRALinear", "add_lora", "merge_lora",
            "unmerge_lora", "remove_lora", "IA3Config", "IA3Linear", "add_ia3", "merge_ia3", "unmerge_ia3",
-           "remove_ia3", "PrefixConfig", "PromptConfig", "AdapterConfig", "BottleneckAdapter"]
+           "remove_ia3", "PrefixConfig", "PromptConfig", "AdapterConfig", "BottleneckAdapter", "adapters_disabled"]
 
 
 def method_config(method: str, **kw):
@@ -105,3 +106,30 @@ def plain_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch.Te
     if method is not None:
         implementation(method).plain_weights(model, sd, merge)
     return sd
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Context manager: run `model` as its base, whatever method it carries: LoRA, DoRA and IA3
+    layers skip their update, bottleneck adapters and virtual tokens (prefix, prompt tuning) are
+    taken off, and all is put back on exit. A plain model runs as it is. Merged layers cannot be
+    switched off (ConfigError: unmerge first). What DPO's reference pass uses (no second copy)."""
+    layers = [m for m in model.modules() if hasattr(m, "adapter_method") and hasattr(m, "enabled")]
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ConfigError("cannot switch off merged adapter layers; unmerge them first")
+    slots = [(b, name) for b in model.modules() for name in ("attn_adapter", "mlp_adapter")
+             if getattr(b, name, None) is not None]
+    if getattr(model, "kv_prefix", None) is not None:
+        slots.append((model, "kv_prefix"))
+    saved_flags, saved_mods = [m.enabled for m in layers], [getattr(o, n) for o, n in slots]
+    for m in layers:
+        m.enabled = False
+    for o, n in slots:
+        setattr(o, n, None)
+    try:
+        yield model
+    finally:
+        for m, e in zip(layers, saved_flags):
+            m.enabled = e
+        for (o, n), mod in zip(slots, saved_mods):
+            setattr(o, n, mod)

@@ -6,7 +6,8 @@ minigpt.methods.lora.LoRALinear), adding one vector `...ia3_l`, initialised to o
     other targets:        y = (x W^T + b) * l         l: (out,)  the output, bias included
     feedforward targets:  y = (x * l) W^T + b         l: (in,)   the input (the MLP's hidden units)
 
-GPT-2 defaults (PEFT's): targets c_attn and mlp.c_proj, feedforward mlp.c_proj. Merging is exact
+GPT-2 defaults (PEFT's): targets c_attn and mlp.c_proj, feedforward mlp.c_proj; GPT-Neo's (PEFT's):
+q_proj, v_proj and mlp.c_proj, feedforward mlp.c_proj (DEFAULTS). Merging is exact
 (up to rounding): W <- W * l per output row and b <- b * l, or W <- W * l per input column.
 
     cfg = IA3Config()                       # or method_config("ia3", targets=..., feedforward=...)
@@ -15,7 +16,8 @@ GPT-2 defaults (PEFT's): targets c_attn and mlp.c_proj, feedforward mlp.c_proj. 
     merge_and_unload(model)                 # a plain GPT again
 
 On-disk layout (PEFT, readable by `peft.PeftModel.from_pretrained(GPT2LMHeadModel, dir)`):
-adapter_config.json (peft_type IA3, target_modules, feedforward_modules, fan_in_fan_out true) and
+adapter_config.json (peft_type IA3, target_modules, feedforward_modules, fan_in_fan_out true for
+GPT-2's Conv1D layers, false for GPT-Neo's nn.Linear) and
 adapter_model.safetensors with `base_model.model.<module>.ia3_l`: [out, 1], or [1, in] for
 feedforward modules (the same shapes for HF's Conv1D layers).
 
@@ -25,7 +27,7 @@ plain_weights. The layer surgery it shares with LoRA is minigpt.methods.surgery.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -35,8 +37,11 @@ import torch.nn as nn
 from ..errors import AdapterError, ConfigError
 from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, read_method_config, read_tensors, save_with
 from .surgery import (
+    GPT_NEO_TARGETS,
     WrappedLinear,
     adapter_target,
+    arch_of,
+    check_arch_targets,
     find_targets,
     layer_functions,
     loaded_layers,
@@ -50,10 +55,12 @@ from .table import NAMES
 
 __all__ = ["IA3Config", "IA3Linear", "add_ia3", "ia3_layers", "ia3_parameters", "merge_ia3", "unmerge_ia3",
            "remove_ia3", "merge_and_unload", "plain_weights", "save_adapter", "load_adapter", "attached", "save",
-           "load", "method_config", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD", "KNOWN_TARGETS"]
+           "load", "method_config", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD", "DEFAULTS", "KNOWN_TARGETS"]
 
 DEFAULT_TARGETS = ("c_attn", "mlp.c_proj")
 DEFAULT_FEEDFORWARD = ("mlp.c_proj",)
+DEFAULTS = {"gpt2": (DEFAULT_TARGETS, DEFAULT_FEEDFORWARD),              # per arch: (targets, feedforward),
+            "gpt_neo": (("q_proj", "v_proj", "mlp.c_proj"), ("mlp.c_proj",))}   # PEFT's (c_proj: the MLP's)
 KNOWN_TARGETS = ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head")
 
 
@@ -133,14 +140,17 @@ class IA3Linear(WrappedLinear):
 @dataclass
 class IA3Config:
     """IA3 settings, validated. targets: module-name suffixes (dot boundary, like LoRA's);
-    feedforward: those of them scaled at their input; each must name (a narrowing of) a target."""
+    feedforward: those of them scaled at their input; each must name (a narrowing of) a target.
+    None: the model's default (DEFAULTS), GPT-2's until `apply` meets a GPT-Neo."""
 
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    feedforward: tuple[str, ...] = DEFAULT_FEEDFORWARD
+    targets: Optional[tuple[str, ...]] = None
+    feedforward: Optional[tuple[str, ...]] = None
+    model_default: tuple[bool, bool] = field(default=(False, False), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.targets = split_targets(self.targets)
-        self.feedforward = split_targets(self.feedforward)
+        self.model_default = (self.targets is None, self.feedforward is None)
+        self.targets = split_targets(DEFAULT_TARGETS if self.targets is None else self.targets)
+        self.feedforward = split_targets(DEFAULT_FEEDFORWARD if self.feedforward is None else self.feedforward)
         if not self.targets:
             raise ConfigError("IA3 targets must name at least one module")
         bad = [f for f in self.feedforward if not any(name_matches(f, t) for t in self.targets)]
@@ -155,7 +165,13 @@ class IA3Config:
         return {"targets": list(self.targets), "feedforward": list(self.feedforward)}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """add_ia3 with these settings (freezes the rest of the model)."""
+        """add_ia3 with these settings (freezes the rest of the model). Defaults become the model's
+        own (GPT-Neo: q_proj, v_proj, mlp.c_proj), recorded in `targets` / `feedforward`."""
+        targets, feedforward = DEFAULTS[arch_of(model)]
+        if self.model_default[0]:
+            self.targets = targets
+        if self.model_default[1]:
+            self.feedforward = feedforward
         return add_ia3(model, targets=self.targets, feedforward=self.feedforward)
 
     def describe(self) -> str:
@@ -189,12 +205,16 @@ def attached(model: nn.Module) -> Optional[str]:
     return "ia3" if ia3_layers(model) else None
 
 
-def add_ia3(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
-            feedforward: Iterable[str] = DEFAULT_FEEDFORWARD, freeze: bool = True) -> nn.Module:
+def add_ia3(model: nn.Module, targets: Optional[Iterable[str]] = None,
+            feedforward: Optional[Iterable[str]] = None, freeze: bool = True) -> nn.Module:
     """Wrap every nn.Linear whose name ends with a target in an IA3Linear (feedforward ones scale
-    their input); with `freeze`, everything else is frozen. Returns the model (in place)."""
-    cfg = IA3Config(targets, feedforward)
-    found = find_targets(model, cfg.targets, IA3Linear, "IA3", KNOWN_TARGETS)
+    their input); with `freeze`, everything else is frozen. Returns the model (in place).
+    None: the model's default targets / feedforward modules (DEFAULTS)."""
+    arch = arch_of(model)
+    check_arch_targets(model, split_targets(targets or ()), "IA3")
+    cfg = IA3Config(DEFAULTS[arch][0] if targets is None else targets,
+                    DEFAULTS[arch][1] if feedforward is None else feedforward)
+    found = find_targets(model, cfg.targets, IA3Linear, "IA3", KNOWN_TARGETS if arch == "gpt2" else GPT_NEO_TARGETS)
     ff = {n for n in found if any(name_matches(n, f) for f in cfg.feedforward)}
     unused = [f for f in cfg.feedforward if not any(name_matches(n, f) for n in found)]
     if unused:
@@ -238,7 +258,7 @@ def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
     config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
               "revision": None, "inference_mode": True, "target_modules": targets,
               "feedforward_modules": ff_targets, "exclude_modules": None,
-              "fan_in_fan_out": True,              # GPT-2's HF layers are Conv1D (weights (in, out))
+              "fan_in_fan_out": arch_of(model) == "gpt2",   # GPT-2's HF layers are Conv1D, GPT-Neo's Linear
               "init_ia3_weights": True, "modules_to_save": None}
     tensors = {f"{PEFT_PREFIX}{n}.ia3_l": m.ia3_l.detach().view((1, -1) if m.feedforward else (-1, 1))
                for n, m in layers.items()}                     # (1, in) feedforward, (out, 1) otherwise

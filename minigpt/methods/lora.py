@@ -12,6 +12,9 @@ Targets match module names by suffix on a dot boundary, as PEFT does with a list
 "c_attn", "c_proj" (attention and MLP), "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head".
 The pseudo-targets "q", "k", "v" put LoRA on chosen slices of the fused c_attn only (lora_B then
 covers just those output rows; not with DoRA, whose row norms span the whole layer).
+On a GPT-Neo the attention is "q_proj", "k_proj", "v_proj", "out_proj" (GPT-2's names are refused
+there); the default targets are the model's (DEFAULT_TARGETS, PEFT's: c_attn on GPT-2, q_proj and
+v_proj on GPT-Neo).
 
 lm_head is tied to transformer.wte. A LoRA on lm_head keeps the tie (its `weight` *is* the wte
 Parameter) and changes only the output projection, exactly like PEFT. Merging it would also change
@@ -36,6 +39,9 @@ from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .lora_files import load, load_adapter, read_adapter_config, save, save_adapter
 from .lora_layer import LORA_METHODS, QKV, LoRALinear, attached, check_hparams, lora_layers
 from .surgery import (
+    GPT_NEO_TARGETS,
+    arch_of,
+    check_arch_targets,
     count_parameters,
     find_targets,
     layer_functions,
@@ -50,30 +56,34 @@ __all__ = [
     "lora_layers", "lora_parameters", "lora_disabled", "lora_state_dict", "load_lora_state_dict", "lora_pairs",
     "plain_weights", "save_adapter", "load_adapter", "read_adapter_config", "count_parameters",
     "attached", "save", "load", "method_config",
-    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "KNOWN_TARGETS",
+    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "KNOWN_TARGETS", "DEFAULT_TARGETS",
 ]
 
 KNOWN_TARGETS = ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc", "lm_head", "q", "k", "v")
+DEFAULT_TARGETS = {"gpt2": ("c_attn",), "gpt_neo": ("q_proj", "v_proj")}      # per arch: PEFT's defaults
 
 
 @dataclass
 class LoRAConfig:
     """LoRA / DoRA hyperparameters, validated: what `add_lora` takes and a fine-tune records.
     targets: module-name suffixes and/or q, k, v (see add_lora); comma-separated strings are split.
+        None: the model's default (DEFAULT_TARGETS), GPT-2's until `apply` meets a GPT-Neo.
     use_dora: weight-decomposed LoRA (a magnitude per output row; not with q, k, v)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: tuple[str, ...] = ("c_attn",)
+    targets: Optional[tuple[str, ...]] = None
     rslora: bool = False
     use_dora: bool = False
     flags: Sequence[str] = field(default=("LoRA rank r", "LoRA alpha", "LoRA dropout"), repr=False,
                                  compare=False)        # what error messages call r, alpha, dropout
+    model_default: bool = field(default=False, init=False, repr=False, compare=False)   # targets not given
 
     def __post_init__(self) -> None:
         check_hparams(self.r, self.alpha, self.dropout, self.flags)
-        self.targets = split_targets(self.targets)
+        self.model_default = self.targets is None
+        self.targets = split_targets(DEFAULT_TARGETS["gpt2"] if self.targets is None else self.targets)
         _, qkv = _normalise_targets(self.targets)
         self.rslora, self.use_dora = bool(self.rslora), bool(self.use_dora)
         if self.use_dora and qkv is not None:
@@ -90,7 +100,10 @@ class LoRAConfig:
                 "rslora": self.rslora, "use_dora": self.use_dora}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """add_lora with these settings (freezes the rest of the model)."""
+        """add_lora with these settings (freezes the rest of the model). Default targets become the
+        model's own (GPT-Neo: q_proj, v_proj), recorded in `targets`."""
+        if self.model_default:
+            self.targets = DEFAULT_TARGETS[arch_of(model)]
         return add_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                         use_rslora=self.rslora, use_dora=self.use_dora)
 
@@ -153,19 +166,24 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
-             targets: Union[str, Iterable[str]] = ("c_attn",), use_rslora: bool = False,
+             targets: Union[str, Iterable[str], None] = None, use_rslora: bool = False,
              freeze: bool = True, use_dora: bool = False) -> nn.Module:
     """Wrap every nn.Linear whose name ends with a target in a LoRALinear; freeze the rest.
 
     targets: module-name suffixes ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "c_fc",
              "lm_head") and/or "q", "k", "v" for slices of the fused c_attn; also a
-             comma-separated string. use_dora: DoRA layers. Returns the model (modified in place).
+             comma-separated string. GPT-Neo: "q_proj", "k_proj", "v_proj", "out_proj", "c_fc",
+             "c_proj", "lm_head". None: the model's default (DEFAULT_TARGETS).
+             use_dora: DoRA layers. Returns the model (modified in place).
     """
     check_hparams(r, alpha, dropout)
+    arch = arch_of(model)
+    targets = DEFAULT_TARGETS[arch] if targets is None else split_targets(targets)
+    check_arch_targets(model, targets, "LoRA")
     names, qkv = _normalise_targets(targets)
     if use_dora and qkv is not None:
         raise ConfigError("DoRA cannot adapt slices (q, k, v) of c_attn; target c_attn instead")
-    found = find_targets(model, names, LoRALinear, "LoRA", KNOWN_TARGETS)
+    found = find_targets(model, names, LoRALinear, "LoRA", KNOWN_TARGETS if arch == "gpt2" else GPT_NEO_TARGETS)
     if use_dora and any(isinstance(model.get_submodule(n), QuantLinear) for n in found):
         raise ConfigError("DoRA on a quantized (nf4/int8) base is not supported: use LoRA there, or DoRA "
                           "on a full-precision base")

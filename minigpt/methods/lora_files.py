@@ -35,7 +35,7 @@ from .files import (
 )
 from .files import load_adapter as load_any
 from .lora_layer import LORA_METHODS, QKV, LoRALinear, attached, lora_layers
-from .surgery import adapter_target, loaded_layers, name_matches, set_module, suffix_targets
+from .surgery import adapter_target, arch_of, loaded_layers, name_matches, set_module, suffix_targets
 
 __all__ = ["save", "save_adapter", "read_adapter_config", "load", "load_adapter"]
 
@@ -55,7 +55,7 @@ def save(model: nn.Module, base_model_name_or_path: Optional[str] = None
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": suffix_targets(model, layers), "exclude_modules": None,
-        "fan_in_fan_out": True,              # GPT-2's HF layers are Conv1D (weights (in, out))
+        "fan_in_fan_out": arch_of(model) == "gpt2",   # GPT-2's HF layers are Conv1D (in, out), GPT-Neo's Linear
         "bias": "none", "use_rslora": rslora, "use_dora": dora, "lora_bias": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},

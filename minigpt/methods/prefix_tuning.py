@@ -164,6 +164,9 @@ def _attach(model, module: nn.Module, freeze: bool = True):
     found = method_of(model)
     if found is not None:
         raise ConfigError(f"model already carries {NAMES[found]} ({found}); minigpt attaches one method at a time")
+    if getattr(model.config, "arch", "gpt2") != "gpt2":
+        raise ConfigError("prefix and prompt tuning are GPT-2 only in minigpt (on GPT-Neo use LoRA, DoRA, IA3 or "
+                          "bottleneck adapters)")
     _check_room(model, module.num_virtual_tokens)
     if freeze:
         model.requires_grad_(False)

@@ -7,7 +7,9 @@ merge the wrappers into their weights and back, unwrap them, and count parameter
     merge_ia3, unmerge_ia3, remove_ia3, merge_and_unload = layer_functions(IA3Linear)   # a method's names
 
 Targets match module names by suffix on a dot boundary (`name_matches`), as PEFT matches a list
-of names. `WrappedLinear` is the part of a wrapper layer that stands in for the nn.Linear: it holds
+of names. A GPT-Neo (config.arch "gpt_neo") has q_proj, k_proj, v_proj, out_proj in place of GPT-2's
+fused c_attn and attn.c_proj (`arch_of`, `check_arch_targets`; its MLP is c_fc, c_proj as GPT-2's).
+`WrappedLinear` is the part of a wrapper layer that stands in for the nn.Linear: it holds
 the base layer's `weight` / `bias` Parameters themselves (state-dict names and the lm_head/wte tie
 kept) or, on a quantized base, the frozen QuantLinear as `quant`.
 """
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from ..errors import AdapterError, ConfigError
 from ..model.quant import QuantLinear
 
-__all__ = ["WrappedLinear", "name_matches", "split_targets", "set_module", "find_targets", "suffix_targets",
+__all__ = ["WrappedLinear", "GPT_NEO_TARGETS", "arch_of", "check_arch_targets",
+           "name_matches", "split_targets", "set_module", "find_targets", "suffix_targets",
            "is_tied", "adapter_target", "loaded_layers", "wrapped_layers", "merge_layers", "unmerge_layers",
            "remove_layers", "layer_functions", "count_parameters"]
 
@@ -71,6 +74,27 @@ class WrappedLinear(nn.Module):
         lin.weight = self.weight
         lin.bias = self.bias
         return lin
+
+
+GPT_NEO_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
+_GPT2_ATTENTION = ("c_attn", "attn.c_attn", "attn.c_proj", "q", "k", "v")     # fused c_attn, its slices, its output
+
+
+def arch_of(model: nn.Module) -> str:
+    """"gpt2" or "gpt_neo": the architecture of a minigpt GPT (its config.arch)."""
+    return getattr(getattr(model, "config", None), "arch", "gpt2")
+
+
+def check_arch_targets(model: nn.Module, targets: Sequence[str], what: str) -> None:
+    """On a GPT-Neo, refuse GPT-2's attention targets (c_attn, its q/k/v slices, attn.c_proj) in one
+    line that names GPT-Neo's modules."""
+    if arch_of(model) != "gpt_neo":
+        return
+    bad = [t for t in targets if t in _GPT2_ATTENTION]
+    if bad:
+        raise ConfigError(f"{what} target(s) {', '.join(bad)} are GPT-2's fused attention, which GPT-Neo does not "
+                          "have; GPT-Neo's modules are q_proj, k_proj, v_proj, out_proj (attention) and c_fc, "
+                          "c_proj (MLP)")
 
 
 def name_matches(name: str, target: str) -> bool:

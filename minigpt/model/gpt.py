@@ -1,4 +1,6 @@
-"""GPT-2 in one readable file. Parameter names match Hugging Face's GPT2LMHeadModel."""
+"""GPT-2 and GPT-Neo in one readable file. Parameter names match Hugging Face's GPT2LMHeadModel
+(config.arch "gpt2") and GPTNeoForCausalLM ("gpt_neo"): the two differ only in the attention module
+of a block (CausalSelfAttention vs NeoAttention, see minigpt.model.config)."""
 from __future__ import annotations
 
 import math
@@ -139,6 +141,86 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class NeoSelfAttention(nn.Module):
+    """GPT-Neo's attention (HF: attn.attention): q_proj, k_proj, v_proj without bias, out_proj with
+    bias; scores q.k unscaled (no 1/sqrt(head_dim)) and computed in float32; a local layer lets each
+    query see only the last `window` keys (itself included), in the cache too.
+
+    Windows count cache slots (HF's rule): a query at slot s sees keys at slots s - window < j <= s.
+    Left padding and per-row positions keep every row's own slots consecutive, so this is also each
+    row's window as if it were alone. Virtual tokens (prefix tuning) are not windowed."""
+
+    def __init__(self, cfg: GPTConfig, local: bool):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.window: Optional[int] = cfg.window_size if local else None
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def _window_mask(self, mask: Optional[torch.Tensor], T: int, K: int, start: int | torch.Tensor,
+                     device) -> Optional[torch.Tensor]:
+        """`mask` (None: causal) and the local window over K real keys, the queries being T tokens
+        written at `start` (an int: the last T of the K keys; a (1,) or (B,) tensor: those slots)."""
+        if isinstance(start, torch.Tensor):
+            q = (start.view(-1, 1) + torch.arange(T, device=device))[:, None, :, None]   # (1 or B, 1, T, 1)
+        elif start + T <= self.window:
+            return mask                                                # no query reaches past the window
+        else:
+            q = torch.arange(K - T, K, device=device)[:, None]          # (T, 1)
+        k = torch.arange(K, device=device)                              # (K,)
+        local = (k <= q) & (q - k < self.window)                        # (..., T, K) causal and in the window
+        return local if mask is None else mask & local
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, start: int | torch.Tensor = 0,
+                prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """As CausalSelfAttention.forward."""
+        B, T, C = x.shape                                              # (B, T, C)
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)    # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        P = 0
+        if cache is not None:
+            k, v = cache.update(start, k, v)                           # (B, H, P+start+T, D)
+            P = cache.offset
+        elif prefix is not None:
+            P = prefix[0].size(2)
+            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, H, P+T, D)
+            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if self.window is not None:
+            mask = self._window_mask(mask, T, k.size(2) - P, start, k.device)
+        if P and (mask is not None or T > 1):
+            mask = _with_prefix(mask, T, k.size(2), P, k.device)
+        dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()                     # scores and softmax in fp32, as HF
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            is_causal = T > 1
+            if (is_causal or isinstance(start, torch.Tensor)) and k.size(2) != T:
+                raise ValueError("multi-token steps on a non-empty cache, and static-shape steps, "
+                                 "need an explicit mask")
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=1.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)               # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class NeoAttention(nn.Module):
+    """The `attn` of a GPT-Neo block: holds the attention as `attention` (HF's names:
+    attn.attention.q_proj, ...)."""
+
+    def __init__(self, cfg: GPTConfig, local: bool):
+        super().__init__()
+        self.attention = NeoSelfAttention(cfg, local)
+
+    def forward(self, x, mask=None, cache=None, start=0, prefix=None):
+        return self.attention(x, mask, cache, start, prefix)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -154,10 +236,10 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block. attn_adapter / mlp_adapter: optional modules applied to
     each sublayer's output before the residual sum (bottleneck adapters, minigpt.methods.adapter)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg) if cfg.arch == "gpt2" else NeoAttention(cfg, cfg.local_layer(layer))
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
         self.attn_adapter: Optional[nn.Module] = None
@@ -175,7 +257,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model. `model(idx)` maps token ids (B, T) to logits (B, T, vocab_size)."""
+    """GPT-2 (or GPT-Neo, cfg.arch) language model. `model(idx)` maps token ids (B, T) to logits
+    (B, T, vocab_size)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -184,7 +267,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -192,9 +275,9 @@ class GPT(nn.Module):
         self.kv_prefix: Optional[nn.Module] = None   # virtual tokens: prefix/prompt tuning (minigpt.methods)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (GPT-Neo: N(0, 0.02) everywhere, as HF)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if cfg.arch == "gpt2" and name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @property
@@ -328,8 +411,10 @@ class GPT(nn.Module):
     # --- checkpoints and generation live in their own modules; thin methods here -------------
     @classmethod
     def from_pretrained(cls, src, *, dtype: Optional[torch.dtype] = None, device=None,
-                        quantize: Optional[str] = None, **kw) -> "GPT":
-        """Load from a preset name, an HF directory/file, an OpenAI TF checkpoint, or our own dir.
+                        quantize: Optional[str] = None, revision: Optional[str] = None, **kw) -> "GPT":
+        """Load from a Hub name ("ORG/NAME", a preset name), an HF directory/file, an OpenAI TF checkpoint,
+        or our own dir. revision: of a Hub name, a branch, tag or commit sha (default main); Hub models
+        live in the Hugging Face cache shared with transformers (minigpt.weights.hub).
         quantize="nf4" | "int8": the blocks' Linear weights become frozen quantized layers
         (minigpt.model.quant; the base of QLoRA / 8-bit inference)."""
         from ..weights.checkpoint import load_model
@@ -337,11 +422,12 @@ class GPT(nn.Module):
 
         if quantize is not None and quantize not in QUANT_MODES:
             raise ConfigError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}")
-        model = load_model(src, model_cls=cls, dtype=dtype, device=device, **kw)
+        model = load_model(src, model_cls=cls, dtype=dtype, device=device, revision=revision, **kw)
         return quantize_model(model, quantize) if quantize else model
 
     def save_pretrained(self, out_dir) -> None:
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel (GPT-Neo:
+        GPTNeoForCausalLM) loads."""
         from ..weights.checkpoint import save_model
         save_model(self, out_dir)
 

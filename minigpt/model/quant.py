@@ -1,7 +1,8 @@
 """Quantized base models in pure PyTorch: NF4 (QLoRA) and int8 weights, frozen, on CPU and CUDA.
 
 `quantize_model(model, "nf4" | "int8")` (or `GPT.from_pretrained(src, quantize=...)`) turns every
-nn.Linear of the transformer blocks (c_attn, attn.c_proj, c_fc, mlp.c_proj) into a `QuantLinear`;
+nn.Linear of the transformer blocks (c_attn, attn.c_proj, c_fc, mlp.c_proj; GPT-Neo: q_proj, k_proj,
+v_proj, out_proj, c_fc, c_proj) into a `QuantLinear`;
 the embeddings, the tied head, LayerNorms and biases stay in full precision.
 
 * nf4: the 4-bit NormalFloat code of the QLoRA paper (Dettmers et al. 2023): 16 values, quantiles

@@ -15,7 +15,7 @@ from ..device import PRECISIONS
 from ..errors import ConfigError
 from .optim import OPTIMIZERS
 
-__all__ = ["TrainConfig", "SCHEDULES", "lr_at"]
+__all__ = ["TrainConfig", "SCHEDULES", "lr_at", "warmup_for"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 _POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "keep_last")
@@ -85,6 +85,17 @@ class TrainConfig:
         """The settings of a command's parsed flags: every field of the same name, then `overrides`."""
         names = [f.name for f in fields(cls)]
         return cls(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, **overrides})
+
+
+def warmup_for(max_steps: int, steps: Optional[int] = None, ratio: Optional[float] = None,
+               default_ratio: float = 0.05) -> int:
+    """Warmup steps of a `max_steps` run: `steps` as given, else ceil(ratio x max_steps) (transformers'
+    warmup_ratio; 0.03 of 500 steps is 15), else round(default_ratio x max_steps), at least 1."""
+    if steps is not None:
+        return steps
+    if ratio is not None:
+        return math.ceil(round(ratio * max_steps, 9))      # 0.07 x 100 is 7, not 8
+    return max(1, round(default_ratio * max_steps))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

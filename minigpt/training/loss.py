@@ -214,7 +214,8 @@ class _SeenRows(torch.autograd.Function):
 
 
 class CausalLMLoss(nn.Module):
-    """Wraps a GPT so that forward(x, y) -> mean loss; the unit that DDP/compile wrap in training.
+    """Wraps a GPT so that forward(x, y[, pos, mask]) -> mean loss over the labels; the unit that
+    DDP/compile wrap in training.
 
     vocab: a SeenVocab whose unseen rows the model has tied (`vocab.tie`): the fused head then runs
     over the seen rows only, with the full head's loss and gradients. If the rows turn out untied at
@@ -237,14 +238,17 @@ class CausalLMLoss(nn.Module):
                 self.vocab = None
         return self.vocab is not None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, pos: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean loss over the labels y != -100; pos / mask: the model's (packed batches)."""
+        kw = {"pos": pos, "mask": mask}
         if self.fused:
             w = self.model.lm_head.weight
             if self._seen_head(w):
                 v = self.vocab
                 y = torch.where(y >= 0, v.remap[y.clamp(min=0)], y)
-                return fused_lm_loss(self.model.hidden_states(x), v.rows(w), y,
+                return fused_lm_loss(self.model.hidden_states(x, **kw), v.rows(w), y,
                                      workspace=self.workspace, log_counts=v.log_counts)
-            return fused_lm_loss(self.model.hidden_states(x), w, y, workspace=self.workspace)
+            return fused_lm_loss(self.model.hidden_states(x, **kw), w, y, workspace=self.workspace)
         from ..model.gpt import lm_loss
-        return lm_loss(self.model(x), y)
+        return lm_loss(self.model(x, **kw), y)

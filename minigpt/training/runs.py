@@ -260,7 +260,7 @@ def resolve_base(src: str) -> str:
 
 
 def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, dtype=None,
-                   merge: bool = False, quantize: Optional[str] = None):
+                   merge: bool = False, quantize: Optional[str] = None, revision: Optional[str] = None):
     """Load what finetune.py wrote: returns (model, template_name).
 
     path:  a finetune.py --out-dir (or one of its checkpoints/step-N folders, or its merged/
@@ -272,6 +272,7 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
            allows it (lora, dora, ia3; minigpt.methods.MERGEABLE); other methods stay attached.
     quantize: load the base quantized ("nf4" | "int8", minigpt.model.quant): the adapter then stays
            unmerged on it (as in QLoRA training); a full fine-tune is quantized after loading.
+    revision: the Hub revision of the base (default: the one finetune.py recorded, else main).
     The model is returned in eval mode. template_name is the prompt template the run was trained
     with ("alpaca" when the folder carries no metadata).
     """
@@ -292,8 +293,10 @@ def load_finetuned(path: PathLike, *, base: Optional[str] = None, device=None, d
         if not src:
             raise CheckpointError(f"{d}: the adapter does not say which base model it was trained on; "
                                   "pass base=... (or --base)")
+        if revision is None and not base:
+            revision = meta.get("base_revision")
         try:
-            model = GPT.from_pretrained(src, dtype=dtype, device=device, quantize=quantize)
+            model = GPT.from_pretrained(src, dtype=dtype, device=device, quantize=quantize, revision=revision)
         except CheckpointError as e:
             raise CheckpointError(f"base model of {d} could not be loaded: {e}") from e
         load_adapter(model, d)
@@ -328,13 +331,14 @@ def _is_finetune_dir(d: Path) -> bool:
 
 def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, *,
                     device=None, root: PathLike = ".", merge: bool = True,
-                    quantize: Optional[str] = None) -> LoadedModel:
+                    quantize: Optional[str] = None, revision: Optional[str] = None) -> LoadedModel:
     """Load what chat, serve and export use (see the module docstring for the sources).
 
     model:   any GPT.from_pretrained source, or a finetune.py output dir (LoRA or full).
     adapter: a LoRA adapter / finetune output dir applied to `model` (default base: the one the
              adapter records).
     neither: the newest finetune output under `root`, else the newest train.py output.
+    revision: the Hub revision of a `model` given as ORG/NAME (or of the adapter's Hub base).
     LoRA adapters are merged into the weights for fast decoding (exactly what merge_lora gives)
     unless merge=False or the adapter touches the tied lm_head. Raises ChatError /
     CheckpointError / FileNotFoundError / ValueError with one-line messages.
@@ -351,13 +355,13 @@ def load_chat_model(model: Optional[str] = None, adapter: Optional[str] = None, 
     if adapter is None and model is not None and _is_finetune_dir(Path(model).expanduser()):
         model, adapter = None, model                          # a finetune output dir as --model
     if adapter is None:
-        m = GPT.from_pretrained(model, device=device, quantize=quantize)
+        m = GPT.from_pretrained(model, device=device, quantize=quantize, revision=revision)
         template, source = None, str(model)
     else:
         ad = Path(adapter).expanduser()
         if not ad.is_dir():
             raise ChatError(f"adapter directory {adapter} not found")
-        m, template = load_finetuned(ad, base=model, device=device, quantize=quantize)
+        m, template = load_finetuned(ad, base=model, device=device, quantize=quantize, revision=revision)
         meta = read_finetune_meta(ad) or {}
         if not meta.get("template"):
             template = None                                   # load_finetuned says alpaca when it cannot know

@@ -37,6 +37,8 @@ from .runs import CKPT_DIR, METRICS_FILE, RUN_INFO, STATE_FILE, latest_checkpoin
 
 __all__ = ["Trainer", "flops_per_token"]
 
+IGNORE_INDEX = -100          # labels that are not trained on (padding, masked prompts)
+
 
 def flops_per_token(model) -> float:
     """6N + 12·L·H·Q·T (PaLM appendix B accounting) for a GPT-like model."""
@@ -85,18 +87,21 @@ def _metric_step(line: str) -> Optional[int]:
 class Trainer:
     """Runs `cfg.max_steps` optimizer steps on `model`.
 
-    data: a dataset with `batch(step, micro) -> (x, y, n_tokens)` (TokenDataset,
+    data: a dataset with `batch(step, micro) -> (x, y, n_tokens[, kwargs])` (TokenDataset,
         InstructionDataset; or such a function): micro-batch `micro` of optimizer step `step`,
         where micro indices run over all ranks (rank r, local micro m -> r * local_accum + m), so a
         2-process run sees the same data as 1 process with 2x accum. n_tokens, the real
         (non-padding) tokens of the batch, is what tok_per_s and MFU count; (x, y) pairs count
-        x.numel().
+        x.numel(). kwargs (packed batches: {"pos", "mask"}) go to the loss module's forward.
     evaluate(model) -> dict of metrics including "val_loss" (rank 0 only); None: no evaluation
         (and no best/ folder).
     save_weights(model, dir) / load_weights(model, dir): how the model's trainable state is
         persisted (full weights for pretraining, the adapter for LoRA).
     sample(model) -> str, optional, printed at each evaluation.
-    loss_module: nn.Module with forward(x, y) -> mean loss (default: fused head + cross-entropy);
+    loss_module: nn.Module with forward(x, y, **kwargs) -> mean loss over the labels y != -100
+        (default: fused head + cross-entropy; the step's loss weights it by its label count, or by
+        loss_module.count_labels(y) where it has one: a preference loss counts pairs); its optional
+        pop_metrics() -> dict is added to each metrics record (DPO's rewards/...);
         kept unwrapped as `self.loss_module` (evaluations can reuse it and its scratch buffers),
         wrapped by compile / DDP as `self.fwd_model`.
     budget: a TimeBudget: cfg.max_steps (and, with budget.evaluations, cfg.eval_interval) is then
@@ -123,6 +128,8 @@ class Trainer:
             raise ConfigError(f"--grad-accum ({cfg.grad_accum}) must be a multiple of the number of "
                               f"processes ({self.world})")
         self.local_accum = cfg.grad_accum // self.world
+        if getattr(data, "grad_accum", cfg.grad_accum) != cfg.grad_accum:
+            raise ConfigError(f"the dataset was made for grad_accum {data.grad_accum}, the run uses {cfg.grad_accum}")
         self.out_dir = Path(cfg.out_dir)
         self.is_main = self.rank == 0
         if self.device.type == "cuda":
@@ -285,22 +292,48 @@ class Trainer:
         return metrics
 
     # --- the loop -----------------------------------------------------------------------------
+    def _micro_batches(self) -> tuple[list[tuple], int]:
+        """This rank's micro-batches of the step, as (x, y, tokens, model kwargs, labels), and the
+        label tokens (y != -100) of the whole step: every micro-batch of every rank."""
+        batches = []
+        count = getattr(self.loss_module, "count_labels", None)     # (preference losses: pairs, not tokens)
+        for m in range(self.local_accum):
+            x, y, *rest = self.get_batch(self.step, self.rank * self.local_accum + m)
+            tokens, kw = rest[0] if rest else x.numel(), rest[1] if len(rest) > 1 else {}
+            batches.append((x, y, tokens, kw, count(y) if count else int((y != IGNORE_INDEX).sum())))
+        labels = sum(b[-1] for b in batches)
+        if self.world > 1:
+            t = torch.tensor([labels], dtype=torch.long, device=self.device)
+            dist.all_reduce(t)
+            labels = int(t.item())
+        return batches, labels
+
     def train_step(self) -> tuple[float, int]:
-        """One optimizer step (all micro-batches): (mean loss over ranks, tokens trained on)."""
+        """One optimizer step (all micro-batches of all ranks): (its loss, tokens trained on).
+
+        The loss is the step's token-weighted mean: the sum of the per-label losses of every
+        micro-batch and rank over the step's label count, so B x A trains exactly as one batch of
+        A*B. Each micro-batch's mean is weighted by its share of the labels times the number of
+        micro-batches (DDP's averaging over ranks included): 1 when all hold as many labels, as in
+        pretraining, whose numbers are then those of a plain mean of the micro-batches' means."""
         cfg, model = self.cfg, self.fwd_model
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * (g.get("lr_scale") or 1.0)
+        batches, labels = self._micro_batches()
         total = torch.zeros(2, device=self.device)                        # loss, tokens
-        for m in range(self.local_accum):
-            x, y, *n = self.get_batch(self.step, self.rank * self.local_accum + m)
-            total[1] += n[0] if n else x.numel()
+        for m, (x, y, tokens, kw, n_labels) in enumerate(batches):
+            total[1] += tokens
+            share = n_labels * self.local_accum * self.world / max(labels, 1)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            kw = {k: v.to(self.device, non_blocking=True) for k, v in kw.items()}
             sync = m == self.local_accum - 1 or self.world == 1
             ctx = model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
-                    loss = model(x, y) / self.local_accum
+                    loss = model(x, y, **kw) / self.local_accum
+                    if share != 1.0:
+                        loss = loss * share
                 self.scaler.scale(loss).backward()
             total[0] += loss.detach()
         if self.world > 1:
@@ -388,8 +421,12 @@ class Trainer:
                "tokens": tokens, "tok_per_s": tps}                 # real tokens since the last record
         if self.peak:
             rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
+        extra = getattr(self.loss_module, "pop_metrics", None)    # the loss module's own (e.g. DPO's rewards)
+        rec.update(extra() if extra else {})
         self._record(rec)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}",
+        shown = {n: f"{rec[k]:.3f}" for n, k in (("margin", "rewards/margins"), ("acc", "rewards/accuracies"))
+                 if k in rec}
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}", **shown,
                         **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
         self._window = [time.perf_counter(), 0]
 

@@ -2,8 +2,10 @@
 
 Sources accepted by `load_model(src, model_cls=...)` (what `GPT.from_pretrained` calls):
 
-* a preset name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): read from the cache, downloaded
-  once when missing (minigpt.weights.hub);
+* a Hub name: "ORG/NAME" (model_type gpt2 or gpt_neo) or a preset name ("gpt2", "gpt2-medium",
+  "gpt2-large", "gpt2-xl" = openai-community/<name>), at `revision` (branch, tag or commit; default
+  main): a snapshot folder of the Hugging Face cache shared with transformers, downloaded once when
+  missing (minigpt.weights.hub), or a preset in the old minigpt cache ($MINIGPT_HOME);
 * a Hugging Face GPT-2 directory: config.json + model.safetensors (or a sharded
   model.safetensors.index.json, or pytorch_model.bin read with `torch.load(weights_only=True)`);
   keys with or without the `transformer.` prefix, Conv1D (in, out) weights;
@@ -30,8 +32,8 @@ import torch
 from ..errors import CheckpointError
 from ..fileio import atomic_write, atomic_write_text
 from ..model.config import PRESETS, GPTConfig
-from .hub import download_preset
-from .keymap import hf_to_minigpt, minigpt_to_hf, openai_to_minigpt
+from .hub import resolve_source
+from .keymap import hf_to_minigpt, is_gpt_neo, minigpt_to_hf, openai_to_minigpt
 from .tfbundle import bundle_prefix, read_tf_bundle
 
 PathLike = str | os.PathLike
@@ -131,8 +133,8 @@ def _named(cfg: GPTConfig) -> GPTConfig:
     """Give a config the preset's name when its shape is exactly a preset's."""
     if cfg.name == "custom":
         for name, p in PRESETS.items():
-            if (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == \
-                    (p["n_layer"], p["n_head"], p["n_embd"], 50257, 1024):
+            if (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == \
+                    (p.get("arch", "gpt2"), p["n_layer"], p["n_head"], p["n_embd"], 50257, p.get("block_size", 1024)):
                 cfg.name = name
     return cfg
 
@@ -153,6 +155,14 @@ def _infer_config(sd: dict, n_head: int | None, origin: str) -> GPTConfig:
         raise CheckpointError(f"{origin}: missing tensor {e.args[0]}; cannot infer the model shape") from e
     layers = {int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))}
     n_layer = max(layers) + 1 if layers else 0
+    arch = "gpt_neo" if is_gpt_neo(sd) else "gpt2"
+    if arch == "gpt_neo":           # GPT-Neo's heads are not 64 wide (1.3B: 128): a preset's shape, or config.json
+        if n_head is None:
+            n_head = next((p["n_head"] for p in PRESETS.values() if p.get("arch") == "gpt_neo"
+                           and (p["n_layer"], p["n_embd"]) == (n_layer, n_embd)), None)
+        if n_head is None:
+            raise CheckpointError(f"{origin}: cannot infer n_head of a GPT-Neo of n_embd={n_embd}; put its "
+                                  "config.json next to the weights or pass n_head=")
     if n_head is None:
         if n_embd % 64:
             raise CheckpointError(f"{origin}: cannot infer n_head for n_embd={n_embd}; pass n_head= "
@@ -160,29 +170,30 @@ def _infer_config(sd: dict, n_head: int | None, origin: str) -> GPTConfig:
         n_head = n_embd // 64
     try:
         return _named(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                vocab_size=vocab_size))
+                                vocab_size=vocab_size, arch=arch))
     except ValueError as e:
         raise CheckpointError(f"{origin}: inferred config is invalid ({e})") from e
 
 
 def load_checkpoint(src: PathLike, *, n_head: int | None = None, need_config: bool = True,
-                    cache: PathLike | None = None, download: bool = True
+                    cache: PathLike | None = None, download: bool = True, revision: str | None = None
                     ) -> tuple[GPTConfig | None, dict[str, torch.Tensor]]:
     """Resolve `src` (see module docstring) -> (GPTConfig, state dict in minigpt layout)."""
     path = Path(src).expanduser() if isinstance(src, (str, os.PathLike)) else None
     if path is None:
         raise CheckpointError(f"unsupported checkpoint source of type {type(src).__name__}")
     if not path.exists():
-        if isinstance(src, str) and src.removeprefix("openai-community/") in PRESETS:
-            src = src.removeprefix("openai-community/")
-            d = download_preset(src, cache, allowed=download)   # returns at once when cached
-            return load_checkpoint(d, n_head=n_head, need_config=need_config)
         if Path(f"{path}.index").is_file():                         # a TF checkpoint prefix
             return _load_tf(path)
+        d = resolve_source(src, revision, cache=cache, allowed=download) if isinstance(src, str) else None
+        if d is not None:                                           # a Hub name: its snapshot folder
+            return load_checkpoint(d, n_head=n_head, need_config=need_config)
         if isinstance(src, str) and os.sep not in src and "/" not in src and not src.startswith("."):
             raise CheckpointError(f"unknown checkpoint source {src!r}: not an existing path nor a preset "
-                                  f"({', '.join(PRESETS)})")
+                                  f"({', '.join(PRESETS)}) nor a Hub name (ORG/NAME)")
         raise CheckpointError(f"checkpoint path not found: {path}")
+    if revision not in (None, "main"):
+        raise CheckpointError(f"revision {revision!r} applies to Hub names (ORG/NAME); {src} is a local path")
 
     if path.is_file():
         if path.suffix == ".index":
@@ -286,8 +297,9 @@ def model_from_state_dict(cfg: GPTConfig, sd: dict, *, model_cls: type, dtype: t
 
 
 def load_model(src, *, model_cls: type, dtype: torch.dtype | None = None, device=None,
-               n_head: int | None = None, cache_dir: PathLike | None = None, download: bool = True):
-    """Load a model from a preset, HF dir/file, OpenAI TF checkpoint or save_pretrained dir.
+               n_head: int | None = None, cache_dir: PathLike | None = None, download: bool = True,
+               revision: str | None = None):
+    """Load a model from a Hub name or preset, HF dir/file, OpenAI TF checkpoint or save_pretrained dir.
 
     Outside minigpt.model.gpt call `GPT.from_pretrained(src, ...)`, which passes itself as model_cls.
 
@@ -295,10 +307,12 @@ def load_model(src, *, model_cls: type, dtype: torch.dtype | None = None, device
     dtype:     floating dtype of the parameters (default float32).
     device:    where to put them (default cpu).
     n_head:    for a bare weights file without config.json (default n_embd // 64).
-    cache_dir: preset cache (default $MINIGPT_HOME or ~/.cache/minigpt).
-    download:  allow downloading a missing preset.
+    cache_dir: the old minigpt preset cache (default $MINIGPT_HOME or ~/.cache/minigpt); Hub models live
+               in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).
+    download:  allow downloading a Hub model that is not cached.
+    revision:  of a Hub name: a branch, tag or commit sha (default main).
     """
-    cfg, sd = load_checkpoint(src, n_head=n_head, cache=cache_dir, download=download)
+    cfg, sd = load_checkpoint(src, n_head=n_head, cache=cache_dir, download=download, revision=revision)
     return model_from_state_dict(cfg, sd, model_cls=model_cls, dtype=dtype, device=device, origin=str(src),
                                  consume=True)
 
@@ -307,8 +321,9 @@ def load_model(src, *, model_cls: type, dtype: torch.dtype | None = None, device
 # Saving
 # ================================================================================================
 def save_model(model, out_dir: PathLike) -> None:
-    """Write config.json + model.safetensors in the HF Hub layout (Conv1D weights, prefixed keys,
-    no lm_head) so that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads it. Atomic."""
+    """Write config.json + model.safetensors in the HF Hub layout (GPT-2: Conv1D weights; prefixed
+    keys, no lm_head) so that transformers.GPT2LMHeadModel (GPT-Neo: GPTNeoForCausalLM)
+    .from_pretrained(out_dir) loads it. Atomic."""
     from safetensors.torch import save_file
 
     from ..model.quant import is_quantized
@@ -322,8 +337,9 @@ def save_model(model, out_dir: PathLike) -> None:
     sd = model.state_dict()
     expected = {"lm_head.weight", "transformer.wte.weight", "transformer.wpe.weight",
                 "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    attn = r"attn\.c_attn|attn\.c_proj" if model.config.arch == "gpt2" else r"attn\.attention\.(?:[qkv]|out)_proj"
     extra = [k for k in sd if k not in expected and not re.fullmatch(
-        r"transformer\.h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", k)]
+        rf"transformer\.h\.\d+\.(ln_1|ln_2|{attn}|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", k)]
     if extra:
         raise CheckpointError(f"model has non-GPT-2 tensors ({', '.join(extra[:3])}); merge the adapter "
                               "first (minigpt.methods.merge_and_unload: LoRA, DoRA, IA3) or save it with "

@@ -3,10 +3,12 @@
 minigpt's layout: `transformer.`-prefixed HF names, nn.Linear (out, in) weights, no
 `lm_head.weight` (tied to wte). Each conversion is a key map plus a list of transposes: the four
 per-block projection weights in CONV1D_WEIGHTS are (in, out) in HF (Conv1D) and OpenAI TF files
-and (out, in) here.
+and (out, in) here. GPT-Neo (HF GPTNeoForCausalLM: `attn.attention.{q,k,v,out}_proj`, nn.Linear
+everywhere) has no transposes; a state dict is GPT-Neo's when it holds such keys (is_gpt_neo).
 
-* hf_to_minigpt / minigpt_to_hf: HF GPT-2 state dicts, with or without the `transformer.` prefix;
-  the `attn.bias` / `attn.masked_bias` buffers (IGNORED_HF_KEYS) and the tied lm_head are dropped.
+* hf_to_minigpt / minigpt_to_hf: HF GPT-2 and GPT-Neo state dicts, with or without the
+  `transformer.` prefix; the `attn.bias` / `attn.masked_bias` buffers (GPT-Neo:
+  `attn.attention.bias` / `.masked_bias`; IGNORED_HF_KEYS) and the tied lm_head are dropped.
 * openai_to_minigpt: OpenAI TF names (model/h0/attn/c_attn/w [1, in, out], model/ln_f/g, ...).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "IGNORED_HF_KEYS",
     "hf_to_minigpt",
     "is_conv1d_weight",
+    "is_gpt_neo",
     "minigpt_to_hf",
     "openai_to_minigpt",
 ]
@@ -29,8 +32,9 @@ __all__ = [
 # Weights that HF stores as Conv1D (in, out) and minigpt as nn.Linear (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Non-parameter buffers found in Hub files (causal mask, masked-bias constant): dropped on load.
-IGNORED_HF_KEYS = ("attn.bias", "attn.masked_bias")
-_IGNORED_RE = re.compile(r"(?:^|\.)h\.\d+\.attn\.(?:bias|masked_bias)$")
+IGNORED_HF_KEYS = ("attn.bias", "attn.masked_bias", "attn.attention.bias", "attn.attention.masked_bias")
+_IGNORED_RE = re.compile(r"(?:^|\.)h\.\d+\.attn\.(?:attention\.)?(?:bias|masked_bias)$")
+_NEO_RE = re.compile(r"(?:^|\.)h\.\d+\.attn\.attention\.(?:q|k|v|out)_proj\.")
 
 # optimizer / bookkeeping variables that may sit next to the weights in a TF checkpoint
 _TF_IGNORED = ("global_step", "beta1_power", "beta2_power")
@@ -43,9 +47,15 @@ def is_conv1d_weight(key: str) -> bool:
     return key.endswith(CONV1D_WEIGHTS) and ".h." in f".{key}"
 
 
-def _transposed(key: str, t: torch.Tensor) -> torch.Tensor:
-    """The transposes: (in, out) <-> (out, in) for the Conv1D weights, other tensors as they are."""
-    return t.t() if is_conv1d_weight(key) and t.dim() == 2 else t
+def is_gpt_neo(keys) -> bool:
+    """True when state-dict keys are GPT-Neo's (separate attn.attention.q_proj/k_proj/v_proj/out_proj)."""
+    return any(_NEO_RE.search(k) for k in keys)
+
+
+def _transposed(key: str, t: torch.Tensor, neo: bool = False) -> torch.Tensor:
+    """The transposes: (in, out) <-> (out, in) for GPT-2's Conv1D weights, other tensors (and all
+    of GPT-Neo's) as they are."""
+    return t.t() if not neo and is_conv1d_weight(key) and t.dim() == 2 else t
 
 
 # --- key maps (None: the tensor is dropped) ------------------------------------------------------
@@ -72,39 +82,42 @@ def _openai_key(name: str) -> str | None:
 
 # --- conversions ----------------------------------------------------------------------------------
 def hf_to_minigpt(state_dict: dict, *, drop_buffers: bool = True) -> dict:
-    """HF GPT-2 state dict (prefixed or not, Conv1D weights) -> minigpt layout.
+    """HF GPT-2 or GPT-Neo state dict (prefixed or not) -> minigpt layout.
 
-    Adds the `transformer.` prefix where missing, transposes Conv1D weights, drops the `attn.bias`
-    / `attn.masked_bias` buffers and `lm_head.weight` (tied; it must equal wte when present).
-    Keys it does not know (e.g. LoRA tensors) are passed through with the prefix rule applied.
+    Adds the `transformer.` prefix where missing, transposes GPT-2's Conv1D weights, drops the
+    attention-mask buffers and `lm_head.weight` (tied; it must equal wte when present). Keys it
+    does not know (e.g. LoRA tensors) are passed through with the prefix rule applied.
     """
     out = {}
     lm_head = None
+    neo = is_gpt_neo(state_dict)
     for k, v in state_dict.items():
         if k == "lm_head.weight":
             lm_head = v
             continue
         key = _hf_key(k, drop_buffers)
         if key is not None:
-            out[key] = _transposed(key, v)
+            out[key] = _transposed(key, v, neo)
     if lm_head is not None:
         wte = out.get("transformer.wte.weight")
         if wte is not None and (wte.shape != lm_head.shape or not torch.equal(wte, lm_head)):
             raise CheckpointError("lm_head.weight differs from transformer.wte.weight; minigpt only "
-                                  "supports GPT-2 with tied input/output embeddings")
+                                  "supports models with tied input/output embeddings")
     return out
 
 
 def minigpt_to_hf(state_dict: dict, *, prefix: bool = True) -> dict:
-    """minigpt state dict -> HF Hub layout: Conv1D (in, out) weights, no lm_head, contiguous.
+    """minigpt state dict -> HF Hub layout: GPT-2's Conv1D (in, out) weights (GPT-Neo's as they
+    are), no lm_head, contiguous.
 
     With prefix=False the `transformer.` prefix is stripped (the original Hub file layout).
     """
     out = {}
+    neo = is_gpt_neo(state_dict)
     for k, v in state_dict.items():
         if k == "lm_head.weight":
             continue
-        v = _transposed(k, v)
+        v = _transposed(k, v, neo)
         if not prefix and k.startswith("transformer."):
             k = k[len("transformer."):]
         out[k] = v.contiguous()

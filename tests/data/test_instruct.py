@@ -154,8 +154,8 @@ def test_not_a_regular_file_is_refused_before_reading(tmp_path):
     os.mkfifo(fifo)                          # opening a FIFO with no writer would block
     with pytest.raises(DataError, match="not a regular file"):
         load_records(fifo)
-    with pytest.raises(IsADirectoryError):
-        load_records(tmp_path)
+    with pytest.raises(DataError, match="folder holds no instruction data files"):
+        load_records(tmp_path)               # a folder: its data files, never the FIFO
 
 
 # --- templates: training tokens = chat prompt tokens (template strings: test_templates.py) ----------

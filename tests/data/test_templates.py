@@ -46,8 +46,17 @@ def test_human_assistant_and_chat_templates():
         get_template("nope")
 
 
+def test_none_template_is_the_text_as_is():
+    """--template none: prompt then response, nothing added (trl's prompt/completion); EOS after each answer."""
+    t = get_template("none")
+    rec = {"system": None, "messages": [{"role": "user", "content": "The sky is"},
+                                        {"role": "assistant", "content": " blue."}]}
+    assert t.render(rec) == [("The sky is", False), (" blue.", True)]
+    assert t.render_text(rec) == "The sky is blue.<|endoftext|>" and t.stop_strings == ()
+
+
 def test_names_and_default():
-    assert TEMPLATE_NAMES == ("alpaca", "human-assistant", "chat") == tuple(TEMPLATES)
+    assert TEMPLATE_NAMES == ("alpaca", "human-assistant", "chat", "none") == tuple(TEMPLATES)
     assert DEFAULT_TEMPLATE == "alpaca" and get_template() is get_template(None) is TEMPLATES[DEFAULT_TEMPLATE]
     assert all(TEMPLATES[n].name == n for n in TEMPLATE_NAMES)
 

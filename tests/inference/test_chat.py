@@ -225,6 +225,18 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, monkeypatch, capsys):
     assert rc == 1 and err.count("\n") == 1
 
 
+def test_closed_stdin_is_a_one_line_error(model_dir):
+    """`chat.py --model DIR <&-`: Python starts with sys.stdin None; one line and exit 1, no traceback
+    (--prompt needs no stdin and still answers)."""
+    cmd = [sys.executable, "-m", "minigpt", "chat", "--model", str(model_dir)]
+    r = subprocess.run(cmd, preexec_fn=lambda: os.close(0), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("error: stdin is closed") and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(cmd + ["--prompt", "hi", *GREEDY], preexec_fn=lambda: os.close(0), capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_ctrl_c_keeps_partial_reply_and_chat_goes_on(model_dir, model, tmp_path, monkeypatch, capsys):
     import minigpt.inference.generate as gen
 

@@ -270,9 +270,9 @@ def test_malformed_json_oversized_body_and_long_prompt(live):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         live.client.completions.create(model="tiny", prompt="x " * 300, max_tokens=8)
-    # an over-long chat keeps the end of the last message (the chat policy) instead of failing
+    # an over-long chat asking for truncation keeps the end of the last message (the chat policy)
     r = live.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}],
-                                            max_tokens=8, temperature=0)
+                                            max_tokens=8, temperature=0, extra_body={"truncation": "auto"})
     assert r.usage.prompt_tokens + 8 <= 256
     assert httpx.get(live.url + "/nope").status_code == 404
 
@@ -286,12 +286,13 @@ def test_api_key_and_busy_server():
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/").status_code in (200, 500)
         assert srv.client.models.list().data[0].id == "tiny"
-        # one request decoding, none may wait: a second one is told to retry (429)
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
+        # one request decoding (greedy, no early end), none may wait: a second one is told to retry (429)
+        body = {"prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0, "stream": True}
         auth = {"Authorization": "Bearer s3cret"}
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=30) as r:
-            next(r.iter_lines())
-            codes = [httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth).status_code
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=auth, timeout=30) as r:
+            lines = r.iter_lines()                        # kept: a dropped iterator closes the stream
+            next(lines)
+            codes = [httpx.post(srv.url + "/v1/completions", json=body, headers=auth).status_code
                      for _ in range(3)]
         assert 429 in codes
     finally:

@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,101 @@ def b_data_empty(t, fx, mp):
     return cli(ft, fx.ft("--data", p, out=t / "o"))
 
 
-def b_data_is_folder(t, fx, mp):
-    return cli(ft, fx.ft("--data", t, out=t / "o"))
+def b_data_folder_without_data(t, fx, mp):
+    (t / "docs").mkdir()
+    (t / "docs" / "notes.md").write_text("# not a data file\n")
+    return cli(ft, fx.ft("--data", t / "docs", out=t / "o"), after=_no_run(t))
+
+
+# --- instruction data in other formats and containers: checked before the run folder is claimed ---
+
+def _no_run(t):
+    def after():
+        assert not (t / "o").exists(), "the run folder was created"
+    return after
+
+
+def _ft(t, fx, p, *extra):
+    return cli(ft, fx.ft("--data", p, *extra, out=t / "o"), protect=[p], after=_no_run(t))
+
+
+def b_glob_no_match(t, fx, mp):
+    return _ft(t, fx, t / "data" / "*.parquet")
+
+
+def b_unknown_record_shape(t, fx, mp):
+    p = t / "qa.jsonl"
+    p.write_text('{"question": "Say red.", "answer": "red"}\n')
+    return _ft(t, fx, p)
+
+
+def b_columns_no_such_column(t, fx, mp):
+    p = t / "qa.jsonl"
+    p.write_text('{"question": "Say red.", "answer": "red"}\n')
+    return _ft(t, fx, p, "--columns", "prompt=qustion,response=answer")
+
+
+def b_columns_malformed(t, fx, mp):
+    return _ft(t, fx, fx.data, "--columns", "prompt")
+
+
+def b_csv_row_field_count(t, fx, mp):
+    p = t / "rows.csv"
+    p.write_text('instruction,input,output\nSay red.,,red\n"Say, blue.",,blue,extra\n')
+    return _ft(t, fx, p)
+
+
+def b_tsv_empty_output(t, fx, mp):
+    p = t / "notes.tsv"
+    p.write_text("instruction\tinput\toutput\nSay red.\t\tred\nSay blue.\t\t \n")
+    return _ft(t, fx, p)
+
+
+def b_parquet_bad_row(t, fx, mp):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    p = t / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Say red.", "response": "red"},
+                                         {"prompt": "Say blue.", "response": ""}]), p, row_group_size=1)
+    return _ft(t, fx, p)
+
+
+def b_parquet_corrupt(t, fx, mp):
+    pytest.importorskip("pyarrow")
+    p = t / "torn.parquet"
+    p.write_bytes(b"PAR1" + bytes(range(200)))
+    return _ft(t, fx, p)
+
+
+def b_parquet_without_pyarrow(t, fx, mp):
+    p = t / "qa.parquet"
+    p.write_bytes(b"PAR1 never read")
+    mp.setitem(sys.modules, "pyarrow", None)             # import pyarrow -> ImportError
+    mp.setitem(sys.modules, "pyarrow.parquet", None)
+    return _ft(t, fx, p)
+
+
+def b_sharegpt_unknown_role(t, fx, mp):
+    p = t / "sharegpt.json"
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Beep"}]}]
+    p.write_text("[\n" + ",\n".join(map(json.dumps, rows)) + "\n]\n")      # one record a line
+    return _ft(t, fx, p)
+
+
+def b_text_field_empty_turn(t, fx, mp):
+    p = t / "guanaco.jsonl"
+    p.write_text(json.dumps({"text": "### Human: Hi### Assistant: Hello"}) + "\n"
+                 + json.dumps({"text": "### Human: Hi\n### Assistant:"}) + "\n")
+    return _ft(t, fx, p)
+
+
+def b_chatbot_arena(t, fx, mp):
+    p = t / "arena.jsonl"
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    p.write_text(json.dumps({"question_id": "q1", "model_a": "a", "model_b": "b", "winner": "model_a",
+                             "conversation_a": conv, "conversation_b": conv, "turn": 1}) + "\n")
+    return _ft(t, fx, p)
 
 
 def b_records_longer_than_context(t, fx, mp):
@@ -149,8 +243,31 @@ ROWS = [
     Row("jsonl-wrong-type", b_jsonl_wrong_type, "must be a string",
         remedy="message contents and Alpaca fields must be JSON strings"),
     Row("data-empty", b_data_empty, "empty dataset", remedy="pass a file with records"),
-    Row("data-is-a-folder", b_data_is_folder, "is a folder",
-        remedy="finetune.py takes one .json, .jsonl or .txt file"),
+    Row("data-folder-without-data-files", b_data_folder_without_data, "folder holds no instruction data files",
+        remedy="put .json, .jsonl, .csv, .tsv, .parquet or .txt files in it (other names are ignored)"),
+    Row("data-glob-no-match", b_glob_no_match, "no files match the pattern", remedy="check the pattern"),
+    Row("unknown-record-shape", b_unknown_record_shape, "the record holds 'question', 'answer'",
+        remedy="rename the columns, or map them: --columns prompt=question,response=answer"),
+    Row("columns-no-such-column", b_columns_no_such_column, "--columns prompt=qustion: no such column",
+        remedy="check --columns against the file's column names"),
+    Row("columns-malformed", b_columns_malformed, "--columns: expected FIELD=COLUMN", rc=2,
+        remedy="FIELD=COLUMN pairs separated by commas"),
+    Row("csv-row-field-count", b_csv_row_field_count, "rows.csv:3: row has 4 fields, the header 3",
+        remedy="quote cells that hold the separator (\"Say, blue.\")"),
+    Row("tsv-empty-output", b_tsv_empty_output, "notes.tsv:3: field 'output' is empty",
+        remedy="fill in the cell, or drop the row"),
+    Row("parquet-bad-row", b_parquet_bad_row, "row-group 1, row 0: field 'response' is empty",
+        remedy="fix that row (row groups and rows count from 0, as pyarrow's read_row_group)"),
+    Row("parquet-corrupt", b_parquet_corrupt, "not a readable Parquet file",
+        remedy="the file is cut short or not Parquet: write or download it again"),
+    Row("parquet-without-pyarrow", b_parquet_without_pyarrow, 'reading Parquet needs pyarrow: pip install -e ".[data]"',
+        remedy='pip install -e ".[data]" (or pip install pyarrow)'),
+    Row("sharegpt-unknown-role", b_sharegpt_unknown_role, "sharegpt.json:3: turn 2: unknown role 'robot'",
+        remedy="ShareGPT roles: human/user, gpt/assistant, system"),
+    Row("text-field-empty-turn", b_text_field_empty_turn, "guanaco.jsonl:2: field 'text', line 2: empty Assistant turn",
+        remedy="every '### Human:' and '### Assistant:' turn needs text"),
+    Row("chatbot-arena-for-sft", b_chatbot_arena, "train on it with the preference objective",
+        remedy="pairs of answers are preference data: --objective dpo"),
     Row("records-longer-than-context", b_records_longer_than_context, "longer than --max-length",
         remedy="raise --max-length (up to the base model's context) or shorten the prompts"),
 ]

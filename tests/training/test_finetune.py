@@ -260,6 +260,7 @@ def test_bad_input_is_one_line(base, data, tmp_path, capsys, case):
 def test_default_base(tmp_path, monkeypatch, capsys, base):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "cache"))          # gpt2 not cached
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))             # (nor in the Hugging Face cache)
     assert ft.main(["--lora", "--max-steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "minigpt train" in err and "--base" in err and len(err.strip().splitlines()) == 1

@@ -1,11 +1,8 @@
 """Checkpoint loading/saving against transformers as the independent reference."""
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
-import threading
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -411,6 +408,8 @@ def test_preset_from_cache(tiny_hf, tiny_dir, tmp_path, monkeypatch, no_network)
 
 def test_preset_offline_error(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("MINIGPT_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setenv("MINIGPT_OFFLINE", "1")
     with pytest.raises(CheckpointError) as e:
         GPT.from_pretrained("gpt2-medium")
@@ -423,87 +422,13 @@ def test_preset_offline_error(tmp_path, monkeypatch, no_network):
     with pytest.raises(CheckpointError) as e:
         GPT.from_pretrained("gpt2")
     msg = str(e.value)
-    assert "\n" not in msg and "huggingface.co/gpt2/resolve/main/" in msg and "MINIGPT_HOME" in msg
-    assert not any(tmp_path.rglob("*.tmp"))
+    # presets are Hub repos (openai-community/<name>) in the Hugging Face cache: tests/weights/test_hub.py
+    assert "\n" not in msg and "huggingface.co/openai-community/gpt2/resolve/main/" in msg and "MINIGPT_HOME" in msg
+    assert not any(tmp_path.rglob("*.tmp")) and not (tmp_path / "hf").exists()
     assert not hub.is_preset_cached("gpt2")
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    requests: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        _Handler.requests.append(self.path)
-        super().do_GET()
-
-
-def test_preset_download_once(tiny_hf, tiny_dir, tmp_path, monkeypatch, capsys):
-    # a local "hub" laid out like https://huggingface.co/<name>/resolve/main/<file>
-    root = tmp_path / "hub"
-    (root / "gpt2" / "resolve" / "main").mkdir(parents=True)
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_dir / f, root / "gpt2" / "resolve" / "main" / f)
-    handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "cache"))
-        monkeypatch.setenv("MINIGPT_HUB_URL", f"http://127.0.0.1:{server.server_address[1]}")
-        for v in ("MINIGPT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            monkeypatch.delenv(v, raising=False)
-        _Handler.requests.clear()
-        model = GPT.from_pretrained("gpt2")
-        assert sorted(_Handler.requests) == ["/gpt2/resolve/main/config.json",
-                                             "/gpt2/resolve/main/model.safetensors"]
-        err = capsys.readouterr().err
-        assert "gpt2/model.safetensors" in err and "100%" in err            # tqdm progress bar
-        cached = tmp_path / "cache" / "gpt2"
-        assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.safetensors"]
-        assert (cached / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
-        assert _diff(model, tiny_hf, _ids(50257)) < TOL
-        GPT.from_pretrained("gpt2")                                            # cached: no new requests
-        assert len(_Handler.requests) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    class Broken:
-        headers = {"Content-Length": "1000"}
-
-        def __init__(self):
-            self.sent = False
-
-        def read(self, n):
-            if self.sent:
-                return b""
-            self.sent = True
-            return b"x" * 100
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setenv("MINIGPT_HOME", str(tmp_path))
-    monkeypatch.delenv("MINIGPT_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "_urlopen", lambda url, timeout=30.0: Broken())
-    with pytest.raises(CheckpointError, match="stopped after 100 of 1000 bytes"):
-        GPT.from_pretrained("gpt2-large")
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
-
-    def refuse(url, timeout=30.0):
-        raise urllib.error.URLError("no route to host")
-    monkeypatch.setattr(hub, "_urlopen", refuse)
-    with pytest.raises(CheckpointError, match="no route to host"):
-        GPT.from_pretrained("gpt2-xl")
+# Downloading (once, into the Hugging Face cache; interrupted, corrupted, offline): tests/weights/test_hub.py
 
 
 def test_main_info(tiny_dir, tmp_path, monkeypatch, capsys):

@@ -65,6 +65,12 @@ def _check_shapes(model, sd: dict) -> GPTConfig:
     return cfg
 
 
+def _check_gpt2(model) -> None:
+    arch = getattr(getattr(model, "config", None), "arch", "gpt2")
+    if arch != "gpt2":
+        raise ConfigError(f"GGUF export supports GPT-2 only: llama.cpp has no {arch} (GPT-Neo) architecture")
+
+
 def _tensor_type(t: torch.Tensor, dtype: str) -> int:
     if t.dim() == 1:
         return F32                                  # biases and LayerNorms: f32, as llama.cpp's converter
@@ -91,6 +97,7 @@ def export_gguf(model, path: PathLike, dtype: str = "f16", *, template: Union[st
     An untied head (lm_head not the token embedding) is written as output.weight.
     """
     _check_dtype(dtype)
+    _check_gpt2(model)
     if is_quantized(model):
         raise CheckpointError("a quantized (nf4/int8) model cannot be exported: load it without quantize= "
                               "(a QLoRA adapter applies to the full-precision base) and export that")
@@ -130,6 +137,7 @@ def export_lora_gguf(model, path: PathLike, dtype: str = "f32", *, name: Optiona
     lora_b and alpha is 0 (llama.cpp then scales by 1). dtype: f32 | f16 | bf16.
     """
     _check_dtype(dtype, ("f32", "f16", "bf16"))
+    _check_gpt2(model)
     pairs = lora_pairs(model)
     if not pairs:
         raise ConfigError("the model has no LoRA layers to export (load an adapter with load_adapter first)")
