@@ -17,6 +17,9 @@ minigpt's Trainer.train_step() against model(input_ids, labels=input_ids).loss o
 machinery of benchmarks/train_step.py (its timing and memory workers; see its docstring): timing
 interleaved in one process with rotating order, ratios per round, the step-0 losses checked equal;
 peak memory in one fresh process per system (peak RSS over the loaded model, and absolute peak).
+With --bf16, a third system "minigpt-bf16base": minigpt with the frozen weight matrices held in bf16
+(hold_frozen_matrices_in_bf16; the same values reach the matmuls as under autocast, checked by its step-0
+loss), which finetune.py does not do (yet).
 
 The recipe's micro-batch (4 x 512) costs ~16 TFLOP at 1.3B: minutes per step on a 2-core CPU, so
 the 1.3B rows use batch 1 x 128 and the file says so; --size 125m --batch 4 --block 512 runs the
