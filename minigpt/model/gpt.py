@@ -99,6 +99,35 @@ def _with_prefix(mask: Optional[torch.Tensor], T: int, K: int, P: int, device=No
     return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)                 # (..., T, K)
 
 
+def _cached_kv(k: torch.Tensor, v: torch.Tensor, cache: Optional[KVCache], start: int | torch.Tensor,
+               prefix: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(keys, values, P): the step's k, v (B, H, T, D) written to the cache and read back whole, or
+    put behind the virtual tokens `prefix`; P = how many virtual-token keys lead them."""
+    if cache is not None:
+        k, v = cache.update(start, k, v)                               # (B, H, P+start+T, D)
+        return k, v, cache.offset
+    if prefix is not None:
+        B = k.size(0)
+        k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, H, P+T, D)
+        v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        return k, v, prefix[0].size(2)
+    return k, v, 0
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          start: int | torch.Tensor, dropout_p: float, scale: Optional[float] = None) -> torch.Tensor:
+    """Scaled dot-product attention (B, H, T, D); mask None: plain causal attention (no padding; a
+    single new token may see every cached key)."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    T = q.size(2)
+    is_causal = T > 1
+    if (is_causal or isinstance(start, torch.Tensor)) and k.size(2) != T:
+        raise ValueError("multi-token steps on a non-empty cache, and static-shape steps, "
+                         "need an explicit mask")
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -117,26 +146,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)             # (B, H, T, D)
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
-        P = 0
-        if cache is not None:
-            k, v = cache.update(start, k, v)                           # (B, H, P+start+T, D)
-            P = cache.offset
-        elif prefix is not None:
-            P = prefix[0].size(2)
-            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, H, P+T, D)
-            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        k, v, P = _cached_kv(k, v, cache, start, prefix)              # (B, H, P+K, D)
         if P and (mask is not None or T > 1):
             mask = _with_prefix(mask, T, k.size(2), P, k.device)
-        dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
-            # no padding: plain causal attention (a single new token may see every cached key)
-            is_causal = T > 1
-            if (is_causal or isinstance(start, torch.Tensor)) and k.size(2) != T:
-                raise ValueError("multi-token steps on a non-empty cache, and static-shape steps, "
-                                 "need an explicit mask")
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = _sdpa(q, k, v, mask, start, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -182,29 +195,14 @@ class NeoSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)    # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        P = 0
-        if cache is not None:
-            k, v = cache.update(start, k, v)                           # (B, H, P+start+T, D)
-            P = cache.offset
-        elif prefix is not None:
-            P = prefix[0].size(2)
-            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, H, P+T, D)
-            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        k, v, P = _cached_kv(k, v, cache, start, prefix)              # (B, H, P+K, D)
         if self.window is not None:
             mask = self._window_mask(mask, T, k.size(2) - P, start, k.device)
         if P and (mask is not None or T > 1):
             mask = _with_prefix(mask, T, k.size(2), P, k.device)
         dtype = q.dtype
         q, k, v = q.float(), k.float(), v.float()                     # scores and softmax in fp32, as HF
-        dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
-            is_causal = T > 1
-            if (is_causal or isinstance(start, torch.Tensor)) and k.size(2) != T:
-                raise ValueError("multi-token steps on a non-empty cache, and static-shape steps, "
-                                 "need an explicit mask")
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=1.0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+        y = _sdpa(q, k, v, mask, start, self.dropout if self.training else 0.0, scale=1.0)
         y = y.to(dtype).transpose(1, 2).reshape(B, T, C)               # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
