@@ -18,8 +18,8 @@ machinery of benchmarks/train_step.py (its timing and memory workers; see its do
 interleaved in one process with rotating order, ratios per round, the step-0 losses checked equal;
 peak memory in one fresh process per system (peak RSS over the loaded model, and absolute peak).
 With --bf16, a third system "minigpt-bf16base": minigpt with the frozen weight matrices held in bf16
-(hold_frozen_matrices_in_bf16; the same values reach the matmuls as under autocast, checked by its step-0
-loss), which finetune.py does not do (yet).
+(the same values reach the matmuls as under autocast, checked by its step-0 loss): what finetune.py
+does for any parameter-efficient run in bf16 (minigpt.methods.hold_frozen_matrices).
 
 The recipe's micro-batch (4 x 512) costs ~16 TFLOP at 1.3B: minutes per step on a 2-core CPU, so
 the 1.3B rows use batch 1 x 128 and the file says so; --size 125m --batch 4 --block 512 runs the
@@ -57,15 +57,15 @@ RECIPE_FLAGS = ["--lora", "--max-length", "512", "--batch-size", "4", "--grad-ac
 # --- worker side: the two systems, on train_step.py's worker -----------------------------------
 
 def hold_frozen_matrices_in_bf16(model) -> None:
-    """The frozen base's weight matrices (not the embeddings) stored in bf16: under bf16 autocast the
-    same values reach every matmul (autocast casts fp32 weights to exactly these each step), without
-    the per-step casts and with half their memory. Not what finetune.py does (yet): a measured option.
-    The other parameters are copied off the loaded file's mapping so that its fp32 pages can go."""
+    """What finetune.py does for a LoRA run in bf16 (minigpt.methods.hold_frozen_matrices): the frozen
+    weight matrices stored in bf16, the same values autocast would cast them to each step. The other
+    parameters are copied off the loaded file's mapping so that its fp32 pages can go."""
+    from minigpt.methods import hold_frozen_matrices
+
+    hold_frozen_matrices(model, torch.bfloat16)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad and p.dim() == 2 and not name.endswith(("wte.weight", "wpe.weight")):
-                p.data = p.data.to(torch.bfloat16)
-            else:
+        for p in model.parameters():
+            if p.dtype == torch.float32:
                 p.data = p.data.clone()
 
 

@@ -63,7 +63,8 @@ __all__ = ["METHODS", "MERGEABLE", "NAMES", "PEFT_TYPES", "TABLE", "method_confi
            "read_config", "read_tensors", "write_adapter", "base_name", "PEFT_PREFIX", "ADAPTER_CONFIG_NAME",
            "ADAPTER_WEIGHTS_NAME", "ADAPTER_BIN_NAME", "LoRAConfig", "LoRALinear", "add_lora", "merge_lora",
            "unmerge_lora", "remove_lora", "IA3Config", "IA3Linear", "add_ia3", "merge_ia3", "unmerge_ia3",
-           "remove_ia3", "PrefixConfig", "PromptConfig", "AdapterConfig", "BottleneckAdapter", "adapters_disabled"]
+           "remove_ia3", "PrefixConfig", "PromptConfig", "AdapterConfig", "BottleneckAdapter", "adapters_disabled",
+           "hold_frozen_matrices"]
 
 
 def method_config(method: str, **kw):
@@ -106,6 +107,20 @@ def plain_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch.Te
     if method is not None:
         implementation(method).plain_weights(model, sd, merge)
     return sd
+
+
+def hold_frozen_matrices(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weight matrices of a base under a parameter-efficient method (2-D, not the
+    embeddings, so not the tied head) in `dtype`; returns how many. Under autocast to `dtype` the
+    same values reach every matmul as from fp32 weights (autocast casts them to exactly these each
+    step), without the per-step casts and with half their memory; run such a model under autocast."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() == 2 and p.is_floating_point() and id(p) not in embeddings:
+                p.data, n = p.data.to(dtype), n + 1
+    return n
 
 
 @contextlib.contextmanager
