@@ -3,6 +3,7 @@
     python benchmarks/train_step.py lora --quick      # < 1 minute: batch 1 x 128, fp32
     python benchmarks/train_step.py pretrain --quick  # < 1 minute: tiny model, fp32 + bf16
     python benchmarks/train_step.py lora --profile    # LoRA step, GPT-2 124M, 4 x 256, fp32 + bf16
+    python benchmarks/train_step.py lora --memory-only  # the peak-RSS processes only, 4 x 256, fp32 (~2 minutes)
     python benchmarks/train_step.py pretrain --profile  # tiny 16 x 128 and GPT-2 124M 2 x 512
 
 Both libraries hold the same numbers: the timing worker builds a transformers GPT2LMHeadModel
@@ -38,7 +39,8 @@ what training adds to the loaded model (activations, gradients, optimizer state,
 temporaries). Absolute peaks are in the JSON too.
 --threads auto (default) uses every core on an idle machine and 1 thread on a busy one (see
 pick_threads); --allocator reuse applies minigpt.device.reuse_freed_memory() in every process.
-Results: benchmarks/results/train_step_{lora,pretrain}[_quick][_tN][_reuse][_maskF].json, with
+Targets (issue 38, LoRA fp32): step >= 1.25x transformers + peft, absolute peak RSS <= 0.6x.
+Results: benchmarks/results/train_step_{lora,pretrain}[_quick][_memory][_tN][_reuse][_maskF].json, with
 machine info, the load average before/after and per round.
 """
 from __future__ import annotations
@@ -218,6 +220,9 @@ def worker(spec: dict) -> dict:
         reuse_freed_memory()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(1234)                                 # LoRA A init, dropout masks
+    if spec["role"] == "weights":             # --memory-only: the weights the memory processes load
+        make_weights(spec["size"], spec["weights"])
+        return {}
     batches = torch.load(spec["batches"])
     if spec["role"] == "memory":
         lib, precision = spec["system"]
@@ -420,61 +425,90 @@ def run_memory(script, base_spec, systems, concurrent: bool = False) -> dict:
         return {k: f.result() for k, f in futs.items()}
 
 
+LORA_TARGETS = {"speedup_fp32": 1.25, "absolute_peak_rss_ratio_fp32": 0.6}    # issue 38's
+
+
+def memory_ratios(mem: dict, precs) -> dict:
+    """{precision: minigpt / transformers peak figures} for the precisions both ran."""
+    out = {}
+    for p in precs:
+        m, h = mem.get(f"minigpt {p}"), mem.get(f"transformers {p}")
+        if m and h:
+            out[p] = {"train_peak_over_setup": round(m["train_peak_over_setup_mb"] / h["train_peak_over_setup_mb"], 3),
+                      "absolute_peak_rss": round(m["peak_rss_mb"] / h["peak_rss_mb"], 3),
+                      "rss_after_setup": round(m["rss_after_setup_mb"] / h["rss_after_setup_mb"], 3)}
+    return out
+
+
+def print_memory(mem: dict, ratios: dict) -> None:
+    for name, r in mem.items():
+        print(f"  memory {name:18s} after setup {r['rss_after_setup_mb']:7.0f} MiB {r['rss_after_setup_split_mb']}  "
+              f"peak {r['peak_rss_mb']:7.0f} MiB  (+{r['train_peak_over_setup_mb']:.0f})  losses {r['losses']}")
+    for p, mr in ratios.items():
+        print(f"memory {p}: minigpt/transformers absolute peak RSS {mr['absolute_peak_rss']:.3f} (target <= "
+              f"{LORA_TARGETS['absolute_peak_rss_ratio_fp32']}), training peak over setup "
+              f"{mr['train_peak_over_setup']:.3f}, RSS after setup {mr['rss_after_setup']:.3f}")
+
+
 def bench_lora(args, tmp) -> dict:
     batch, block = (args.batch or 1, args.block or 128) if args.quick else (args.batch or 4, args.block or 256)
     rounds = args.rounds or (2 if args.quick else 5)
-    precs = ["fp32"] if args.quick and not args.bf16 else ["fp32", "bf16"]     # --quick: fp32 only
+    precs = ["fp32"] if (args.quick or args.memory_only) and not args.bf16 else ["fp32", "bf16"]
     systems = [[lib, p] for p in precs for lib in ("minigpt", "transformers")]
     spec = dict(bench="lora", size="gpt2", weights=os.path.join(tmp, "weights-gpt2"), tmp=tmp,
                 threads=args.threads, lr=1e-4, allocator=args.allocator, mask_prompt=args.mask_prompt,
                 batches=make_batches(4, batch, block, tmp, "lora"))
-    run = run_worker(__file__, {**spec, "role": "timing", "systems": systems, "rounds": rounds,
-                                "warmup": 1, "profile": args.profile})
-    res = summarize(run, batch * block, "transformers fp32")
-    res_cpu = summarize(run, batch * block, "transformers fp32", clock="cpu")
-    mem_systems = [s for s in systems if s[1] == "fp32" or not args.quick]
-    mem = run_memory(__file__, {**spec, "steps": args.mem_steps or (1 if args.quick else 2)}, mem_systems,
-                     concurrent=args.quick)
-    for p in precs:
-        m, h = mem.get(f"minigpt {p}"), mem.get(f"transformers {p}")
-        if m and h:
-            res[f"minigpt {p}"]["memory_ratio_vs_transformers"] = {
-                "train_peak_over_setup": round(m["train_peak_over_setup_mb"] / h["train_peak_over_setup_mb"], 3),
-                "absolute_peak_rss": round(m["peak_rss_mb"] / h["peak_rss_mb"], 3)}
-    check = loss_check(run)
-    mg = res["minigpt fp32"]
+    mem_steps = args.mem_steps or (1 if args.quick else 2)
     payload = {
         "benchmark": "LoRA training step: GPT-2 124M (random weights, same in both), LoRA r=8 alpha=16 "
                      "dropout=0.05 on c_attn, AdamW on the LoRA params, CPU",
-        "batch": batch, "block": block, "tokens_per_step": batch * block, "rounds": rounds,
-        "mask_prompt": args.mask_prompt,
-        "quick": args.quick, "threads": args.threads,
-        "systems": {"minigpt": "Trainer.train_step (CausalLMLoss fused head+CE, add_lora)",
-                    "transformers": "transformers GPT2LMHeadModel + peft get_peft_model, "
-                                    f"model(input_ids, labels=input_ids).loss, attn={run['attn_implementation']}"},
-        "timing": "interleaved in one process, rotating order per round; ratio = transformers / minigpt per round; "
-                  "results: wall clock, results_cpu_clock: process CPU time (user+system)",
+        "batch": batch, "block": block, "tokens_per_step": batch * block, "mask_prompt": args.mask_prompt,
+        "quick": args.quick, "memory_only": args.memory_only, "threads": args.threads,
         "memory_method": "separate process per system; peak RSS (VmHWM after clear_refs=5) minus RSS after "
                          "model load + LoRA setup + touching every weight + gc + malloc_trim, over the first "
-                         f"{args.mem_steps or (1 if args.quick else 2)} training step(s)",
-        "targets": {"speedup_fp32": 1.5, "memory_ratio_fp32": 0.8},
-        "met": {"speedup_fp32": mg["speedup_vs_transformers_same_precision_median"] >= 1.5,
-                "memory_ratio_fp32": mg["memory_ratio_vs_transformers"]["train_peak_over_setup"] <= 0.8},
-        "step0_loss_check": check,
-        "load_1min_per_round": run["load_1min_per_round"],
-        "results": res, "results_cpu_clock": res_cpu, "memory": mem,
-        **({"profile": run["profile"], "profile_summary": profile_summary(run["profile"])}
-           if "profile" in run else {}),
-    }
-    print_table(f"LoRA step, gpt2, batch {batch} x {block}, {rounds} rounds", res, mem, res_cpu)
-    print_profile(run.get("profile"))
-    print(f"step-0 loss: minigpt {check['minigpt_fp32']:.6f} transformers {check['transformers_fp32']:.6f} "
-          f"|diff| {check['abs_diff']:.2e} ({'ok' if check['ok'] else 'MISMATCH'})")
-    for p in precs:
-        mr = res[f"minigpt {p}"].get("memory_ratio_vs_transformers")
-        if mr:
-            print(f"memory {p}: minigpt/transformers training peak over setup {mr['train_peak_over_setup']:.2f}, "
-                  f"absolute peak RSS {mr['absolute_peak_rss']:.2f}")
+                         f"{mem_steps} training step(s); absolute_peak_rss compares the peaks themselves",
+        "targets": LORA_TARGETS}
+    run = None
+    if args.memory_only:
+        run_worker(__file__, {**spec, "role": "weights"})
+    else:
+        run = run_worker(__file__, {**spec, "role": "timing", "systems": systems, "rounds": rounds,
+                                    "warmup": 1, "profile": args.profile})
+    mem = run_memory(__file__, {**spec, "steps": mem_steps}, [s for s in systems if s[1] == "fp32" or not args.quick],
+                     concurrent=args.quick)
+    ratios = memory_ratios(mem, precs)
+    payload.update(memory=mem, memory_ratio_vs_transformers=ratios)
+    met = {"absolute_peak_rss_ratio_fp32": ratios["fp32"]["absolute_peak_rss"] <= LORA_TARGETS[
+        "absolute_peak_rss_ratio_fp32"]}
+    if run is not None:
+        res = summarize(run, batch * block, "transformers fp32")
+        res_cpu = summarize(run, batch * block, "transformers fp32", clock="cpu")
+        for p, r in ratios.items():
+            res[f"minigpt {p}"]["memory_ratio_vs_transformers"] = r
+        check = loss_check(run)
+        met["speedup_fp32"] = res["minigpt fp32"]["speedup_vs_transformers_same_precision_median"] >= \
+            LORA_TARGETS["speedup_fp32"]
+        payload.update(
+            rounds=rounds, step0_loss_check=check, load_1min_per_round=run["load_1min_per_round"],
+            results=res, results_cpu_clock=res_cpu,
+            systems={"minigpt": "Trainer.train_step (CausalLMLoss fused head+CE, add_lora)",
+                     "transformers": "transformers GPT2LMHeadModel + peft get_peft_model, "
+                                     f"model(input_ids, labels=input_ids).loss, attn={run['attn_implementation']}"},
+            timing="interleaved in one process, rotating order per round; ratio = transformers / minigpt per round; "
+                   "results: wall clock, results_cpu_clock: process CPU time (user+system)",
+            **({"profile": run["profile"], "profile_summary": profile_summary(run["profile"])}
+               if "profile" in run else {}))
+        print_table(f"LoRA step, gpt2, batch {batch} x {block}, {rounds} rounds", res, mem, res_cpu)
+        print_profile(run.get("profile"))
+        print(f"step-0 loss: minigpt {check['minigpt_fp32']:.6f} transformers {check['transformers_fp32']:.6f} "
+              f"|diff| {check['abs_diff']:.2e} ({'ok' if check['ok'] else 'MISMATCH'})")
+    else:       # the step-0 losses of the memory processes (rounded to 5 decimals there)
+        a, b = mem["minigpt fp32"]["losses"][0], mem["transformers fp32"]["losses"][0]
+        payload["step0_loss_check"] = {"minigpt_fp32": a, "transformers_fp32": b, "abs_diff": abs(a - b),
+                                       "tol": 2e-5, "ok": abs(a - b) <= 2e-5, "from": "memory processes"}
+    payload["met"] = met
+    print(f"\nLoRA step memory, gpt2, batch {batch} x {block}, {mem_steps} step(s) per process")
+    print_memory(mem, ratios)
     return payload
 
 
@@ -557,6 +591,8 @@ def main(argv=None) -> dict:
                          "like an instruction prompt masked by the collator (default 0: every token counts)")
     ap.add_argument("--mem-steps", type=int, default=None, help="steps in each memory process (2; --quick 1)")
     ap.add_argument("--no-memory", action="store_true", help="pretrain: skip the memory processes")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="lora: only the peak-memory processes (fp32 unless --bf16; no timing rounds)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one step of each system (torch.profiler): GEMM / attention / other time")
     ap.add_argument("--threads", default="auto",
@@ -578,6 +614,7 @@ def main(argv=None) -> dict:
     payload["machine"]["load_average_before"] = load_before
     payload["wall_s"] = round(time.perf_counter() - t0, 1)
     name = args.out or (f"train_step_{args.bench}{'_quick' if args.quick else ''}"
+                        f"{'_memory' if getattr(args, 'memory_only', False) else ''}"
                         f"{'' if args.threads == 1 else f'_t{args.threads}'}"
                         f"{'' if args.allocator == 'default' else '_reuse'}"
                         f"{f'_mask{args.mask_prompt:g}' if getattr(args, 'mask_prompt', 0) else ''}.json")

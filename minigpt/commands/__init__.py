@@ -4,6 +4,7 @@ finetune.py, chat.py and serve.py shims all call `COMMANDS[name](argv)`.
     args.py      typed dataclass flags, the flags both training commands share, one-line errors
     common.py    what chat, serve and export share: loading the model, its decoding weights
     train.py     pretraining            finetune.py   instruction tuning (LoRA or full)
+    finetune_pairs.py   finetune's preference objectives: the pairs, the reference
     chat.py      terminal chat          serve.py      OpenAI-compatible API + chat page
     export.py    GGUF for llama.cpp     eval.py       perplexity, bits per byte of a text
     info.py      versions, device, presets, cache

@@ -1,18 +1,24 @@
 """Evaluate a model: sliding-window perplexity and bits per byte of a text (--text; the fixed-length
-method of the transformers docs), or its answers scored 0-100 by a judge model (--judge, --questions).
+method of the transformers docs), lm-evaluation-harness tasks in-process (--tasks), or its answers
+scored 0-100 by a judge model (--judge, --questions).
 
 examples:
-  minigpt eval --model gpt2 --text wiki.test.raw --stride 512            # gpt2 124M: about 29.9
+  minigpt eval --model gpt2 --text wiki.test.raw --stride 1024           # gpt2 124M: about 29.9
   minigpt eval --model out-finetune --text notes.txt --json
   minigpt eval --model gpt2 --adapter out-finetune --quantize nf4 --text notes.txt
+  minigpt eval --model gpt2 --tasks hellaswag --batch-size 16       # gpt2 124M: acc_norm about 0.31
+  minigpt eval --model out-finetune --tasks my_task.yaml --limit 100 --num-fewshot 5 --json
   minigpt eval --model out-finetune --questions test.json --judge http://localhost:11434 \
       --judge-model llama3                                     # ollama (or llama-server, minigpt serve)
 (`python -m minigpt eval ...` is the same command. Perplexity: every token is scored once, with up to
 window - 1 tokens of context; --json prints {"perplexity", "bits_per_byte", "tokens"}. Judge: questions
 are Alpaca records (instruction, optional input, output = the reference answer) in JSON or JSONL; the
 model answers greedily, the judge scores at temperature 0 with --seed; --json prints {"judge_score",
-"judged", "unparsable"}, replies without a number in 0..100 count as unparsable. Progress bars go to
-stderr. Library: minigpt.training.perplexity.sliding_window_perplexity, minigpt.inference.judge.)
+"judged", "unparsable"}, replies without a number in 0..100 count as unparsable. Tasks: harness task
+names and task YAML files, comma-separated, run by lm_eval with minigpt.inference.harness.MinigptLM
+(needs pip install "minigpt[eval]"); --json prints {"results": lm_eval's results per task}. Progress
+bars go to stderr. Library: minigpt.training.perplexity.sliding_window_perplexity,
+minigpt.inference.harness, minigpt.inference.judge.)
 """
 from __future__ import annotations
 
@@ -41,7 +47,13 @@ class EvalArgs:
     text: Optional[str] = field(None, "the UTF-8 text file to score", metavar="FILE")
     stride: Optional[int] = field(None, "tokens between window starts, 1..window (default: half the window)")
     max_length: Optional[int] = field(None, "tokens per window (default: the model's context)")
-    batch_size: int = field(8, "windows per forward pass")
+    batch_size: int = field(8, "windows per forward pass (--text); sequences per forward and generations "
+                               "decoded together (--tasks)")
+    tasks: Optional[str] = field(None, "lm-evaluation-harness tasks: names and task YAML files, comma-separated "
+                                       "(instead of --text)", metavar="TASKS")
+    num_fewshot: Optional[int] = field(None, "few-shot examples per task prompt (default: the task's own)",
+                                       metavar="K")
+    limit: Optional[float] = field(None, "documents per task: a count, or a fraction of the task when < 1")
     judge: Optional[str] = field(None, "score answers with the judge model at this OpenAI-compatible server URL "
                                        "(instead of --text)", metavar="URL")
     questions: Optional[str] = field(None, "questions for --judge: JSON or JSONL Alpaca records", metavar="FILE")
@@ -58,9 +70,15 @@ class EvalArgs:
     debug: bool = field(False, "show tracebacks")
 
     def __post_init__(self) -> None:
-        if bool(self.judge) == bool(self.text):
-            raise ValueError("give --text FILE (perplexity) or --judge URL with --questions FILE, not both"
-                             if self.text else "--text FILE is required (or --judge URL --questions FILE)")
+        modes = [f"--{m}" for m in ("text", "judge", "tasks") if getattr(self, m)]
+        if len(modes) != 1:
+            raise ValueError(f"give one of --text FILE (perplexity), --judge URL or --tasks TASKS, not both "
+                             f"{modes[0]} and {modes[1]}" if modes else
+                             "--text FILE is required (or --judge URL --questions FILE, or --tasks TASKS)")
+        if (self.num_fewshot is not None or self.limit is not None) and not self.tasks:
+            raise ValueError("--num-fewshot and --limit go with --tasks")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", ">= 0", self.num_fewshot)
+        check(self.limit is None or self.limit > 0, "limit", "> 0", self.limit)
         if self.judge and not self.questions:
             raise ValueError("--judge needs --questions FILE")
         if self.questions and not self.judge:
@@ -95,7 +113,9 @@ def evaluate(args: EvalArgs) -> int:
     from ..device import resolve_device
     from .common import load_model
 
-    if args.judge:
+    if args.tasks:
+        tasks = _resolve_tasks(args.tasks)                  # lm-eval installed, the tasks known: before loading
+    elif args.judge:
         from ..inference.judge import read_questions
         questions = read_questions(args.questions)
     else:
@@ -104,6 +124,8 @@ def evaluate(args: EvalArgs) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded, template = load_model(args, device)
+    if args.tasks:
+        return _harness(args, loaded, tasks)
     if args.judge:
         return _judge(args, loaded, template, questions)
     return _perplexity(args, loaded, text, device)
@@ -156,6 +178,42 @@ def _judge(args: EvalArgs, loaded, template, questions: list) -> int:
         score = "n/a" if r["judge_score"] is None else f"{r['judge_score']:.2f}"
         print(f"model: {loaded.source}   judge: {args.judge} ({args.judge_model})")
         print(f"judge score {score} / 100   ({r['judged']} questions, {r['unparsable']} judge replies unparsable)")
+    return 0
+
+
+def _resolve_tasks(spec: str):
+    """(tasks, TaskManager) for lm_eval, or a one-line CLIError (lm-eval missing, a bad task)."""
+    try:
+        from ..inference.harness import resolve_tasks
+    except ImportError:
+        raise CLIError('--tasks needs lm-evaluation-harness: pip install "minigpt[eval]"') from None
+    return resolve_tasks(spec)
+
+
+def _harness(args: EvalArgs, loaded, tasks) -> int:
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from ..errors import MinigptError
+    from ..inference.harness import MinigptLM
+
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    lm = MinigptLM(loaded.model, batch_size=args.batch_size)
+    try:
+        r = lm_eval.simple_evaluate(model=lm, tasks=tasks[0], task_manager=tasks[1], num_fewshot=args.num_fewshot,
+                                    limit=limit, batch_size=args.batch_size, log_samples=False)
+    except Exception as e:                             # a task's data or template that lm_eval cannot use
+        if args.debug or isinstance(e, MinigptError):
+            raise
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CLIError(f"--tasks {args.tasks}: lm_eval failed ({why[:300]}); check the task's fields against its "
+                       "data (--debug shows where)") from None
+    if args.json:
+        print(json.dumps({"results": r["results"]}, default=str))
+    else:
+        print(f"model: {loaded.source}   tasks: {args.tasks}"
+              f"{'' if limit is None else f'   limit: {limit}'}")
+        print(make_table(r))
     return 0
 
 

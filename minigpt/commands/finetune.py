@@ -8,6 +8,7 @@ examples:
   minigpt finetune --base out --epochs 5 --lr 5e-5           # full fine-tuning
   minigpt finetune --lora --resume                           # continue an interrupted run exactly
   minigpt finetune --objective dpo --data prefs.jsonl --method lora --beta 0.1   # preference tuning (ipo, orpo)
+  minigpt finetune --objective dpo --base out-finetune/merged   # the embedded pairs, after an SFT --merge run
   minigpt chat --model out-finetune                          # then talk to the result
 (`python finetune.py ...` is the same command.)
 """
@@ -29,6 +30,7 @@ from ..methods.prefix_tuning import PROMPT_INITS, PrefixConfig, PromptConfig
 from ..methods.table import MERGEABLE, METHODS, NAMES, QUANTIZABLE, SMALL_BASE_PARAMS, TABLE
 from ..model.quant import QUANT_MODES
 from .args import CLIError, RunArgs, check, command_main, field
+from .finetune_pairs import check_objective_flags
 
 OBJECTIVE_NAMES = ("sft", "dpo", "ipo", "orpo")       # (minigpt.training.preference.OBJECTIVES + sft)
 
@@ -39,12 +41,14 @@ LORA_FLAGS = ("--lora-r", "--lora-alpha", "--lora-dropout")
 
 @dataclass
 class FinetuneArgs(RunArgs):
-    DEFAULTS = dict(out_dir="out-finetune", max_steps=None, batch_size=2, grad_accum=4, lr=None,
+    DEFAULTS = dict(out_dir=None, max_steps=None, batch_size=2, grad_accum=4, lr=None,
                     schedule="linear", weight_decay=0.0, eval_interval=50, eval_batches=None, seed=42)
     HELP = dict(data="instruction data: a file, folder or glob of JSON, JSONL, CSV, TSV or Parquet records "
                      "(Alpaca, messages, ShareGPT conversations, prompt/response, prompt/completion) or "
-                     "'### Human:/### Assistant:' text (default: the embedded set)",
-                out_dir="where the adapter (or model), checkpoints and metrics go",
+                     "'### Human:/### Assistant:' text (default: the embedded set); with --objective dpo, ipo or "
+                     "orpo: preference pairs (default: the embedded pairs)",
+                out_dir="where the adapter (or model), checkpoints and metrics go (default: out-finetune; "
+                        "out-dpo, out-ipo, out-orpo with --objective)",
                 max_steps="optimizer steps (default: from --epochs)",
                 lr="peak learning rate (default: per method and base size, see minigpt.methods.table: "
                    f"lora {TABLE['lora'].lr:g} on GPT-2 124M+, {TABLE['lora'].small_base_lr:g} on a small base "
@@ -127,8 +131,13 @@ class FinetuneArgs(RunArgs):
                                                    "[0, 0.5) (conservative DPO; default: 0)")
     ref_model: Optional[str] = field(None, "dpo/ipo: the reference model, any --base source (default: the base, "
                                            "with the adapter switched off, or a frozen copy of it)", metavar="SRC")
+    precompute_ref_logps: bool = field(False, "dpo/ipo: compute the reference's log-probs of every pair once, "
+                                              "before training, and keep no reference model (full fine-tuning "
+                                              "without a frozen copy; trl's precompute_ref_log_probs)")
 
     def __post_init__(self) -> None:
+        if self.out_dir is None:
+            self.out_dir = "out-finetune" if self.objective == "sft" else f"out-{self.objective}"
         self._resolve_method()
         super().__post_init__()
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
@@ -138,7 +147,7 @@ class FinetuneArgs(RunArgs):
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise CLIError("use either --warmup-steps or --warmup-ratio, not both")
         parse_columns(self.columns)
-        self._check_objective()
+        check_objective_flags(self)
         if self.epochs is not None and self.max_steps is not None:
             raise CLIError("use either --epochs or --max-steps, not both")
         check(self.epochs is None or (self.epochs > 0 and self.epochs < float("inf")), "epochs", "> 0", self.epochs)
@@ -168,23 +177,6 @@ class FinetuneArgs(RunArgs):
             raise CLIError(f"--merge: {NAMES[self.method]} cannot be merged into the weights (it adds "
                            f"{'virtual tokens' if self.method in ('prefix', 'prompt') else 'modules'}); "
                            "leave out --merge and load the adapter on its base")
-
-    def _check_objective(self) -> None:
-        """--beta, --label-smoothing, --ref-model: only with the objectives that use them."""
-        pref = self.objective != "sft"
-        for flag in ("beta", "label_smoothing", "ref_model"):
-            if getattr(self, flag) is not None and not pref:
-                raise CLIError(f"--{flag.replace('_', '-')} applies to --objective dpo, ipo or orpo, not to sft")
-        check(self.beta is None or 0 < self.beta < float("inf"), "beta", "> 0", self.beta)
-        check(self.label_smoothing is None or 0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
-              self.label_smoothing)
-        if self.label_smoothing and self.objective != "dpo":
-            raise CLIError(f"--label-smoothing applies to --objective dpo, not to {self.objective}")
-        if self.ref_model is not None and self.objective == "orpo":
-            raise CLIError("--ref-model: ORPO needs no reference model (it trains against the odds of the rejected "
-                           "answer); leave it out, or use --objective dpo")
-        if pref and self.pack:
-            raise CLIError(f"--pack applies to --objective sft; {self.objective} batches pairs of whole sequences")
 
     @property
     def peft(self) -> bool:
@@ -296,9 +288,8 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
 
 
 def _datasets(args: FinetuneArgs, tok, template, max_length: int):
-    """(train records, val records, train dataset, val dataset or None, stats) for the objective. With a
-    preference objective the records are SFT-shaped views of the pairs (the chosen answer as the
-    response: what the before/after samples show)."""
+    """(train records, val records, train dataset, val dataset or None, stats) for the objective (a
+    preference objective's: minigpt.commands.finetune_pairs)."""
     from ..data.instruct import InstructionDataset
 
     if args.objective == "sft":
@@ -307,45 +298,9 @@ def _datasets(args: FinetuneArgs, tok, template, max_length: int):
                                       pack=max_length - 1 if args.pack else None)
         val_ds = InstructionDataset(val_ex, args.batch_size * 4) if val_ex else None
         return train_recs, val_recs, train_ds, val_ds, stats
-    from ..data.preferences import PreferenceDataset, load_preferences, tokenize_pairs
-    from ..data.records import split_records
+    from .finetune_pairs import pair_datasets
 
-    if not args.data:
-        raise CLIError(f"--objective {args.objective} needs --data: preference pairs ({{\"prompt\", \"chosen\", "
-                       "\"rejected\"}} records, messages or Chatbot Arena rows); there is no embedded set yet")
-    pairs, counts = load_preferences(Path(args.data), columns=args.columns)
-    train_p, val_p = split_records(pairs, args.val_fraction, seed=args.seed)
-    train_ex, tstats = tokenize_pairs(train_p, tok, template, max_length)
-    val_ex, vstats = tokenize_pairs(val_p, tok, template, max_length)
-    if not train_ex:
-        raise CLIError(f"{args.data}: no training pairs (after {counts['ties']} ties, {counts['identical']} with "
-                       f"chosen = rejected and {tstats['dropped']} prompts longer than --max-length were left out)")
-    stats = {k: tstats[k] + vstats[k] for k in ("truncated", "dropped")}
-    stats.update(unit="pairs", note=f", {counts['ties']} Arena ties dropped, {counts['identical']} with chosen = "
-                                    "rejected skipped")
-    def view(p):
-        return {**p, "messages": [*p["messages"], {"role": "assistant", "content": p["chosen"]}]}
-    return ([view(p) for p in train_p], [view(p) for p in val_p],
-            PreferenceDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum),
-            PreferenceDataset(val_ex, args.batch_size * 4) if val_ex else None, stats)
-
-
-def _preference_loss(args: FinetuneArgs, model):
-    """The objective's loss module (None for SFT): the reference is --ref-model, else the base with the
-    adapter switched off (a parameter-efficient run) or a frozen copy of the model (full fine-tuning)."""
-    if args.objective == "sft":
-        return None
-    import copy
-
-    from ..model.gpt import GPT
-    from ..training.preference import PreferenceLoss
-
-    ref = None
-    if args.objective != "orpo":
-        ref = GPT.from_pretrained(args.ref_model, quantize=args.quantize) if args.ref_model else \
-            "adapters" if args.peft else copy.deepcopy(model)
-    return PreferenceLoss(model, args.objective, 0.1 if args.beta is None else args.beta,
-                          label_smoothing=args.label_smoothing or 0.0, reference=ref)
+    return pair_datasets(args, tok, template, max_length)
 
 
 def _weights_io(args: FinetuneArgs, base_id: str):
@@ -441,6 +396,7 @@ def finetune(args: FinetuneArgs) -> dict:
     from ..training.config import TrainConfig, warmup_for
     from ..training.runs import RunInput, check_run_dir, claim_run_dir, resolve_base
     from ..training.trainer import Trainer
+    from .finetune_pairs import precompute, preference_loss
 
     # every check first: flags, data, the run folder, the base model; nothing is deleted before
     precision = resolve_precision(args.precision, resolve_device(args.device))
@@ -469,11 +425,11 @@ def finetune(args: FinetuneArgs) -> dict:
     if peft_cfg is not None:
         peft_cfg.apply(model)
     model.gradient_checkpointing = args.gradient_checkpointing
-    held = _hold_base_in_bf16(args, model, precision, peft_cfg)
     trainable, total = count_parameters(model)
     meta = _run_meta(args, base_id, template, max_length, peft_cfg, lr, lr_why)
-    meta["frozen_base_dtype"] = "bf16" if held else None
-    loss_module = _preference_loss(args, model)                      # None: SFT's
+    held = meta["frozen_base_dtype"] = _hold_base_in_bf16(args, model, precision, peft_cfg)
+    loss_module = preference_loss(args, model)                       # None: SFT's
+    precompute(args, model, train_ds, val_ds, precision)            # --precompute-ref-logps
     evaluate = _evaluator(args, precision, tok, template, val_ds, val_recs, loss_module) \
         if args.eval_batches != 0 else None
     save, load = _weights_io(args, base_id)
@@ -488,41 +444,47 @@ def finetune(args: FinetuneArgs) -> dict:
         print(f"base: {base_src} ({model.config.n_layer} layers x {model.config.n_embd} dims) | {what}: "
               f"{trainable:,} of {total:,} params trainable ({trainable / total:.2%})")
         unit = stats.get("unit", "examples")
-        print(f"data: {args.data or 'embedded instructions'}: {len(train_ds)} train / {len(val_ds or ())} val {unit} "
+        source = stats.get("source") or args.data or "embedded instructions"
+        print(f"data: {source}: {len(train_ds)} train / {len(val_ds or ())} val {unit} "
               f"(template {template.name}, max length {max_length}, {stats['truncated']} truncated, "
               f"{stats['dropped']} dropped{stats.get('note', '')}) | {max_steps} steps of {args.batch_size}x"
               f"{args.grad_accum} {'packed rows' if args.pack else unit} "
               f"(~{max_steps / train_ds.steps_for(1.0):.2g} epochs) | device {trainer.device} {trainer.precision}")
         print(f"learning rate {cfg.lr:g} ({meta['lr_choice']})")
-    with trainer.autocast():                          # as the model trains (a bf16-held base needs it)
-        before = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) \
-            if trainer.is_main and sample_recs else []
+    before = _answers(trainer, model, tok, template, sample_recs, args.sample_tokens)
     if trainer.is_main:
         _show("samples before fine-tuning:", sample_recs, before)
         meta["before"] = _before_metrics(args, model, evaluate, trainer)
 
     result = trainer.fit(resume=args.resume)
     if trainer.is_main:
-        with trainer.autocast():
-            after = answers(model, tok, template, sample_recs, args.sample_tokens, trainer.device) \
-                if sample_recs else []
+        after = _answers(trainer, model, tok, template, sample_recs, args.sample_tokens)
         _show("samples after fine-tuning:", sample_recs, after)
         result = {**result, **_finish(args, model, template, sample_recs, before, after, meta)}
     return {**result, "model": model}
 
 
-def _hold_base_in_bf16(args: FinetuneArgs, model, precision: str, peft_cfg) -> bool:
+def _answers(trainer, model, tok, template, records, max_new_tokens: int) -> list[str]:
+    """answers() on the main process, under the run's autocast (as the model trains; a base held in
+    bf16 needs it)."""
+    if not (trainer.is_main and records):
+        return []
+    with trainer.autocast():
+        return answers(model, tok, template, records, max_new_tokens, trainer.device)
+
+
+def _hold_base_in_bf16(args: FinetuneArgs, model, precision: str, peft_cfg) -> Optional[str]:
     """A parameter-efficient run in bf16 holds its frozen weight matrices in bf16: the values autocast
     would cast them to each step, without the casts and with half the memory (GPT-Neo 1.3B LoRA:
     1.55x the step speed of transformers + peft, 0.42x its peak RSS). Not for DoRA (its
     weight norm reads the base in fp32) nor quantized bases (their own storage); --merge then
     merges into the base loaded again in full precision."""
     if peft_cfg is None or args.quantize or precision != "bf16" or args.method == "dora":
-        return False
+        return None
     import torch
 
     from ..methods import hold_frozen_matrices
-    return hold_frozen_matrices(model, torch.bfloat16) > 0
+    return "bf16" if hold_frozen_matrices(model, torch.bfloat16) else None
 
 
 def _run_meta(args: FinetuneArgs, base_id: str, template, max_length: int, peft_cfg, lr: float, lr_why: str) -> dict:
@@ -531,10 +493,12 @@ def _run_meta(args: FinetuneArgs, base_id: str, template, max_length: int, peft_
             "mask_prompt": args.mask_prompt, "max_length": max_length, "quantize": args.quantize,
             "lora": peft_cfg.to_dict() if args.method in ("lora", "dora") else None,
             "peft": peft_cfg.to_dict() if peft_cfg is not None else None,
-            "data": str(args.data) if args.data else "embedded:instructions", "merged": None,
+            "data": str(args.data) if args.data else "embedded:instructions" if args.objective == "sft" else
+            "embedded:preferences", "merged": None,
             "lr": lr, "lr_choice": lr_why, "base_revision": args.revision, "pack": args.pack,
             "objective": args.objective, "beta": (0.1 if args.beta is None else args.beta) if args.objective != "sft"
-            else None, "label_smoothing": args.label_smoothing, "ref_model": args.ref_model}
+            else None, "label_smoothing": args.label_smoothing, "ref_model": args.ref_model,
+            "precompute_ref_logps": args.precompute_ref_logps}
 
 
 def _before_metrics(args: FinetuneArgs, model, evaluate, trainer) -> Optional[dict]:
@@ -600,7 +564,10 @@ def _finish(args: FinetuneArgs, model, template, sample_recs, before, after, met
         print(f"note: --merge only applies to --lora; {out_dir} already holds the full model")
     _write_meta(out_dir, meta)
     first, last = (meta.get("before") or {}).get("val_loss"), _last_eval(out_dir).get("val_loss")
-    if first is not None and last is not None:
+    if args.objective != "sft":
+        from .finetune_pairs import closing_line
+        print(closing_line(meta.get("before"), _last_eval(out_dir)))
+    elif first is not None and last is not None:
         em = [(x or {}).get("exact_match") for x in (meta.get("before"), _last_eval(out_dir))]
         print(f"held-out masked val loss {first:.4f} -> {last:.4f}"
               + (f" | exact match {em[0]:.1%} -> {em[1]:.1%}" if None not in em else ""))

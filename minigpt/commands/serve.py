@@ -145,18 +145,25 @@ def _serve_on(args: ServeArgs, uvicorn, sockets: list, loopback: bool) -> int:
     import torch
 
     from ..data.tokenizer import get_tokenizer
+    from ..device import resolve_device
     from ..inference.engine import Engine
     from ..inference.http_guard import server_config
+    from ..inference.scoring import Scorer
     from ..inference.serve import create_app
-    from .common import decoding_model
+    from .common import load_model, prepare_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded, template, weights = decoding_model(args)
+    device = resolve_device(args.device)
+    loaded, template = load_model(args, device)
+    scorer = Scorer(loaded.model)           # echoed prompts: scored by the fp32 model, whatever decodes below
+    weights = prepare_weights(loaded.model, args.weights, device, False, args.quantize)
+    if weights.startswith(("plain", "fp32")):   # the decoding layers compute fp32 themselves: no second copy
+        scorer = Scorer(loaded.model)
     model_id = args.model_id or Path(loaded.adapter or loaded.source).name or "minigpt"
     engine = Engine(loaded.model, get_tokenizer(), max_batch=args.max_batch, max_waiting=args.max_waiting).start()
     app = create_app(engine, model_id, template=template, api_key=args.api_key, loopback=loopback,
-                     allow_origins=args.allow_origin, allow_hosts=args.allow_host)
+                     allow_origins=args.allow_origin, allow_hosts=args.allow_host, scorer=scorer)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {loaded.source} as {model_id!r} (template {template}, weights {weights}, batch up to "
           f"{args.max_batch}) on http://{host}:{args.port}  (chat page at /, API at /v1"

@@ -3,7 +3,8 @@
 Containers as for instruction data (minigpt.data.readers: JSON, JSONL, CSV, TSV, Parquet; a file,
 folder or glob; --columns renames columns first). Record shapes:
 
-    explicit prompt   {"prompt": str, "chosen": str, "rejected": str}                  (trl's standard form)
+    explicit prompt   {"prompt": str, "chosen": str, "rejected": str}                  (trl's standard form;
+                      an optional "input" str is Alpaca's input, rendered as SFT renders it)
     messages          {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}
                       (trl's conversational form; the prompt may hold a history, a system message first)
     implicit prompt   {"chosen": [messages], "rejected": [messages]}: the prompt is their common start
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -31,7 +34,8 @@ from .formats import ROLES, json_kind, parse_columns, rename_columns
 from .instruct import IGNORE_INDEX, length_grouped_batches
 from .readers import container_of, data_files, delimited_rows, json_rows, jsonl_rows, parquet_rows, read_text
 
-__all__ = ["PreferenceDataset", "collate_pairs", "load_preferences", "pair_from_row", "tokenize_pairs"]
+__all__ = ["PreferenceDataset", "collate_pairs", "default_preferences_path", "load_preferences", "pair_from_row",
+           "tokenize_pairs"]
 
 EXPECTED = ("expected preference records: 'prompt' with 'chosen' and 'rejected' (strings, or lists of messages), "
             "'chosen'/'rejected' conversations, or Chatbot Arena 'conversation_a', 'conversation_b', 'winner'")
@@ -111,7 +115,11 @@ def _from_explicit(row: dict, where: str) -> dict:
     if isinstance(p, str):
         if not p.strip():
             raise _err(where, "field 'prompt' is empty")
-        prompt, system = [{"role": "user", "content": p}], (row.get("system") or None)
+        inp = row.get("input")                  # Alpaca's optional input, in the template's input block
+        if inp is not None and not isinstance(inp, str):
+            raise _err(where, f"field 'input' must be a string, got {json_kind(inp)}")
+        prompt, system = [{"role": "user", "content": p, **({"input": inp} if inp else {})}], (row.get("system")
+                                                                                              or None)
     else:
         prompt, system = _split_system(_messages(p, where, "prompt"), where)
     return _pair(row, where, prompt, system, _answer(row["chosen"], where, "chosen"),
@@ -190,6 +198,12 @@ def _rows(p) -> list:
         if "\n" in text.strip() else json_rows(text, str(p))
 
 
+def default_preferences_path() -> Path:
+    """The preference set shipped with minigpt (minigpt/assets/preferences.jsonl, built from the embedded
+    instruction set by scripts/make_preferences.py)."""
+    return Path(str(resources.files("minigpt").joinpath("assets/preferences.jsonl")))
+
+
 def load_preferences(path, columns: str | Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
     """(pairs, stats) of a preference dataset; stats {"ties": Arena ties dropped, "identical": pairs
     whose answers are equal, skipped}. DataError on malformed input; FileNotFoundError if missing."""
@@ -259,7 +273,10 @@ def collate_pairs(examples: Sequence[dict], pad_id: int = 50256) -> tuple[torch.
 class PreferenceDataset:
     """Tokenised pairs in length-grouped step batches, with InstructionDataset's contract: `batch(step,
     micro)` -> (x, y, real tokens, {"targets"}) is a pure function of its arguments (exact resume, DDP);
-    batch_size counts pairs (2 x batch_size rows)."""
+    batch_size counts pairs (2 x batch_size rows). With `ref_logps` set ((N, 2): each pair's reference
+    log-probs, chosen and rejected, precomputed) batches also bring their rows' {"ref_logps"} (2B,)."""
+
+    ref_logps: "torch.Tensor | None" = None
 
     def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0, grad_accum: int = 1,
                  pad_id: int = 50256):
@@ -296,13 +313,19 @@ class PreferenceDataset:
             x, y, t = collate_pairs([self.examples[self.indices(step, 0)[0]]], self.pad_id)
             return x, y.fill_(IGNORE_INDEX), 0, {"targets": t.fill_(IGNORE_INDEX)}
         x, y, t = collate_pairs([self.examples[i] for i in part], self.pad_id)
-        return x, y, int((t != IGNORE_INDEX).sum()) + len(part) * 2, {"targets": t}
+        return x, y, int((t != IGNORE_INDEX).sum()) + len(part) * 2, {"targets": t, **self._ref(part)}
+
+    def _ref(self, part: Sequence[int]) -> dict:
+        if self.ref_logps is None:
+            return {}
+        return {"ref_logps": torch.cat([self.ref_logps[part, 0], self.ref_logps[part, 1]])}
 
     def sequential(self, batch_size: int, max_batches: int | None = None):
-        """Every pair once, shortest first, in batches of (x, y, targets) (evaluation)."""
+        """Every pair once, shortest first, in batches of (x, y, targets[, ref_logps]) (evaluation)."""
         order = sorted(range(len(self.examples)), key=lambda i: self.lengths[i])
         for n, s in enumerate(range(0, len(order), batch_size)):
             if max_batches is not None and n >= max_batches:
                 return
-            yield collate_pairs([self.examples[i] for i in order[s:s + batch_size]], self.pad_id)
+            part = order[s:s + batch_size]
+            yield (*collate_pairs([self.examples[i] for i in part], self.pad_id), *self._ref(part).values())
 

@@ -4,7 +4,13 @@
     GET  /health                200 {"status": "ok", ...} once the model is loaded
     GET  /v1/models             the served model: id, context_length
     POST /v1/chat/completions   messages rendered with the model's tuned template (as in chat)
-    POST /v1/completions        a raw prompt
+    POST /v1/completions        a raw prompt: a string, token ids, or a list of either (one choice
+                                each); echo + logprobs give the prompt's own log-probabilities, scored
+                                in fp32 (minigpt.inference.completions: what lm-evaluation-harness's
+                                local-completions backend reads)
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize
+                                the tokenizer, as vLLM's routes (lm-evaluation-harness's "remote"
+                                tokenizer backend uses them, so it needs no tokenizer of its own)
 
 Both POST routes take temperature, top_p, top_k, repetition_penalty, max_tokens (also
 max_completion_tokens, which wins when given), stop (a string or up to 4), seed, n=1, stream
@@ -35,146 +41,33 @@ from __future__ import annotations
 
 import asyncio
 import json
-import reprlib
 import secrets
 import time
 import uuid
 from importlib import resources
 from typing import Any, Optional, Sequence
 
-from ..errors import ConfigError, MinigptError
+from ..errors import ConfigError
+from .api_request import (
+    ApiError,
+    read_common,
+    read_field,
+    read_logprobs,
+    read_prompts,
+    read_truncation,
+    read_turns,
+    show,
+)
 from .chat import ChatError, ChatSession, ReplyTrim
+from .completions import complete_many, token_text
 from .engine import Engine, EngineBusy, Event, Request
 from .http_guard import HostOriginGuard, OriginPolicy
-from .sampling import SamplingConfig
+from .scoring import Scorer
 
 __all__ = ["create_app", "ApiError", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 1 << 20
-ROLES = ("system", "developer", "user", "assistant")
-TRUNCATION = ("disabled", "auto")          # the chat extension field "truncation" (see the docstring)
-_SHOW = reprlib.Repr()                     # (keyword arguments only from Python 3.12)
-_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 60, 60, 6, 6
-
-
-def _show(v: Any) -> str:
-    """A client's value for an error message: short, and safe however deeply it nests."""
-    return _SHOW.repr(v)
-
-
-class ApiError(MinigptError):
-    """A request the API refuses: HTTP status + OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# --- request fields -----------------------------------------------------------------------------
-
-def _field(body: dict, name: str, kinds: tuple, default=None, check=None, rule: str = ""):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise ApiError(400, f"'{name}' must be {rule or ' or '.join(k.__name__ for k in kinds)}, got {_show(v)}",
-                       name)
-    if check is not None and not check(v):
-        raise ApiError(400, f"'{name}' must be {rule}, got {_show(v)}", name)
-    return v
-
-
-def _sampling(body: dict) -> SamplingConfig:
-    try:
-        return SamplingConfig(temperature=_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
-                                                 "a number in [0, 2]"),
-                              top_p=_field(body, "top_p", (int, float), None),
-                              top_k=_field(body, "top_k", (int,), None),
-                              repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0))
-    except ConfigError as e:
-        raise ApiError(400, str(e), str(e).split(" ")[0]) from None
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
-    if stops is None or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    return stops
-
-
-def _common(body: dict, block_size: int) -> dict:
-    """The options both POST routes share, checked."""
-    if _field(body, "n", (int,), 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    return {"sampling": _sampling(body), "stops": _stops(body), "max_tokens": _max_tokens(body),
-            "seed": _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
-            "stream": _field(body, "stream", (bool,), False), "usage": _include_usage(body)}
-
-
-def _max_tokens(body: dict) -> Optional[int]:
-    """max_completion_tokens when given, else max_tokens, else None; each must be >= 1 when given."""
-    given = {}
-    for name in ("max_completion_tokens", "max_tokens"):
-        v = given[name] = _field(body, name, (int,), None)
-        if v is not None and v < 1:
-            raise ApiError(400, f"'{name}' must be >= 1, got {v}", name)
-    return given["max_tokens"] if given["max_completion_tokens"] is None else given["max_completion_tokens"]
-
-
-def _include_usage(body: dict) -> bool:
-    opts = _field(body, "stream_options", (dict,), {}, rule="an object")
-    usage = opts.get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise ApiError(400, f"'stream_options.include_usage' must be a boolean, got {_show(usage)}",
-                       "stream_options.include_usage")
-    return bool(usage)
-
-
-def _truncation(body: dict) -> bool:
-    """True when a chat asks to be fitted to the context ("truncation": "auto")."""
-    v = body.get("truncation")
-    if v is not None and (not isinstance(v, str) or v not in TRUNCATION):
-        raise ApiError(400, f"'truncation' must be one of {', '.join(TRUNCATION)}, got {_show(v)}", "truncation")
-    return v == "auto"
-
-
-def _content(m: dict, i: int) -> str:
-    c = m.get("content")
-    if isinstance(c, list):                                   # [{"type": "text", "text": ...}, ...]
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-            raise ApiError(400, f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
-        c = "".join(p["text"] for p in c)
-    if not isinstance(c, str) or not c.strip():
-        raise ApiError(400, f"messages[{i}].content must be a non-empty string", f"messages[{i}].content")
-    return c
-
-
-def _turns(messages) -> tuple[Optional[str], list[dict], str]:
-    """(system prompt, earlier turns, last user message) of an OpenAI messages list."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    system, convo = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
-        text = _content(m, i)
-        if m["role"] in ("system", "developer"):
-            system.append(text)
-        elif convo and convo[-1][0] == m["role"]:              # consecutive turns of one role: joined
-            convo[-1] = (m["role"], convo[-1][1] + "\n\n" + text)
-        else:
-            convo.append((m["role"], text))
-    if not convo or convo[-1][0] != "user":
-        raise ApiError(400, "the last message must be a user message", "messages")
-    if convo[0][0] == "assistant":
-        convo.insert(0, ("user", ""))
-    turns = [{"user": convo[j][1], "assistant": convo[j + 1][1]} for j in range(0, len(convo) - 1, 2)]
-    return "\n\n".join(system) or None, turns, convo[-1][1]
+EOT = "<|endoftext|>"
 
 
 # --- the app ------------------------------------------------------------------------------------
@@ -182,13 +75,22 @@ def _turns(messages) -> tuple[Optional[str], list[dict], str]:
 class _Service:
     """The served model: prompt building (the chat policy), requests to the engine, responses."""
 
-    def __init__(self, engine: Engine, model_id: str, template: str, api_key: Optional[str]):
+    def __init__(self, engine: Engine, model_id: str, template: str, api_key: Optional[str],
+                 scorer: Optional[Scorer]):
         self.engine, self.model_id, self.template, self.api_key = engine, model_id, template, api_key
+        self._scorer = scorer
         self.created = int(time.time())
 
+    @property
+    def scorer(self) -> Scorer:
+        """What scores echoed prompts: the one create_app was given, else one over the engine's model."""
+        if self._scorer is None:
+            self._scorer = Scorer(self.engine.model)
+        return self._scorer
+
     def chat_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
-        system, turns, last = _turns(body.get("messages"))
-        truncate = _truncation(body)
+        system, turns, last = read_turns(body.get("messages"))
+        truncate = read_truncation(body)
         bs = self.engine.context_length
         max_new = common["max_tokens"] or min(256, bs // 2)
         if max_new >= bs:
@@ -223,13 +125,7 @@ class _Service:
                            "context_length_exceeded")
         return ids, session.stop_strings, max_new
 
-    def completion_prompt(self, body: dict, common: dict) -> tuple[list[int], list[str], int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-        ids = self.engine.tokenizer.encode_ordinary(prompt)
+    def completion_prompt(self, ids: list[int], common: dict) -> tuple[list[int], list[str], int]:
         bs = self.engine.context_length
         max_new = common["max_tokens"] or 16
         if len(ids) + max_new > bs:
@@ -242,7 +138,7 @@ class _Service:
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.model_id:
-            raise ApiError(404, f"model {_show(model)} not found; this server serves {self.model_id!r}", "model",
+            raise ApiError(404, f"model {show(model)} not found; this server serves {self.model_id!r}", "model",
                            "model_not_found")
 
 
@@ -251,17 +147,20 @@ def _read_page() -> str:
 
 
 def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key: Optional[str] = None, *,
-               loopback: bool = True, allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()):
+               loopback: bool = True, allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (),
+               scorer: Optional[Scorer] = None):
     """The Starlette app serving `engine` (already started) under the name `model_id`, behind
     minigpt.inference.http_guard.HostOriginGuard: `loopback` (the server listens on loopback only):
     the Host header must be localhost, an IP address or one of `allow_hosts` (DNS rebinding); an
-    Origin header must be the server's own or one of `allow_origins` (which get CORS headers)."""
+    Origin header must be the server's own or one of `allow_origins` (which get CORS headers).
+    `scorer` scores echoed prompts (minigpt.inference.scoring.Scorer, made before the model's
+    decoding weights were swapped in; default: one over engine.model as it is)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
-    svc = _Service(engine, model_id, template, api_key)
+    svc = _Service(engine, model_id, template, api_key, scorer)
 
     async def page(request):
         return HTMLResponse(_read_page())
@@ -282,12 +181,50 @@ def create_app(engine: Engine, model_id: str, template: str = "alpaca", api_key:
 
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", _authed(svc, models)),
               Route("/v1/chat/completions", _authed(svc, chat_completions), methods=["POST"]),
-              Route("/v1/completions", _authed(svc, completions), methods=["POST"])]
+              Route("/v1/completions", _authed(svc, completions), methods=["POST"]),
+              Route("/tokenizer_info", _authed(svc, _tokenizer_info(svc))),
+              Route("/tokenize", _authed(svc, _tokenize(svc)), methods=["POST"]),
+              Route("/detokenize", _authed(svc, _detokenize(svc)), methods=["POST"])]
     guard = Middleware(HostOriginGuard, loopback=loopback, allow_origins=OriginPolicy(allow_origins),
                        allow_hosts=allow_hosts)
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed}, middleware=[guard])
     app.state.service = svc
     return app
+
+
+def _tokenizer_info(svc: _Service):
+    from starlette.responses import JSONResponse
+
+    async def info(request):
+        return JSONResponse({"tokenizer_class": "tiktoken gpt2", "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
+                             "pad_token": None, "model_max_length": svc.engine.context_length})
+    return info
+
+
+def _tokenize(svc: _Service):
+    from starlette.responses import JSONResponse
+
+    async def tokenize(request):
+        body = await _body(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        ids = svc.engine.tokenizer.encode(prompt, allowed_special={EOT})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": svc.engine.context_length})
+    return tokenize
+
+
+def _detokenize(svc: _Service):
+    from starlette.responses import JSONResponse
+
+    async def detokenize(request):
+        body = await _body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                   and 0 <= t < svc.engine.vocab for t in tokens):
+            raise ApiError(400, f"'tokens' must be a list of token ids in 0..{svc.engine.vocab - 1}", "tokens")
+        return JSONResponse({"prompt": svc.engine.tokenizer.decode(tokens)})
+    return detokenize
 
 
 async def _not_found(request, exc):
@@ -344,9 +281,18 @@ async def _complete(svc: _Service, request, chat: bool):
 
     body = await _body(request)
     svc.check_model(body)
-    common = _common(body, svc.engine.context_length)
-    ids, stops, max_new = (svc.chat_prompt if chat else svc.completion_prompt)(body, common)
-    logprobs = _logprobs(body, chat)
+    echo = not chat and read_field(body, "echo", (bool,), False)
+    common = read_common(body, echo)
+    logprobs = read_logprobs(body, chat)
+    if chat:
+        ids, stops, max_new = svc.chat_prompt(body, common)
+    else:
+        prompts = read_prompts(body, svc.engine.tokenizer, svc.engine.vocab)
+        if echo or len(prompts) > 1:                      # minigpt.inference.completions
+            if common["stream"]:
+                raise ApiError(400, "'stream' is not supported with 'echo' or with several prompts", "stream")
+            return JSONResponse(await complete_many(svc, prompts, common, echo, logprobs))
+        ids, stops, max_new = svc.completion_prompt(prompts[0], common)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     trim = ReplyTrim() if chat else None                  # chat replies: no outer whitespace, as in chat
 
@@ -377,17 +323,6 @@ async def _complete(svc: _Service, request, chat: bool):
         raise ApiError(500, ev.message, type="server_error")
     done = ev
     return JSONResponse(shape.full(pieces, done))
-
-
-def _logprobs(body: dict, chat: bool) -> Optional[int]:
-    if chat:
-        top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
-        if not _field(body, "logprobs", (bool,), False):
-            if top is not None:
-                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-            return None
-        return top or 0
-    return _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
 
 
 async def _sse(req: Request, events: asyncio.Queue, shape: "_Shape", usage: bool):
@@ -436,18 +371,13 @@ class _Shape:
     def _lp(self, evs: list[Event]):
         if not self.logprobs:
             return None
-        tok = self._tok
+        tok = token_text
         if self.chat:
             return {"content": [{"token": tok(e.token), "logprob": e.logprob, "bytes": list(tok(e.token).encode()),
                                  "top_logprobs": [{"token": tok(j), "logprob": v, "bytes": list(tok(j).encode())}
                                                   for j, v in e.top_logprobs or []]} for e in evs]}
         return {"tokens": [tok(e.token) for e in evs], "token_logprobs": [e.logprob for e in evs],
                 "top_logprobs": [{tok(j): v for j, v in e.top_logprobs or []} for e in evs], "text_offset": None}
-
-    @staticmethod
-    def _tok(t: int) -> str:
-        from ..data.tokenizer import get_tokenizer
-        return get_tokenizer().decode_single_token_bytes(t).decode("utf-8", errors="replace")
 
     def chunk(self, delta: dict, finish: Optional[str] = None, lp=None) -> dict:
         if self.chat:

@@ -195,9 +195,14 @@ class LoRALinear(WrappedLinear):
         h = self.lora_dropout(x).to(self.lora_A.dtype)
         u = F.linear(h, self.lora_A) * self.scaling                        # (..., r): scale the small side
         if self.out_slices is None and u.dtype == y.dtype:
-            # y + u B^T as one addmm: no (..., out) temporaries for the update, its scaling and the sum
-            return torch.addmm(y.reshape(-1, self.out_features), u.reshape(-1, self.r),
-                               self.lora_B.t()).view(y.shape)
+            # y + u B^T as one addmm: no (..., out) temporaries for the update, its scaling and the sum;
+            # into y itself when y is F.linear's fresh output (not saved for backward: the base's
+            # gradients need its input and weight only), so no second (..., out) tensor either (not
+            # under autocast, which casts only for the out-of-place op)
+            y2 = y.reshape(-1, self.out_features)
+            if self.quant is None and self.lora_B.dtype == y.dtype:
+                return y2.addmm_(u.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
+            return torch.addmm(y2, u.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
         d = F.linear(u, self.lora_B)                                       # (..., out')
         if self.out_slices is not None:
             d = d.new_zeros(*d.shape[:-1], self.out_features).index_copy(-1, self.lora_out_idx, d)

@@ -1,6 +1,7 @@
 """The time budget of a training run: `TimeBudget` ends a run within a wall-clock limit by fixing
-max_steps after a few measured warm-up steps (the Trainer measures, the budget plans), and the
-duration text of the --time-budget flag (`parse_duration`, `format_duration`).
+max_steps after a few measured warm-up steps (the Trainer measures, the budget plans), re-planning
+once if the pace falls behind mid-run, and the duration text of the --time-budget flag
+(`parse_duration`, `format_duration`).
 
     budget = TimeBudget(parse_duration("5m"))            # Trainer(..., budget=budget)
 """
@@ -11,12 +12,12 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, lr_at
 
 __all__ = ["TimeBudget", "BudgetMeasurement", "parse_duration", "format_duration"]
 
@@ -80,6 +81,15 @@ class TimeBudget:
     runs over N exactly as with max_steps=N from the start. The decision (`decision`) is recorded in
     run.json ("budget") and in every checkpoint, so resume continues with the same N.
 
+    Re-plan: from `replan_from` of the way through the planned steps, the Trainer projects the end
+    at the current pace (the median step time of the last tenth of the planned steps, at least 3)
+    after every step. The first time it lands past the budget (the VM slowed down), N is chosen again
+    as above from what is measured now, once. The decay keeps its shape: from the re-plan's step k
+    on, step s runs the learning rate the old schedule gives k + (s - k)(N - k)/(N' - k), which is
+    continuous at k and reaches the final rate at the new end N'. The decision then holds N' and a
+    "replan" record (in run.json, the checkpoints and metrics.jsonl), so resume continues the same
+    schedule; a resumed session does not re-plan (its clock does not see the earlier sessions).
+
     evaluations: pick eval_interval so the run evaluates this many times (ceil(N / evaluations));
         None keeps cfg.eval_interval.
     eval_cost(model) -> seconds of one evaluation (e.g. one batch timed x the batch count); None:
@@ -95,9 +105,10 @@ class TimeBudget:
     evaluations: Optional[int] = None
     eval_cost: Optional[Callable] = None
     final_cost: Optional[Callable] = None
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(default_factory=lambda: time.perf_counter())
     decision: Optional[dict] = None
     resumed: bool = False
+    replan_from: float = 1 / 3
 
     def __post_init__(self):
         self.label = self.label or format_duration(self.seconds)
@@ -137,19 +148,8 @@ class TimeBudget:
         def interval(n):
             return max(-(-n // self.evaluations), done + 1) if self.evaluations else cfg.eval_interval
 
-        def cost(n):
-            evals = _events(done, n, interval(n)) if evaluates else 0
-            saves = _events(done, n, cfg.save_interval or interval(n))
-            return m.elapsed_s + (n - done) * m.step_s + evals * m.eval_s + saves * m.save_s + m.final_s, evals, saves
-
-        n = done + 1
-        if cost(n)[0] > limit:
-            n = done
-        else:       # the largest n with cost(n) <= limit (cost grows with n)
-            hi = n + int(min(1e9, max(0.0, limit - m.elapsed_s) / max(m.step_s, 1e-9)))
-            while n < hi:
-                mid = (n + hi + 1) // 2
-                n, hi = (mid, hi) if cost(mid)[0] <= limit else (n, mid - 1)
+        cost = _cost(m, done, evaluates, interval, cfg.save_interval)
+        n = _fit(cost, m, done, limit)
         expected, evals, saves = cost(n)
         if n > done:
             reason = (f"{m.elapsed_s:.3g}s so far + {n - done} steps x {m.step_s:.3g}s + {evals} evaluations x "
@@ -180,12 +180,78 @@ class TimeBudget:
                 f"(expected end {format_duration(d['expected_s'])} incl. {d['evaluations']} evaluations, "
                 f"every {d['eval_interval']:,} steps)")
 
+    def replan_window(self) -> tuple[int, int]:
+        """(the first step after which the pace is checked, how many recent steps measure it)."""
+        d = self.decision
+        span = int(d["chosen_max_steps"]) - int(d["decided_at_step"])
+        return int(d["decided_at_step"]) + max(1, int(span * self.replan_from)), max(3, span // 10)
+
+    def pace(self, step_times: list, evals: list, saves: list) -> BudgetMeasurement:
+        """The measurement a re-plan uses: the median of `step_times` (recent steps), the mean
+        evaluation and checkpoint seconds so far (the decision's estimates before the first)."""
+        d = self.decision
+        ts = sorted(step_times)
+        mid = len(ts) // 2
+        step_s = ts[mid] if len(ts) % 2 else (ts[mid - 1] + ts[mid]) / 2
+        tokens_per_step = d.get("tok_per_s", 0.0) * d.get("measured_step_s", 0.0)
+        return BudgetMeasurement(time.perf_counter() - self.start, step_s, tokens_per_step / max(step_s, 1e-9),
+                                 sum(evals) / len(evals) if evals else d.get("eval_s", 0.0),
+                                 sum(saves) / len(saves) if saves else d.get("save_s", 0.0), d.get("final_s", 0.0))
+
+    def replan(self, m: BudgetMeasurement, done: int, cfg: TrainConfig, evaluates: bool) -> Optional[dict]:
+        """After `done` steps: if the run's end projected from `m` (at the current max_steps and
+        eval/save intervals of `cfg`) is past the budget, fix N again as `plan` does (never above the
+        current one) and record it in `decision` ("replan"); returns that record, or None."""
+        d = self.decision
+        n0 = int(d["chosen_max_steps"])
+        cost = _cost(m, done, evaluates, lambda n: cfg.eval_interval, cfg.save_interval)
+        projected = cost(n0)[0]
+        if d.get("replan") is not None or projected <= self.seconds:
+            return None
+        n = min(n0, _fit(cost, m, done, self.seconds * (1 - self.margin)))
+        expected = cost(n)[0]
+        d["replan"] = {
+            "at_step": done, "max_steps_before": n0, "elapsed_s": round(m.elapsed_s, 3),
+            "measured_step_s": round(m.step_s, 5), "planned_step_s": d.get("measured_step_s"),
+            "projected_s": round(projected, 2), "expected_s": round(expected, 2),
+            "reason": f"at step {done}: {m.elapsed_s:.3g}s so far + {n0 - done} steps x {m.step_s:.3g}s (now) "
+                      f"would end at {projected:.4g}s, past {self.seconds:.4g}s; {n - done} more steps end at "
+                      f"{expected:.4g}s"}
+        d["chosen_max_steps"] = n
+        return d["replan"]
+
+    def follow_replan(self, done: int, n: int) -> None:
+        """A DDP rank other than 0: rank 0 re-planned after `done` steps to N = `n`."""
+        d = self.decision
+        d["replan"] = {"at_step": done, "max_steps_before": int(d["chosen_max_steps"])}
+        d["chosen_max_steps"] = n
+
+    def describe_replan(self) -> str:
+        r, d = self.decision["replan"], self.decision
+        return (f"time budget {d['given']}: the pace fell behind ({r['measured_step_s']:.3g}s a step now, "
+                f"{r['planned_step_s']:.3g}s planned; projected end {format_duration(r['projected_s'])}) -> "
+                f"re-planned at step {r['at_step']:,}: {d['chosen_max_steps']:,} steps instead of "
+                f"{r['max_steps_before']:,} (expected end {format_duration(r['expected_s'])})")
+
+    def lr_at(self, step: float, cfg: TrainConfig) -> float:
+        """The learning rate of step `step`: minigpt.training.config.lr_at, with the decay stretched
+        over the steps left after a re-plan (see the class docstring); exactly lr_at without one."""
+        r = (self.decision or {}).get("replan")
+        if r is None:
+            return lr_at(step, cfg)
+        k, n0, n1 = r["at_step"], r["max_steps_before"], int(self.decision["chosen_max_steps"])
+        if step > k:
+            step = k + (step - k) * (n0 - k) / max(n1 - k, 1)
+        return lr_at(step, replace(cfg, max_steps=n0))
+
     def summary(self, step: int) -> str:
         """The final line: elapsed time against the budget."""
         elapsed = time.perf_counter() - self.start
         over = f", {format_duration(elapsed - self.seconds)} over" if elapsed > self.seconds else ""
+        r = (self.decision or {}).get("replan")
         planned = "" if self.resumed or not self.decision else \
-            f" (planned {format_duration(self.decision['expected_s'])})"
+            f" (planned {format_duration(self.decision['expected_s'])}" + (
+                f", re-planned at step {r['at_step']:,} to {format_duration(r['expected_s'])})" if r else ")")
         return (f"time budget {self.label}: {step:,} steps in {format_duration(elapsed)}"
                 f"{' this session' if self.resumed else ''}{planned}{over}")
 
@@ -200,6 +266,28 @@ class TimeBudget:
                  "reason": "resumed a run with a fixed step count"}
         if d.get("chosen_max_steps") is not None:
             self.decision, self.resumed = dict(d), True
+
+
+def _cost(m: BudgetMeasurement, done: int, evaluates: bool, interval: Callable[[int], int],
+          save_interval: Optional[int]) -> Callable[[int], tuple]:
+    """cost(n) -> (seconds at the end of a run of n steps, evaluations, checkpoints) from `done` on."""
+    def cost(n):
+        evals = _events(done, n, interval(n)) if evaluates else 0
+        saves = _events(done, n, save_interval or interval(n))
+        return m.elapsed_s + (n - done) * m.step_s + evals * m.eval_s + saves * m.save_s + m.final_s, evals, saves
+    return cost
+
+
+def _fit(cost: Callable[[int], tuple], m: BudgetMeasurement, done: int, limit: float) -> int:
+    """The largest n > done with cost(n) <= limit (cost grows with n); `done` when none."""
+    n = done + 1
+    if cost(n)[0] > limit:
+        return done
+    hi = n + int(min(1e9, max(0.0, limit - m.elapsed_s) / max(m.step_s, 1e-9)))
+    while n < hi:
+        mid = (n + hi + 1) // 2
+        n, hi = (mid, hi) if cost(mid)[0] <= limit else (n, mid - 1)
+    return n
 
 
 def _probe_save(trainer) -> None:

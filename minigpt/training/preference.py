@@ -7,18 +7,22 @@
     orpo_loss(mean_c, mean_r, nll, beta) trl's ORPO: NLL of the chosen sequence - beta * logsigmoid(log odds),
                                          log odds from the mean response log-probs
     PreferenceLoss(model, objective, ...) the Trainer's loss module (forward(x, y, targets) -> mean over pairs)
+    precompute_ref_logps(ref, examples)  (N, 2) the reference's log-probs of every pair, computed once
 
 A batch holds B pairs as 2B rows: the B chosen sequences, then the B rejected ones, right-padded, so
 chosen and rejected go through one forward. y (the labels, shifted like SFT's) is -100 on the prompt
 and the padding: a sequence's log-probability is the SUM over its response tokens, EOS included.
 Rewards are logged as trl logs them: rewards/chosen = beta * (pi_c - ref_c) (ORPO: beta * mean log-prob),
 rewards/rejected, rewards/margins (chosen - rejected), rewards/accuracies (chosen > rejected), and
-logps/chosen, logps/rejected (the policy's; ORPO: the means).
+logps/chosen, logps/rejected (the policy's; ORPO: the means), plus logps/accuracies (logps/chosen >
+logps/rejected: the policy's own preference, which also scores a model before training).
 
 The reference (DPO, IPO) is a frozen model, or "adapters": the trained model itself with its adapter
 switched off (minigpt.methods.adapters_disabled), so a parameter-efficient run keeps one copy of the
-base. The reference pass runs without gradients and in eval mode (no dropout), so at the first step,
-where the policy equals the reference, the DPO loss is exactly ln 2.
+base, or "precomputed": its log-probs computed once before training (precompute_ref_logps, trl's
+precompute_ref_log_probs) and passed with each batch as `ref_logps`, so full fine-tuning keeps no
+frozen copy. The reference pass runs without gradients and in eval mode (no dropout), so at the first
+step, where the policy equals the reference, the DPO loss is exactly ln 2.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["OBJECTIVES", "REFERENCE_OBJECTIVES", "PreferenceLoss", "dpo_loss", "ipo_loss", "log1mexp", "orpo_loss",
-           "reward_metrics", "sequence_logps", "token_logps"]
+           "precompute_ref_logps", "reward_metrics", "sequence_logps", "token_logps"]
 
 OBJECTIVES = ("dpo", "ipo", "orpo")
 REFERENCE_OBJECTIVES = ("dpo", "ipo")          # ORPO needs no reference model
@@ -90,9 +94,12 @@ def orpo_loss(mean_c: torch.Tensor, mean_r: torch.Tensor, nll: torch.Tensor,
 
 def reward_metrics(rew_c: torch.Tensor, rew_r: torch.Tensor, logp_c: torch.Tensor,
                    logp_r: torch.Tensor) -> dict[str, torch.Tensor]:
-    """trl's per-pair metrics (means of these are what it logs)."""
+    """trl's per-pair metrics (means of these are what it logs), and logps/accuracies: whether the
+    policy alone gives the chosen answer the higher log-prob (the sum; ORPO: the mean), which, unlike
+    rewards/accuracies (0 while policy = reference), also scores a model before training."""
     return {"rewards/chosen": rew_c, "rewards/rejected": rew_r, "rewards/margins": rew_c - rew_r,
-            "rewards/accuracies": (rew_c > rew_r).float(), "logps/chosen": logp_c, "logps/rejected": logp_r}
+            "rewards/accuracies": (rew_c > rew_r).float(), "logps/chosen": logp_c, "logps/rejected": logp_r,
+            "logps/accuracies": (logp_c > logp_r).float()}
 
 
 @contextlib.contextmanager
@@ -114,7 +121,8 @@ class PreferenceLoss(nn.Module):
     micro-batches by `count_labels(y)` (pairs, not tokens). Per-pair metrics are summed as steps go
     and `pop_metrics()` returns their means since the last call (summed over DDP ranks).
 
-    reference: None (ORPO), "adapters" (the model with its adapter switched off) or a frozen model.
+    reference: None (ORPO), "adapters" (the model with its adapter switched off), a frozen model, or
+    "precomputed" (each batch brings its rows' reference log-probs: forward(..., ref_logps=...)).
     """
 
     def __init__(self, model: nn.Module, objective: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0,
@@ -128,6 +136,8 @@ class PreferenceLoss(nn.Module):
             raise ValueError(f"{objective} needs a reference (a frozen model or 'adapters')")
         self.model, self.objective, self.beta, self.label_smoothing = model, objective, float(beta), label_smoothing
         self.ref_mode = reference if isinstance(reference, str) or reference is None else "model"
+        if isinstance(reference, str) and reference not in ("adapters", "precomputed"):
+            raise ValueError(f"reference must be a model, 'adapters' or 'precomputed', got {reference!r}")
         # a frozen reference model is kept out of the module's parameters (no DDP sync, no optimizer)
         self._ref = [reference] if self.ref_mode == "model" else []
         if self._ref:
@@ -143,6 +153,8 @@ class PreferenceLoss(nn.Module):
     @torch.no_grad()
     def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The reference's summed response log-probs of each row (2B,)."""
+        if self.ref_mode == "precomputed":
+            raise ValueError("the reference log-probs are precomputed: pass them as ref_logps")
         if self.ref_mode == "model":
             ref = self._ref[0]
             if next(ref.parameters()).device != x.device:
@@ -153,9 +165,9 @@ class PreferenceLoss(nn.Module):
         with adapters_disabled(self.model), _eval_mode(self.model):
             return sequence_logps(self.model, x, y)[0]
 
-    def pair_losses(self, x: torch.Tensor, y: torch.Tensor,
-                    targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the batch's loss, per-pair metrics) for 2B rows."""
+    def pair_losses(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                    ref_logps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the batch's loss, per-pair metrics) for 2B rows; ref_logps (2B,): the reference's, precomputed."""
         B = x.size(0) // 2
         if self.objective == "orpo":
             full = targets if targets is not None else y
@@ -174,7 +186,7 @@ class PreferenceLoss(nn.Module):
             m.update({"nll_loss": nll.detach().expand(B), "log_odds_chosen": log_odds.detach(),
                       "log_odds_ratio": F.logsigmoid(log_odds).detach()})
             return loss, m
-        ref = self.reference_logps(x, y)
+        ref = self.reference_logps(x, y) if ref_logps is None else ref_logps.to(logps.device, torch.float32)
         ref_c, ref_r = ref[:B], ref[B:]
         if self.objective == "dpo":
             losses = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta, self.label_smoothing)
@@ -184,10 +196,11 @@ class PreferenceLoss(nn.Module):
                            pi_c.detach(), pi_r.detach())
         return losses.mean(), m
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                ref_logps: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not bool((y != IGNORE_INDEX).any()):             # an empty micro-batch (weighted 0 by the Trainer)
             return self.model.hidden_states(x).sum() * 0.0
-        loss, m = self.pair_losses(x, y, targets)
+        loss, m = self.pair_losses(x, y, targets, ref_logps)
         self._accumulate(m, loss.detach())
         return loss
 
@@ -214,12 +227,13 @@ class PreferenceLoss(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
-        """val_loss (mean over pairs) and the val_ metrics over (x, y, targets) batches; restores training mode."""
+        """val_loss (mean over pairs) and the val_ metrics over (x, y, targets[, ref_logps]) batches;
+        restores training mode."""
         total, pairs, sums = 0.0, 0, {}
         with _eval_mode(self.model):
-            for x, y, targets in batches:
+            for x, y, targets, *ref in batches:
                 dev = self.model.lm_head.weight.device
-                loss, m = self.pair_losses(x.to(dev), y.to(dev), targets.to(dev))
+                loss, m = self.pair_losses(x.to(dev), y.to(dev), targets.to(dev), *ref)
                 B = x.size(0) // 2
                 total, pairs = total + float(loss) * B, pairs + B
                 for k, v in m.items():
@@ -227,3 +241,33 @@ class PreferenceLoss(nn.Module):
         if not pairs:
             return {}
         return {"val_loss": total / pairs, **{f"val_{k}": v / pairs for k, v in sums.items()}}
+
+
+@torch.no_grad()
+def precompute_ref_logps(reference: nn.Module, examples, batch_size: int = 8, adapters_off: bool = False,
+                         progress: Optional[str] = None) -> torch.Tensor:
+    """(N, 2) fp32: the reference's summed answer log-probs (chosen, rejected) of each tokenised pair
+    (minigpt.data.preferences.tokenize_pairs' examples), computed once, in eval mode, under the
+    caller's autocast, shortest pairs first in batches of `batch_size` pairs. adapters_off: the
+    reference is `reference` with its adapter switched off (the base of a parameter-efficient run).
+    progress: a progress-bar label (None: no bar)."""
+    from tqdm import tqdm
+
+    from ..data.preferences import collate_pairs
+    from ..methods import adapters_disabled
+
+    examples = list(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt"]) + len(examples[i]["chosen"])
+                   + len(examples[i]["rejected"]))
+    out = torch.zeros(len(examples), 2)
+    dev = next(reference.parameters()).device
+    off = adapters_disabled(reference) if adapters_off else contextlib.nullcontext()
+    with off, _eval_mode(reference), tqdm(total=len(order), desc=progress, unit="pair", disable=progress is None,
+                                          leave=False) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            x, y, _ = collate_pairs([examples[i] for i in idx])
+            logps = sequence_logps(reference, x.to(dev), y.to(dev))[0].float().cpu()
+            out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
+            bar.update(len(idx))
+    return out

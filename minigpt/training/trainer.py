@@ -317,7 +317,7 @@ class Trainer:
         micro-batches (DDP's averaging over ranks included): 1 when all hold as many labels, as in
         pretraining, whose numbers are then those of a plain mean of the micro-batches' means."""
         cfg, model = self.cfg, self.fwd_model
-        lr = lr_at(self.step, cfg)
+        lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * (g.get("lr_scale") or 1.0)
         batches, labels = self._micro_batches()
@@ -357,11 +357,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_val, tokens
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step`: the config's schedule (re-planned by the time
+        budget, if it was)."""
+        return self.budget.lr_at(step, self.cfg) if self.budget is not None else lr_at(step, self.cfg)
+
     # --- the time budget -------------------------------------------------------------------------
     def _start_budget(self) -> None:
         """At fit(): apply a restored decision, or set the run up to decide after the measured steps."""
         b, cfg = self.budget, self.cfg
         self._pending = b is not None and b.decision is None
+        self._replan_check: Optional[tuple[int, int]] = None     # (from step, pace window) once decided
         self._timings: dict[str, list] = {"step": [], "eval": [], "save": []}
         if b is not None and b.decision is not None:
             self._apply_budget()
@@ -377,6 +383,8 @@ class Trainer:
         d = self.budget.decision
         self.cfg.max_steps, self.cfg.eval_interval = int(d["chosen_max_steps"]), int(d["eval_interval"])
         self._pending = False
+        if not self.budget.resumed and d.get("replan") is None:
+            self._replan_check = self.budget.replan_window()
 
     def _decide(self, bar) -> float:
         """Fix max_steps (rank 0 measures and plans, the others follow); returns the seconds it took."""
@@ -398,6 +406,33 @@ class Trainer:
             self._write_run_info()
         return time.perf_counter() - t0
 
+    def _replan(self, bar) -> float:
+        """Check the pace mid-run; re-plan max_steps once if it fell behind (rank 0 decides, the others
+        follow). Returns the seconds it took."""
+        t0, b = time.perf_counter(), self.budget
+        n = -1                                            # -1: no re-plan, else the new max_steps
+        if self.is_main:
+            recent = [s for s, _ in self._timings["step"][-self._replan_check[1]:]]
+            r = b.replan(b.pace(recent, self._timings["eval"], self._timings["save"]), self.step, self.cfg,
+                         self.evaluate_fn is not None)
+            n = -1 if r is None else int(b.decision["chosen_max_steps"])
+        if self.world > 1:
+            t = torch.tensor([n], device=self.device)
+            dist.broadcast(t, 0)
+            n = int(t.item())
+            if n >= 0 and not self.is_main:
+                b.follow_replan(self.step, n)
+        if n >= 0:
+            self._replan_check = None
+            self.cfg.max_steps = n
+            bar.total = n
+            bar.refresh()
+            if self.is_main:
+                self._log(b.describe_replan())
+                self._record({"step": self.step, "replan": b.decision["replan"]})
+                self._write_run_info()
+        return time.perf_counter() - t0
+
     def _write_run_info(self) -> None:
         if not self.is_main:
             return
@@ -417,7 +452,7 @@ class Trainer:
             torch.cuda.synchronize()
         t0, tokens = self._window
         tps = tokens / (time.perf_counter() - t0)
-        rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
+        rec = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
                "tokens": tokens, "tok_per_s": tps}                 # real tokens since the last record
         if self.peak:
             rec["mfu"] = tps * self.flops_tok / (self.peak * self.world)
@@ -436,10 +471,12 @@ class Trainer:
         cfg, t = self.cfg, time.perf_counter()
         loss, tokens = self.train_step()
         self.step += 1
-        if self._pending:
+        if self._pending or self._replan_check is not None:
             self._timings["step"].append((time.perf_counter() - t, tokens))
-            if self.step >= self._decide_at:
-                self._window[0] += self._decide(bar)      # (not counted in the logged tokens/s)
+        if self._pending and self.step >= self._decide_at:
+            self._window[0] += self._decide(bar)          # (not counted in the logged tokens/s)
+        elif self._replan_check is not None and self.step >= self._replan_check[0]:
+            self._window[0] += self._replan(bar)
         bar.update(1)
         self._window[1] += tokens
         if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:

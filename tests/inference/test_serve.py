@@ -114,13 +114,13 @@ def _free_port() -> int:
 class Live:
     """create_app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, api_key=None, max_batch=8, max_waiting=64, model=None):
+    def __init__(self, api_key=None, max_batch=8, max_waiting=64, model=None, scorer=None):
         from minigpt.inference.serve import create_app
 
         self.model = model if model is not None else tiny()
         self.engine = Engine(self.model, TOK, max_batch=max_batch, max_waiting=max_waiting).start()
         self.port = _free_port()
-        app = create_app(self.engine, "tiny", template="alpaca", api_key=api_key)
+        app = create_app(self.engine, "tiny", template="alpaca", api_key=api_key, scorer=scorer)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

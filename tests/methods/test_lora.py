@@ -1,6 +1,7 @@
 """LoRA: parameter counts, key names, merge round trips, and PEFT as the independent reference."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -469,6 +470,38 @@ def test_save_adapter_is_atomic_and_requires_lora(tmp_path):
 
 
 # --- a short LoRA training run ---------------------------------------------------------------
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layer_output_and_gradients_match_the_formula(autocast):
+    """y = x W^T + b + (x A^T) B^T s, written out with plain ops as the reference: output, the
+    gradients of A, B and x (frozen base), in fp32 and under CPU bf16 autocast (where the update's
+    matmul runs in bf16 like the reference's)."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 36)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.3)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        y = layer(x)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)
+    A, B = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    with ctx:
+        ref = torch.nn.functional.linear(x2, base.weight, base.bias) + ((x2 @ A.t()) * layer.scaling) @ B.t()
+    ref_grads = torch.autograd.grad(ref, (x2, A, B), g)
+    assert y.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    assert not torch.equal(grads[1], torch.zeros_like(grads[1]))
+
 
 def test_short_lora_training_lowers_masked_loss():
     V = 64

@@ -1,7 +1,8 @@
 """Bad command-line flags and over-long prompts give one clear line (or a one-line exception from
 the library), never a traceback: unknown flags, impossible values (--lora-r 0, --lr nan, negative
 --threads/--save-interval/--min-lr, an unknown --device, --block-size above the --init-from
-model's context), prompts longer than the context; and --debug shows the traceback after all.
+model's context, --beta 0 or negative, ORPO given a reference flag), prompts longer than the
+context; and --debug shows the traceback after all.
 
 The rows run through bad_input.check_row (see tests/reliability/bad_input.py for what each row checks).
 """
@@ -63,6 +64,22 @@ def b_min_lr_negative(t, fx, mp):
     return cli(train, fx.train("--min-lr", "-0.0001", out=t / "o"))
 
 
+def b_beta_zero(t, fx, mp):
+    return cli(ft, fx.ft("--objective", "dpo", "--beta", "0", out=t / "o"))
+
+
+def b_beta_negative(t, fx, mp):
+    return cli(ft, fx.ft("--objective", "ipo", "--beta", "-0.5", out=t / "o"))
+
+
+def b_orpo_ref_model(t, fx, mp):
+    return cli(ft, fx.ft("--objective", "orpo", "--ref-model", fx.base, out=t / "o"), protect=[fx.base])
+
+
+def b_orpo_precompute(t, fx, mp):
+    return cli(ft, fx.ft("--objective", "orpo", "--precompute-ref-logps", out=t / "o"))
+
+
 def b_generate_prompt_too_long(t, fx, mp):
     m = GPT.from_pretrained(fx.base)
     return api(lambda: generate(m, torch.zeros((1, 65), dtype=torch.long), 4))
@@ -96,6 +113,13 @@ ROWS = [
         remedy="pass a positive --save-interval (or leave it out: the eval interval)"),
     Row("min-lr-negative", b_min_lr_negative, "--min-lr must be >= 0", rc=2, remedy="--min-lr must be >= 0"),
     # --- context length ---
+    Row("beta-zero", b_beta_zero, "--beta must be > 0, got 0.0", rc=2, remedy="--beta must be > 0 (default 0.1)"),
+    Row("beta-negative", b_beta_negative, "--beta must be > 0, got -0.5", rc=2,
+        remedy="--beta must be > 0 (default 0.1)"),
+    Row("orpo-with-ref-model", b_orpo_ref_model, "--ref-model: ORPO needs no reference model", rc=2,
+        remedy="leave it out, or use --objective dpo"),
+    Row("orpo-with-precompute-ref-logps", b_orpo_precompute, "--precompute-ref-logps: ORPO needs no reference model",
+        rc=2, remedy="leave it out, or use --objective dpo"),
     Row("generate-prompt-too-long", b_generate_prompt_too_long, "longer than the model's context",
         exc=ValueError, remedy="truncate the prompt to the model's context (block_size)"),
     Row("generate-no-room-for-new-tokens", b_generate_no_room, "lower max_new_tokens", exc=ValueError,

@@ -1,6 +1,7 @@
 """Bad data files give one clear line, never a traceback, and change nothing on disk: unreadable
 files, pretraining text that is empty, too short or not UTF-8, .bin token files of odd size or
-outside the vocabulary, a non-UTF-8 --eval-text, and broken or unusable instruction data.
+outside the vocabulary, a non-UTF-8 --eval-text, and broken or unusable instruction and preference
+data.
 
 The rows run through bad_input.check_row (see tests/reliability/bad_input.py for what each row checks).
 """
@@ -210,6 +211,27 @@ def b_chatbot_arena(t, fx, mp):
     return _ft(t, fx, p)
 
 
+def _prefs(t, rows):
+    p = t / "prefs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def b_preference_missing_rejected(t, fx, mp):
+    p = _prefs(t, [{"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}, {"prompt": "Say yes.", "chosen": "yes"}])
+    return _ft(t, fx, p, "--objective", "dpo")
+
+
+def b_preference_all_identical(t, fx, mp):
+    p = _prefs(t, [{"prompt": "Say hi.", "chosen": "hi", "rejected": "hi"}, {"prompt": "Say yes.", "chosen": "yes",
+                                                                            "rejected": " yes"}])
+    return _ft(t, fx, p, "--objective", "dpo")
+
+
+def b_dpo_on_sft_data(t, fx, mp):
+    return _ft(t, fx, fx.data, "--objective", "dpo")
+
+
 def b_records_longer_than_context(t, fx, mp):
     p = t / "long.jsonl"
     p.write_text("".join(json.dumps({"instruction": "word " * 100, "output": "x"}) + "\n" for _ in range(4)))
@@ -268,6 +290,14 @@ ROWS = [
         remedy="every '### Human:' and '### Assistant:' turn needs text"),
     Row("chatbot-arena-for-sft", b_chatbot_arena, "train on it with the preference objective",
         remedy="pairs of answers are preference data: --objective dpo"),
+    # --- preference data (finetune.py --objective dpo|ipo|orpo) ---
+    Row("preference-missing-rejected", b_preference_missing_rejected, "prefs.jsonl:2: missing field 'rejected'",
+        remedy="every pair needs prompt, chosen and rejected"),
+    Row("preference-chosen-equals-rejected", b_preference_all_identical,
+        "no training pairs (after 0 ties, 2 with chosen = rejected",
+        remedy="pairs whose answers are equal teach nothing: they are skipped and counted in the data: line"),
+    Row("dpo-on-sft-data", b_dpo_on_sft_data, "expected preference records: 'prompt' with 'chosen' and 'rejected'",
+        remedy="instruction data trains without --objective (sft); preference data needs chosen and rejected"),
     Row("records-longer-than-context", b_records_longer_than_context, "longer than --max-length",
         remedy="raise --max-length (up to the base model's context) or shorten the prompts"),
 ]

@@ -1,8 +1,11 @@
 """train.py's time budget (minigpt.training.budget.TimeBudget): the step count fixed after measured warm-up
-steps, recorded in run.json and the checkpoints; exact resume; --max-steps N reproduces it."""
+steps, recorded in run.json and the checkpoints; exact resume; --max-steps N reproduces it; the one re-plan
+when the pace falls behind mid-run (fake clock)."""
 import json
+import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from safetensors.torch import load_file
 
 from minigpt.commands import train
 from minigpt.training.budget import BudgetMeasurement, TimeBudget, format_duration, parse_duration
-from minigpt.training.config import TrainConfig
+from minigpt.training.config import TrainConfig, lr_at
 from minigpt.training.trainer import Trainer
 
 TINY = tiny.train_flags(n_layer=1, n_embd=32, batch_size=2, eval_batches=2, log_interval=1, precision="fp32",
@@ -194,3 +197,136 @@ def test_ddp_ranks_follow_rank_zeros_decision(tmp_path, corpus):
     b = json.loads((out / "run.json").read_text())["budget"]
     assert len(records(out)[0]) == b["chosen_max_steps"] >= 14
     assert (out / "checkpoints" / f"step-{b['chosen_max_steps']:07d}").is_dir()
+
+
+# --- the re-plan when the pace falls behind -------------------------------------------------------
+
+def test_replan_only_when_behind_and_the_decay_still_ends_at_its_final_rate():
+    cfg = TrainConfig(warmup_steps=4, eval_interval=10 ** 9, lr=1e-3)
+    b = TimeBudget(10)
+    d = b.plan(FIXED, 8, cfg, evaluates=False)      # 1 + 0.25 (N - 8) + 0.1 (last save) + 0.2 <= 9.2 -> N = 39
+    n0 = d["chosen_max_steps"]
+    assert n0 == 39 and b.replan_window() == (8 + 10, 3)            # checked from a third of the way on
+    cfg.max_steps = n0
+    before = [b.lr_at(s, cfg) for s in range(n0 + 1)]
+    assert before == [lr_at(s, cfg) for s in range(n0 + 1)]         # no re-plan: exactly the config's schedule
+    # at step 20, 4 s in: on pace, 4 + 19 x 0.25 + 0.3 = 9.05 s
+    on_pace = BudgetMeasurement(elapsed_s=4.0, step_s=0.25, tok_per_s=256.0, save_s=0.1, final_s=0.2)
+    assert b.replan(on_pace, 20, cfg, evaluates=False) is None and "replan" not in b.decision
+    # the VM slowed down to 0.5 s a step: 4 + 19 x 0.5 + 0.3 = 13.8 s, past 10 s
+    slow = BudgetMeasurement(elapsed_s=4.0, step_s=0.5, tok_per_s=128.0, save_s=0.1, final_s=0.2)
+    r = b.replan(slow, 20, cfg, evaluates=False)
+    n = b.decision["chosen_max_steps"]
+    assert n == 29 and 4 + (n - 20) * 0.5 + 0.3 <= 9.2 < 4 + (n + 1 - 20) * 0.5 + 0.3
+    assert (r["at_step"], r["max_steps_before"], r["projected_s"], r["expected_s"]) == (20, 39, 13.8, 8.8)
+    assert b.replan(slow, 21, cfg, evaluates=False) is None and b.decision["chosen_max_steps"] == 29   # once
+    after = [b.lr_at(s, cfg) for s in range(n + 1)]
+    assert after[:21] == before[:21]                                 # unchanged up to the re-plan's step
+    assert after[n] == pytest.approx(cfg.lr / 10) and after[n - 1] > after[n]   # the final rate at the new end
+    assert all(x > y for x, y in zip(after[20:], after[21:]))       # still decaying, faster
+    for s in range(20, n + 1):                                       # the old curve, stretched over 20..29
+        assert after[s] == pytest.approx(lr_at(20 + (s - 20) * 19 / 9, cfg))
+    assert "re-planned at step 20: 29 steps instead of 39" in b.describe_replan()
+
+
+class FakeClock:
+    """time.perf_counter for a whole run: it moves only when an optimizer step runs, by pace(step)
+    seconds (step: the steps done before it), so the budget sees exactly the pace the test sets."""
+
+    def __init__(self, pace):
+        self.t, self.pace, self.start = 1000.0, pace, 1000.0
+
+    def __call__(self):
+        return self.t
+
+    @property
+    def elapsed(self):
+        return self.t - self.start
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    def install(pace):
+        clock = FakeClock(pace)
+        monkeypatch.setattr(time, "perf_counter", clock)
+        real = Trainer.train_step
+
+        def train_step(self):
+            step = self.step
+            out = real(self)
+            clock.t += clock.pace(step)
+            return out
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+        return clock
+    return install
+
+
+def slows_down(step):
+    return 0.25 if step < 20 else 0.5          # the VM halves its pace at step 20
+
+
+# 10 s: after 14 steps at 0.25 s (probes take no time on this clock) N = 36 (3.5 + 22 x 0.25 = 9 <= 9.2),
+# evaluations every 18 steps. Checked from step 21 on with the median of the last 3 steps: at step 22,
+# 6 s + 14 x 0.5 s = 13 s is past 10 s -> N = 28 (6 + 6 x 0.5 = 9 <= 9.2)
+SLOW = dict(n0=36, at=22, n=28)
+
+
+def test_no_drift_changes_nothing(tmp_path, corpus, fake_clock):
+    clock = fake_clock(lambda step: 0.25)
+    budget, fixed = tmp_path / "budget", tmp_path / "fixed"
+    assert train.main(["--data", str(corpus), "--out-dir", str(budget), "--time-budget", "10s", *TINY]) == 0
+    b = json.loads((budget / "run.json").read_text())["budget"]
+    assert (b["chosen_max_steps"], b["eval_interval"]) == (SLOW["n0"], 18) and "replan" not in b
+    assert clock.elapsed == 9.0
+    assert not [ln for ln in (budget / "metrics.jsonl").read_text().splitlines() if "replan" in ln]
+    assert train.main(["--data", str(corpus), "--out-dir", str(fixed), "--max-steps", "36", "--eval-interval", "18",
+                       *TINY]) == 0
+    assert records(fixed) == records(budget) and same_weights(fixed, budget)
+
+
+def test_slowdown_mid_run_replans_once_and_ends_within_budget(tmp_path, corpus, fake_clock, capsys):
+    out, ref = tmp_path / "slow", tmp_path / "ref"
+    clock = fake_clock(slows_down)
+    assert train.main(["--data", str(corpus), "--out-dir", str(out), "--time-budget", "10s", *TINY]) == 0
+    assert 0.9 * 10 <= clock.elapsed <= 10                         # without the re-plan: 13 s
+    b = json.loads((out / "run.json").read_text())["budget"]
+    r = b["replan"]
+    assert (b["chosen_max_steps"], r["at_step"], r["max_steps_before"]) == (SLOW["n"], SLOW["at"], SLOW["n0"])
+    assert (r["measured_step_s"], r["planned_step_s"], r["projected_s"], r["expected_s"]) == (0.5, 0.25, 13.0, 9.0)
+    assert json.loads((out / "run.json").read_text())["train"]["max_steps"] == SLOW["n"]
+    state = torch.load(out / "checkpoints" / f"step-{SLOW['n']:07d}" / "trainer_state.pt", weights_only=True)
+    assert state["budget"]["replan"]["at_step"] == SLOW["at"]
+    marks = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "replan" in ln]
+    assert [m["step"] for m in marks] == [SLOW["at"]]
+    text = capsys.readouterr().out
+    assert "the pace fell behind (0.5s a step now, 0.25s planned; projected end 13s) -> re-planned at step 22: " \
+           "28 steps instead of 36" in text and "re-planned at step 22 to 9.0s)" in text
+    tr, va = records(out)
+    assert [s for s, _, _ in tr] == list(range(1, SLOW["n"] + 1)) and [s for s, _ in va] == [18, SLOW["n"]]
+    # up to the re-plan the run is the planned one (the same 36-step schedule), after it the decay is
+    # stretched so that it reaches the final rate at the new end
+    assert train.main(["--data", str(corpus), "--out-dir", str(ref), "--max-steps", "36", "--eval-interval", "18",
+                       *TINY]) == 0
+    ref_tr = records(ref)[0]
+    assert tr[:SLOW["at"]] == ref_tr[:SLOW["at"]]
+    cfg = TrainConfig(max_steps=SLOW["n0"], warmup_steps=20, lr=2e-3)
+    k, n0, n = SLOW["at"], SLOW["n0"], SLOW["n"]
+    for step, _, lr in tr[k:]:                                      # the lr logged at `step` is step - 1's
+        assert lr == pytest.approx(lr_at(k + (step - 1 - k) * (n0 - k) / (n - k), cfg), rel=1e-12)
+    assert tr[-1][2] > cfg.lr / 10 and math.isclose(lr_at(n0, cfg), cfg.lr / 10)
+
+
+def test_replanned_run_resumes_exactly(tmp_path, corpus, fake_clock, monkeypatch):
+    ref, out = tmp_path / "ref", tmp_path / "cut"
+    flags = ["--data", str(corpus), "--time-budget", "10s", *TINY]
+    fake_clock(slows_down)
+    assert train.main(["--out-dir", str(ref), *flags]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 24)                                       # stops after step 25, past the re-plan
+        assert train.main(["--out-dir", str(out), *flags]) == 130
+    state = torch.load(out / "checkpoints" / "step-0000025" / "trainer_state.pt", weights_only=True)
+    assert state["budget"]["replan"]["at_step"] == SLOW["at"]
+    monkeypatch.setattr(TimeBudget, "replan", lambda *a: pytest.fail("a resumed session re-planned"))
+    assert train.main(["--out-dir", str(out), "--resume", *flags]) == 0
+    assert records(out) == records(ref) and same_weights(out, ref)
+    assert json.loads((out / "run.json").read_text())["budget"]["chosen_max_steps"] == SLOW["n"]

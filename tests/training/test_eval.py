@@ -199,6 +199,19 @@ def test_missing_text_flag(capsys):
     with pytest.raises(SystemExit) as e:
         run("eval", ["--model", "x", "--text", "t.txt", "--judge", "http://127.0.0.1:9"])
     assert e.value.code == 2 and "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run("eval", ["--model", "x", "--text", "t.txt", "--num-fewshot", "5"])
+    assert e.value.code == 2 and "--num-fewshot and --limit go with --tasks" in capsys.readouterr().err
+
+
+def test_tasks_without_lm_eval_say_which_extra_to_install(monkeypatch, capsys):
+    import sys
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)                      # import lm_eval... -> ImportError
+    monkeypatch.delitem(sys.modules, "minigpt.inference.harness", raising=False)
+    rc, out, err = run_eval(["--model", "no-such-model", "--tasks", "hellaswag"], capsys)
+    assert rc == 1 and out == "" and err.strip() == ('error: --tasks needs lm-evaluation-harness: '
+                                                     'pip install "minigpt[eval]"')
 
 
 # --- --judge: answers scored by a judge model behind an OpenAI-compatible server ----------------
