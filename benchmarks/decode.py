@@ -8,6 +8,7 @@ Timing covers the whole generate call (prefill + decode), tokens/s = new tokens 
     python benchmarks/decode.py            # full: 128 new tokens, 5 rounds (+ llama.cpp if installed)
     python benchmarks/decode.py --quick    # under a minute: 32 new tokens, 2 rounds
     python benchmarks/decode.py --quality out   # + held-out bits/byte of a trained model per mode
+    python benchmarks/decode.py --profile       # + where each mode's per-token time goes (step_profile)
 
 llama.cpp decodes the same weights in the same rounds (--llama, on by default when llama-cpp-python is
 installed: minigpt.weights.gguf.export_gguf writes f32, f16 and q8_0 files, llama.cpp's own greedy sampler), and
@@ -63,6 +64,46 @@ def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
             "text": Path(text_path).name, "bpb": {k: round(v, 4) for k, v in bpb.items()}}
 
 
+# torch's own matrix-vector kernels (the weight reads) and its fused attention, by profiler name
+KERNEL_OPS = ("aten::addmm", "aten::mm", "aten::mv", "aten::addmv_", "mkldnn::_linear_pointwise",
+              "quantized::linear_dynamic", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+
+
+def _op_ms(run, n: int) -> dict:
+    """Milliseconds per op name of run(n) under torch.profiler (self time: kernels, not their wrappers)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(n)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+
+def step_profile(run, n_new: int, weight_mb: float, bandwidth: float, rounds: int = 3) -> dict:
+    """Where a decoding step's time goes: per new token (prefill left out: the difference between
+    calls of n_new and 1 tokens), the wall time (median of `rounds`, no profiler), the time inside
+    torch's matrix-vector kernels and its fused attention (profiled), and the rest (small ops,
+    casts, Python). kernel_GB_per_s = weight bytes read per token / kernel time, beside the
+    machine's read bandwidth."""
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        run(n_new)
+        t1 = time.perf_counter()
+        run(1)
+        per.append(((t1 - t0) - (time.perf_counter() - t1)) / (n_new - 1) * 1e3)
+    wall = statistics.median(per)
+    full, one = _op_ms(run, n_new), _op_ms(run, 1)
+
+    def per_token(names):
+        return sum(full.get(k, 0.0) - one.get(k, 0.0) for k in names) / (n_new - 1)
+    kern, attn = per_token(KERNEL_OPS), per_token(ATTENTION_OPS)
+    gbs = weight_mb / kern if kern > 0 else float("nan")
+    return {"ms_per_token": round(wall, 3), "matmul_kernels_ms": round(kern, 3), "attention_ms": round(attn, 3),
+            "other_ms": round(wall - kern - attn, 3), "matmul_share": round(kern / wall, 3),
+            "weight_MB_per_token": round(weight_mb, 1), "kernel_GB_per_s": round(gbs, 1),
+            "kernel_fraction_of_read_bandwidth": round(gbs / bandwidth, 3)}
+
+
 # the targets against llama.cpp: (minigpt mode, llama.cpp type, speed ratio to reach)
 LLAMA_TARGETS = (("fp32", "f32", 0.8), ("fp16", "f16", 1.0), ("bf16", "f16", 1.0), ("int8", "q8_0", 1.0),
                  ("w8a8", "q8_0", 1.0), ("int4", "q8_0", 1.0))
@@ -109,6 +150,8 @@ def main(argv=None) -> dict:
                          "text under a TRAINED model (e.g. the output of python train.py) with "
                          "plain fp32 weights and with each mode's weights")
     ap.add_argument("--quality-text", default=str(Path(__file__).resolve().parent / "data" / "paradise_regained.txt"))
+    ap.add_argument("--profile", action="store_true", help="also split each prepared mode's per-token time: "
+                    "torch's matrix-vector kernels (and their GB/s vs the read bandwidth), attention, the rest")
     ap.add_argument("--llama", default="auto", help="llama.cpp GGUF types to decode the same weights with, through "
                     "minigpt's GGUF export and llama-cpp-python: auto (f32,f16,q8_0 when llama_cpp imports), "
                     "a comma-separated list, or none")
@@ -194,6 +237,14 @@ def main(argv=None) -> dict:
             "ceiling_tok_per_s": round(bandwidth * 1e3 / mb, 1),
         }
     fp32_ok = all(r["tokens_vs_transformers"]["identical"] for k, r in results.items() if "fp32" in k)
+    profiles = {}
+    if args.profile:
+        n_head = base.lm_head.weight.numel()
+        for mode in modes:
+            name = f"minigpt {mode} (prepare_for_decoding)"
+            head_bytes = 2 if mode == "fp32" and n_new >= 32 else bytes_per_weight[mode]  # certified fp16 head
+            mb = ((n_weights - n_head) * bytes_per_weight[mode] + n_head * head_bytes) / 1e6
+            profiles[name] = step_profile(systems[name], n_new, mb, bandwidth)
     payload = {
         "benchmark": "greedy decoding, batch 1, GPT-2 124M random weights (same in both libraries)",
         "prompt_tokens": args.prompt, "new_tokens": n_new, "rounds": rounds, "quick": args.quick,
@@ -211,6 +262,8 @@ def main(argv=None) -> dict:
         "results": results,
         "vs_llama_cpp": vs_llama(times, llama_types),
     }
+    if profiles:
+        payload["step_profile"] = profiles
     if llama_types:
         import llama_cpp
         machine["llama_cpp_python"] = llama_cpp.__version__
@@ -228,6 +281,10 @@ def main(argv=None) -> dict:
               f"{r['speedup_vs_transformers_median']:9.2f}  {r['speedup_vs_transformers_best']:10.2f}  {agree}")
     for k, r in payload["vs_llama_cpp"].items():
         print(f"{k:48s} {r['ratio_median']:5.2f}x  (target {r['target']}: {'met' if r['met'] else 'MISSED'})")
+    for k, r in profiles.items():
+        print(f"{k:42s} {r['ms_per_token']:6.2f} ms/token: matmul kernels {r['matmul_kernels_ms']:.2f} "
+              f"({r['kernel_GB_per_s']} GB/s, {r['kernel_fraction_of_read_bandwidth']:.0%} of read bandwidth), "
+              f"attention {r['attention_ms']:.2f}, other {r['other_ms']:.2f}")
     print(f"read bandwidth {bandwidth} GB/s; fp32 tokens identical to transformers: {fp32_ok}; wrote {path}")
     if "quality" in payload:
         q = payload["quality"]

@@ -11,8 +11,9 @@ length of one call on a plain fp32 CPU model (`_packed_linears`, `_swapped`, `_g
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -81,6 +82,15 @@ def _int8_scale(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
 
 
+@functools.lru_cache(maxsize=None)
+def _has_vnni() -> bool:
+    """Whether the CPU has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI). Without them the
+    integer kernels multiply u8 x s8 pairs into saturating 16-bit sums, so w8a8's activations use 7
+    bits (reduce_range); with them the full 8 bits (half the rounding error, same speed)."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(caps.get("avx512_vnni") or caps.get("avx_vnni"))
+
+
 GREEDY_HEAD_MIN_TOKENS = 32   # greedy calls this long pick tokens through CertifiedArgmax (fp32 heads, CPU)
 
 
@@ -89,10 +99,14 @@ class CertifiedArgmax:
 
     The head is the largest single read of a decoding step (GPT-2 124M: 154 MB of its 494 MB in
     fp32). Greedy decoding needs only the argmax, and a row can be ruled out without its exact
-    logit: with w~ = fp16(w) and h~ = fp16(h), |h.w_i - h~.w~_i| <= |h| |w_i - w~_i| + (|h - h~| +
-    g |h|) |w~_i| (Cauchy-Schwarz; g bounds fp32 accumulation over n_embd terms). Rows whose upper
-    bound is below the best lower bound cannot be the argmax; the rest (a handful) get their fp32
-    logits and the first maximum among them is the pick, as argmax over the full fp32 logits.
+    logit. With w~ = fp16(w), h~ = fp16(h) and a_i the fp16 GEMV's output (fp32 accumulation over C
+    terms, then rounded to fp16), Cauchy-Schwarz gives |h.w_i - a_i| <= |h| |w_i - w~_i| +
+    (|h - h~| + (g + 2^-10) |h|) |w~_i| + 2^-24 <= s, with s taken at the largest |w_i - w~_i| and
+    |w~_i| of the head (g bounds the fp32 accumulation, 2^-10 |h| |w~_i| the rounding to fp16, 2^-24
+    its subnormals). The row with the largest a_i has an exact logit >= max a - s, so no row with
+    a_i < max a - 2 s is the argmax; the rest (a handful) get their fp32 logits and the first
+    maximum among them is the pick, as argmax over the full fp32 logits. Per token that is the
+    fp16 GEMV plus four passes over the V logits (cast, max, compare, nonzero).
     """
 
     def __init__(self, weight: torch.Tensor):                       # (V, C) fp32 head
@@ -100,21 +114,21 @@ class CertifiedArgmax:
             self.weight = weight.detach()
             self.half = self.weight.half()                          # (V, C), fp16 GEMV on CPU
             widened = self.half.float()
-            self.row_err = (self.weight - widened).norm(dim=1)       # (V,) |w_i - w~_i|
-            self.row_norm = widened.norm(dim=1) * (1 + 1e-3)        # (V,) |w~_i|, rounded up
+            self.max_err = float((self.weight - widened).norm(dim=1).max())     # max |w_i - w~_i|
+            self.max_norm = float(widened.norm(dim=1).max()) * (1 + 1e-3)       # max |w~_i|, rounded up
         self.gamma = 4 * self.weight.size(1) * 2.0 ** -24
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:             # (B, C) fp32 -> (B,) ids
         h16 = h.half()
         approx = F.linear(h16, self.half).float()                    # (B, V)
-        if not bool(torch.isfinite(approx).all()):                  # fp16 overflow, or NaN states
+        norm = h.norm(dim=1, keepdim=True)                           # (B, 1)
+        off = (h - h16.float()).norm(dim=1, keepdim=True)
+        slack = (norm * (1 + 1e-3)) * self.max_err + (off + (self.gamma + 2.0 ** -10) * norm) * self.max_norm
+        floor = approx.amax(dim=1, keepdim=True) - 2 * (slack + 2.0 ** -24)
+        if not bool(torch.isfinite(floor).all()):                   # fp16 overflow, or NaN states
             return F.linear(h, self.weight).argmax(dim=1)
-        norm = h.norm(dim=1, keepdim=True)
-        slack = (norm * (1 + 1e-3)) * self.row_err + ((h - h16.float()).norm(dim=1, keepdim=True)
-                                                      + self.gamma * norm) * self.row_norm
-        floor = (approx - slack).amax(dim=1, keepdim=True)            # the best row's lower bound
         picks = []
-        for b, alive in enumerate(approx + slack >= floor):          # rows that may be the argmax
+        for b, alive in enumerate(approx >= floor):                 # rows that may be the argmax
             ids = alive.nonzero().squeeze(1)                        # ascending: ties go to the first
             picks.append(ids[(self.weight[ids] @ h[b]).argmax()])
         return torch.stack(picks)
@@ -153,8 +167,9 @@ class DecodeLinear(nn.Module):
     int8: symmetric per-output-channel int8 weight with bf16 scales (round to nearest),
           torch._weight_int8pack_mm on bf16 inputs.
     w8a8: the same int8 weights, and the activations quantised to 8 bits at every call (per
-          tensor, dynamic): torch's dynamic quantized linear (fbgemm/oneDNN integer dot products),
-          the like-for-like kernel of llama.cpp's q8_0. CPU only.
+          tensor, dynamic; 7 bits on CPUs without VNNI, see _has_vnni): torch's dynamic quantized
+          linear (fbgemm/oneDNN integer dot products), the like-for-like kernel of llama.cpp's
+          q8_0. CPU only.
     int4: asymmetric 4-bit weight in groups of 32 input features, bf16 scale and zero per group
           (see quantize_int4), packed for torch._weight_int4pack_mm_for_cpu, bf16 inputs; rows
           are padded to a multiple of 16 as the kernel needs (the padding is sliced off).
@@ -195,7 +210,7 @@ class DecodeLinear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q, self.bias)     # engine-packed int8
-            self.weight = None
+            self.weight, self.reduce_range = None, not _has_vnni()
         else:
             if weight.device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
                 raise ConfigError("int4 decoding weights need a CPU model and torch >= 2.6")
@@ -218,7 +233,8 @@ class DecodeLinear(nn.Module):
                                           self.weight, self.scale).view(*x.shape[:-1], -1)
             return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)  # fp32 + bf16
         if kind == "w8a8":
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed, True)
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed,
+                                                   self.reduce_range)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         if kind == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
@@ -231,6 +247,18 @@ class DecodeLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
         return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+
+    def row_call(self, rows: int) -> Optional[tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype]]:
+        """(kernel, dtype) for `rows` single-token rows, or None where forward is the call: the bare
+        kernel of the fp32/bf16 oneDNN and fp16 modes, taking inputs already in `dtype` and returning
+        its own output dtype, so that a caller (minigpt.inference.decode_step) can skip the casts
+        forward makes around every product where they cancel. Same numbers as forward."""
+        w, b = self.weight, self.bias
+        if self.kind == "mkldnn":
+            return (lambda x: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")), self.dtype
+        if self.kind == "fp16" and rows <= 8:                          # forward's one-row path
+            return (lambda x: F.linear(x, w, b)), self.dtype
+        return None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

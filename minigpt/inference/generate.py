@@ -10,20 +10,22 @@ then every step feeds a single token. Nothing is concatenated or re-allocated pe
 Each token is picked by minigpt.inference.sampling.sample_next (repetition penalty -> temperature
 -> top-k -> top-p, as in Hugging Face; temperature 0 is greedy). The weights a call decodes with
 (per-call fp32 packing, the certified greedy head, prepare_for_decoding's modes) live in
-minigpt.inference.decode_weights.
+minigpt.inference.decode_weights; the per-token step of unpadded calls, leaner than the model's
+forward with the same maths, in minigpt.inference.decode_step.
 """
 from __future__ import annotations
 
 import codecs
 import contextlib
 import warnings
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from ..data.templates import STOP_STRINGS as DEFAULT_STOP  # every template's turn markers
 from ..errors import ConfigError
 from ..model.gpt import check_token_ids
+from .decode_step import lean_step
 from .decode_weights import _greedy_head, _packed_linears, _swapped
 from .sampling import SamplingConfig, sample_next
 
@@ -170,6 +172,8 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
         else:
             caches = model.new_caches(B, T + max_new_tokens)
         logits, step_pos = _prefill(net, idx, am, caches)
+        # unpadded, uncompiled: the lean step (it holds the packed layers; no swapping per token)
+        lean = _lean_net(model, caches, greedy) if pack and not (padded or compile) else None
         if padded or compile:                     # real keys that may ever be attended: not padding
             # (virtual tokens in front of the caches are always attended: the model adds them)
             key_mask = torch.ones(B, 1, 1, caches[0].k.size(2) - caches[0].offset, dtype=torch.bool, device=device)
@@ -181,12 +185,14 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
 
     nxt = idx[:, -1]                              # (B,) the token fed next: each sampled one in turn
     for step in range(max_new_tokens):
-        with torch.inference_mode(), _eval_mode(model), _swapped(packs):
+        with _step_context(model, packs, lean is not None):
             if step > 0:
                 start = T + step - 1
                 if padded:
                     step_pos += 1
-                if compile:
+                if lean is not None:
+                    logits = lean(nxt, start)
+                elif compile:
                     slot = torch.full((1,), start, dtype=torch.long, device=device)
                     logits = step_fn(model, nxt[:, None], step_pos if padded else slot, slot, key_mask, caches)
                 elif padded:
@@ -194,14 +200,13 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
                                  caches=caches, start=start)
                 else:
                     logits = net(nxt[:, None], caches=caches, start=start)
-            if greedy is not None:
-                nxt = greedy(logits[:, -1])                                    # (B,) from (B, C)
-            else:
-                nxt = sample_next(logits[:, -1], seen=seen, **sample_kw)       # (B,)
+            # (B,) from the last hidden states (B, C) for a greedy head, else from the logits (B, V)
+            nxt = greedy(logits[:, -1]) if greedy is not None else sample_next(logits[:, -1], seen=seen, **sample_kw)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             alive = unfinished.tolist() if stop_bytes else None
-            out = torch.where(unfinished, nxt, pad_token_id)                    # finished rows: pad
+            # finished rows: pad (without eos and stop strings no row ever finishes)
+            out = torch.where(unfinished, nxt, pad_token_id) if eos_t is not None or stop_bytes else nxt
             if eos_t is not None:
                 unfinished &= ~torch.isin(nxt, eos_t)
             if stop_bytes:
@@ -211,6 +216,28 @@ def _decode_steps(model, idx: torch.Tensor, max_new_tokens: int, *, temperature:
         yield out
         if done:
             return
+
+
+def _lean_net(model, caches, greedy) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
+    """The lean step (minigpt.inference.decode_step) as the per-token net: (B,) ids, start -> final
+    hidden states (B, 1, C) for a greedy head, else logits (B, 1, V); None where it does not apply."""
+    step = lean_step(model, caches)
+    if step is None or greedy is not None:
+        return step
+    head = model.lm_head                                     # as now in place (the packed head, if any)
+    return lambda tok, start: head(step(tok, start))
+
+
+@contextlib.contextmanager
+def _step_context(model, packs, lean: bool):
+    """What a decoding step runs under: inference mode and eval mode (no dropout: a no-op for a
+    model in eval mode), and for the model's own forward the packed layers in place."""
+    if lean:
+        with torch.inference_mode(), _eval_mode(model):
+            yield
+        return
+    with torch.inference_mode(), _eval_mode(model), _swapped(packs):
+        yield
 
 
 @contextlib.contextmanager
@@ -327,8 +354,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int = 64, *, temperature:
         the copies need as much memory as the Linear weights while the call runs). Greedy calls
         of 32 tokens or more (temperature 0, no repetition penalty) with an fp32 head pick each
         token through CertifiedArgmax: an fp16 copy of the head rules rows out, the fp32 rows of
-        the few left decide (the fp32 argmax, reading half the head's bytes). pack=False decodes
-        with the model's own layers and full logits.
+        the few left decide (the fp32 argmax, reading half the head's bytes). Unpadded,
+        uncompiled calls on a plain GPT-2 stack run each new token through the lean step
+        (minigpt.inference.decode_step: the model's maths, bit for bit, with less overhead).
+        pack=False decodes with the model's own layers, forward and full logits.
 
     Length: generation stops early when every row is finished, so n < max_new_tokens is possible
     only if all rows hit eos or a stop string; otherwise n == max_new_tokens.

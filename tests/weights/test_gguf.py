@@ -26,6 +26,7 @@ from minigpt.weights.gguf import (
     chat_template_jinja,
     export_gguf,
     export_lora_gguf,
+    gguf_name,
     gpt2_vocab,
     quantize_q8_0,
     read_gguf,
@@ -150,14 +151,83 @@ def test_gguf_package_reads_our_file(files):
     assert np.array_equal(np.asarray(f32["token_embd.weight"].data), model.transformer.wte.weight.detach().numpy())
 
 
+def _q8_0_ggml(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q8_0_ref transcribed: per 32-value block, fp32 d = amax / 127, fp32
+    id = 1 / d (0 when d = 0), q = roundf(x * id) (the fp32 product, halves away from zero: the
+    exact float64 sum of the fp32 value and +-0.5, truncated), then the fp16 of d and the 32 int8."""
+    b = np.asarray(x, dtype=np.float32).reshape(-1, 32)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    y = (b * inv).astype(np.float32).astype(np.float64)
+    q = np.trunc(y + np.copysign(0.5, y)).astype(np.int8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1).reshape(-1)
+
+
+def _q8_0_edge_cases(n_blocks: int = 3000, seed: int = 0) -> np.ndarray:
+    """Blocks whose scaled values x * (1/d) land exactly on k + 0.5 (ties, both signs) or on the fp32
+    number just below it (0.5 - 2**-25 is where floor(|y| + 0.5) goes wrong), over scales 1e-3..1e2,
+    plus an all-zero block."""
+    rng = np.random.RandomState(seed)
+    out = np.zeros((n_blocks, 32), np.float32)
+    hits = 0
+    for i in range(1, n_blocks):
+        amax = np.float32(abs(rng.randn()) * 10.0 ** rng.uniform(-3, 2))
+        inv = np.float32(1) / np.float32(amax / np.float32(127))
+        row = [amax * rng.choice([-1, 1])]
+        while len(row) < 32:
+            target = np.float32(rng.choice([0, 0, 1, 2, 63, 126]) + rng.randint(0, 127) % 3 + 0.5)
+            if rng.rand() < 0.5:
+                target = np.nextafter(target, np.float32(0))
+            v = np.float32(target / inv)
+            for _ in range(8):                       # walk v until v * inv is the target, if it can be
+                y = np.float32(v * inv)
+                if y == target:
+                    hits += 1
+                    break
+                v = np.nextafter(v, np.float32(np.inf if y < target else -np.inf))
+            if abs(v) <= amax:
+                row.append(v * rng.choice([-1, 1]))
+        out[i] = row
+    assert hits > 20 * n_blocks                       # most values really sit on a tie or just below one
+    return out
+
+
+def test_q8_0_bytes_equal_ggml_reference_on_ties():
+    x = _q8_0_edge_cases()
+    b = x[1:]                                                       # x[0]: the all-zero block
+    y = np.abs(b * (np.float32(1) / (np.abs(b).max(1, keepdims=True) / np.float32(127))))
+    assert (y == np.float32(0.5 - 2 ** -25)).sum() > 100 and (y == 0.5).sum() > 100
+    want = _q8_0_ggml(x)
+    assert np.array_equal(quantize_q8_0(torch.from_numpy(x)), want)
+    if gguf_pkg is not None:                          # llama.cpp's Python quantizer agrees, byte for byte
+        ref = gguf_pkg.quants.quantize(x, gguf_pkg.GGMLQuantizationType.Q8_0).reshape(-1)
+        assert np.array_equal(ref, want)
+
+
+def test_q8_0_bytes_equal_ggml_reference_large():
+    """A GPT-2-sized token embedding (50257 x 768 at std 0.02) and wide-ranged blocks."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50257, 768, generator=g) * 0.02
+    x[7, :64] = 0                                                  # all-zero blocks: d = 0, q = 0
+    x[8] *= torch.logspace(-6, 3, 768)                             # tiny to large scales in one row
+    want = _q8_0_ggml(x.numpy())
+    got = quantize_q8_0(x)
+    assert got.shape == want.shape == (50257 * 768 // 32 * 34,) and np.array_equal(got, want)
+
+
 @needs_gguf_pkg
-def test_q8_0_bytes_equal_ggml_reference():
-    torch.manual_seed(0)
-    x = torch.randn(40, 96) * 3
-    x[0, :32] = 0                                                  # an all-zero block: d = 0
-    x[1, :32] = torch.linspace(-127, 127, 32) / 127 * 0.5          # exact halves: ggml rounds away from 0
-    ref = gguf_pkg.quants.quantize(x.numpy(), gguf_pkg.GGMLQuantizationType.Q8_0)
-    assert np.array_equal(quantize_q8_0(x), ref.reshape(-1))
+def test_exported_q8_0_tensors_are_ggml_bytes(files):
+    """Every q8_0 tensor of the exported tiny model (token embedding included) is byte-equal to
+    ggml's quantizer run on the model's weights."""
+    model, paths = files
+    weights = {gguf_name(k): v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    checked = []
+    for t in gguf_pkg.GGUFReader(paths["q8_0"]).tensors:
+        if t.tensor_type == gguf_pkg.GGMLQuantizationType.Q8_0:
+            assert np.array_equal(np.asarray(t.data).reshape(-1), _q8_0_ggml(weights[t.name].numpy())), t.name
+            checked.append(t.name)
+    assert len(checked) == 2 + 2 * 4 and "token_embd.weight" in checked
 
 
 def test_tokenizer_metadata_equals_tiktoken(files):

@@ -13,8 +13,8 @@ into a one-line CheckpointError that names the file (truncated data, bad magic, 
 types). The `gguf` package (llama.cpp's own Python reader) serves instead as an independent
 reference in tests/weights/test_gguf.py, beside llama.cpp itself (llama-cpp-python).
 
-q8_0: blocks of 32 values along a row, an fp16 scale d = max|x| / 127 and 32 int8 q = round(x / d)
-(rounded half away from zero, as ggml).
+q8_0: blocks of 32 values along a row, an fp16 scale d = max|x| / 127 and 32 int8 q = roundf(x * (1 / d))
+(fp32 throughout, halves away from zero): byte for byte ggml's reference quantizer.
 """
 from __future__ import annotations
 
@@ -59,15 +59,20 @@ DTYPES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0}
 # --- tensor encodings -----------------------------------------------------------------------
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    """C's roundf in fp32: halves away from zero. floor(|x| + 0.5) is wrong for |x| = 0.5 - 2**-25
+    (the sum rounds up to 1.0); |x| - floor(|x|) is exact, so compare the fraction instead."""
+    a = x.abs()
+    f = a.floor()
+    return torch.copysign(f + (a - f >= 0.5).to(a.dtype), x)
 
 
 def quantize_q8_0(t: torch.Tensor) -> np.ndarray:
-    """ggml's q8_0 of a float tensor whose last dimension is a multiple of 32: uint8 array of
-    (numel / 32) blocks of 34 bytes (fp16 scale d = max|x| / 127, then 32 int8 round(x / d))."""
+    """ggml's q8_0 (quantize_row_q8_0_ref, byte for byte) of a float tensor whose last dimension is a
+    multiple of 32: uint8 array of (numel / 32) blocks of 34 bytes: the fp16 of d = max|x| / 127,
+    then 32 int8 roundf(x * (1 / d)), all in fp32 with 1 / d taken from the fp32 d."""
     x = t.detach().to("cpu", torch.float32).reshape(-1, 32)
-    d = x.abs().amax(dim=1, keepdim=True) / 127.0
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    d = torch.div(x.abs().amax(dim=1, keepdim=True), torch.tensor(127.0))        # fp32, as ggml
+    inv = torch.where(d > 0, torch.div(torch.tensor(1.0), d), torch.zeros_like(d))  # 1/d of the fp32 d
     q = _round_half_away(x * inv).clamp_(-127, 127).to(torch.int8)
     out = np.empty((x.shape[0], 34), dtype=np.uint8)
     out[:, :2] = d.to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
