@@ -2,8 +2,9 @@
 
 The no-argument run trains for a time budget (--time-budget, default 5m): after a few measured
 warm-up steps it fixes its step count, and so its learning-rate schedule, to end within the budget
-with its evaluations, samples and saving. The decision is recorded in run.json ("budget") and in
-the checkpoints: --resume continues with the same step count, and --max-steps N (the steps
+with its evaluations, samples and saving; if the pace falls behind later in the run, it chooses
+once more, fewer steps, the schedule stretched to end there. The decision is recorded in run.json
+("budget") and in the checkpoints: --resume continues with the same step count, and --max-steps N (the steps
 chosen) with the same other flags trains the same model. --max-steps trains a fixed step count.
 
 examples:
