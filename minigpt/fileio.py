@@ -43,3 +43,16 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj) -> None:
     """Atomically write `obj` as JSON (indent=1, trailing newline, UTF-8)."""
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json_object(path: PathLike, error: type[Exception], label: str | None = None) -> dict:
+    """The JSON object in `path`; an unreadable file, broken JSON or another JSON value raises
+    `error` in one line, naming the file as `label` (default: its path)."""
+    label = label or str(path)
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{label}: unreadable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise error(f"{label}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, read_json_object
 from ..model.config import PRESETS, GPTConfig
 from .hub import resolve_source
 from .keymap import hf_to_minigpt, is_gpt_neo, minigpt_to_hf, openai_to_minigpt
@@ -84,13 +84,7 @@ def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return read_json_object(path, CheckpointError)
 
 
 def _hf_weight_files(d: Path) -> list[Path]:

@@ -22,12 +22,12 @@ urllib only (huggingface_hub is not needed); every failure is one CheckpointErro
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..fileio import read_json_object
 from ..model.config import PRESETS
 from . import hf_cache
 from .hf_cache import find_snapshot, hf_cache_dir, repo_folder
@@ -94,13 +94,8 @@ def hub_repo_id(src: str) -> str | None:
 # A revision's files: config.json (model_type checked), then the weights
 # ================================================================================================
 def _read_config(path: Path, repo_id: str) -> dict:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{repo_id}: unreadable config.json ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{repo_id}: config.json is not a JSON object")
-    return cfg
+    """A JSON file of the repo (config.json, the shard index), errors naming the repo and the file."""
+    return read_json_object(path, CheckpointError, f"{repo_id}: {path.name}")
 
 
 def check_model_type(cfg: dict, repo_id: str) -> None:
