@@ -13,12 +13,14 @@ beta 0.1; AdamW (betas 0.9/0.95, no weight decay), constant learning rate 1e-4; 
 
 1. Step (one process, interleaved): the same pairs of token ids, fixed lengths (--prompt-len,
    --answer-len, EOS included), --batch pairs a step. minigpt: Trainer.train_step() with the
-   PreferenceLoss module on collate_pairs batches. trl: DPOTrainer.training_step() on its own
-   collator's batch of the same ids, then what its training loop does after it: clip, optimizer step,
-   scheduler step, zero_grad. After a warm-up step each (the first step's losses are ln 2 in both,
-   checked, and the policy's log-probs of the chosen answers must agree to 1e-3: same weights, same
-   tokens), every round runs both once in rotating order; the ratio is trl's time / minigpt's in the
-   same round; the median of the rounds is reported (examples = pairs per second).
+   PreferenceLoss module on collate_shared_pairs batches (what finetune uses for GPT-2: one row a
+   pair, the prompt computed once, the rejected answer masked from the chosen one). trl:
+   DPOTrainer.training_step() on its own collator's batch of the same ids, then what its training
+   loop does after it: clip, optimizer step, scheduler step, zero_grad. After a warm-up step each
+   (the first step's losses are ln 2 in both, checked, and the policy's log-probs of the chosen
+   answers must agree to 1e-3: same weights, same tokens), every round runs both once in rotating
+   order; the ratio is trl's time / minigpt's in the same round; the median of the rounds is
+   reported (examples = pairs per second).
 2. Peak memory (one fresh process per library): after loading, LoRA and optimizer set-up and every
    weight read once, garbage collected and malloc_trim(0), the RSS high-water mark is reset and VmRSS
    taken as the baseline; after --mem-steps steps, peak = VmHWM. Compared: peak - baseline (what
@@ -27,7 +29,7 @@ beta 0.1; AdamW (betas 0.9/0.95, no weight decay), constant learning rate 1e-4; 
    long-tailed preference set (--e2e-pairs pairs of random corpus words; prompt and answer lengths
    drawn from a log-normal: most short, a few near --e2e-max tokens), from the JSONL file to the
    trained adapter, through each library's user path: minigpt's finetune (--objective dpo --method
-   lora --template none: length-grouped batches, padded per batch) and trl's DPOTrainer.train()
+   lora --template none: length-grouped batches of one row a pair, padded per batch) and trl's DPOTrainer.train()
    (its default random order, padded per batch). Wall time from reading the data to the end of
    training (model loading included, Python imports not); pairs per second and the ratio.
 Results: benchmarks/results/dpo[_quick].json with the CPU model and flags (benchmarks/common.py).
@@ -151,7 +153,7 @@ class Minigpt:
 
     def __init__(self, spec, pairs):
         from minigpt import GPT
-        from minigpt.data.preferences import collate_pairs
+        from minigpt.data.preferences import collate_shared_pairs
         from minigpt.methods import method_config
         from minigpt.training.config import TrainConfig
         from minigpt.training.preference import PreferenceLoss
@@ -161,7 +163,7 @@ class Minigpt:
         method_config("lora", r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, targets=tuple(LORA["targets"])
                       ).apply(self.model)
         B = spec["batch"]
-        self.batches = [collate_pairs(pairs[i:i + B]) for i in range(0, len(pairs), B)]
+        self.batches = [collate_shared_pairs(pairs[i:i + B]) for i in range(0, len(pairs), B)]
         self.i = 0
         cfg = TrainConfig(out_dir=os.path.join(spec["tmp"], "unused"), max_steps=10 ** 9, batch_size=B, lr=LR,
                           warmup_steps=0, schedule="constant", weight_decay=0.0, beta1=0.9, beta2=0.95,
@@ -169,8 +171,8 @@ class Minigpt:
         self.loss = PreferenceLoss(self.model, "dpo", BETA, reference="adapters")
 
         def batch(step, micro):
-            x, y, t = self.batches[self.i % len(self.batches)]
-            return x, y, int((t != -100).sum()), {"targets": t}
+            x, y, t, seg = self.batches[self.i % len(self.batches)]
+            return x, y, int((t != -100).sum()), {"targets": t, "segments": seg}
         self.trainer = Trainer(self.model, cfg, batch, None, lambda m, d: None, lambda m, d: None,
                                loss_module=self.loss, quiet=True)
 

@@ -287,7 +287,7 @@ def _load_data(args: FinetuneArgs, tok, template, max_length: int):
     return train_recs, val_recs, train_ex, val_ex, stats
 
 
-def _datasets(args: FinetuneArgs, tok, template, max_length: int):
+def _datasets(args: FinetuneArgs, tok, template, max_length: int, model):
     """(train records, val records, train dataset, val dataset or None, stats) for the objective (a
     preference objective's: minigpt.commands.finetune_pairs)."""
     from ..data.instruct import InstructionDataset
@@ -300,7 +300,7 @@ def _datasets(args: FinetuneArgs, tok, template, max_length: int):
         return train_recs, val_recs, train_ds, val_ds, stats
     from .finetune_pairs import pair_datasets
 
-    return pair_datasets(args, tok, template, max_length)
+    return pair_datasets(args, tok, template, max_length, share_prompt=model.config.arch == "gpt2")
 
 
 def _weights_io(args: FinetuneArgs, base_id: str):
@@ -413,7 +413,7 @@ def finetune(args: FinetuneArgs) -> dict:
     if args.quantize and precision == "bf16":         # QLoRA in bf16: the rest of the base in bf16 too
         from ..model.quant import cast_unquantized
         cast_unquantized(model, torch.bfloat16)
-    train_recs, val_recs, train_ds, val_ds, stats = _datasets(args, tok, template, max_length)
+    train_recs, val_recs, train_ds, val_ds, stats = _datasets(args, tok, template, max_length, model)
     max_steps = args.max_steps or train_ds.steps_for(args.epochs or 3.0)
     warmup = warmup_for(max_steps, args.warmup_steps, args.warmup_ratio)
     lr, lr_why = default_lr(args, model)

@@ -30,10 +30,10 @@ def check_objective_flags(args) -> None:
         raise CLIError(f"--pack applies to --objective sft; {args.objective} batches pairs of whole sequences")
 
 
-def pair_datasets(args, tok, template, max_length: int):
+def pair_datasets(args, tok, template, max_length: int, share_prompt: bool = False):
     """(train records, val records, train dataset, val dataset or None, stats) of the preference data.
     The records are SFT-shaped views of the pairs (the chosen answer as the response: what the
-    before/after samples show)."""
+    before/after samples show). share_prompt: one row per pair, the prompt computed once (GPT-2)."""
     from ..data.preferences import PreferenceDataset, default_preferences_path, load_preferences, tokenize_pairs
     from ..data.records import split_records
 
@@ -52,8 +52,9 @@ def pair_datasets(args, tok, template, max_length: int):
     def view(p):
         return {**p, "messages": [*p["messages"], {"role": "assistant", "content": p["chosen"]}]}
     return ([view(p) for p in train_p], [view(p) for p in val_p],
-            PreferenceDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum),
-            PreferenceDataset(val_ex, args.batch_size * 4) if val_ex else None, stats)
+            PreferenceDataset(train_ex, args.batch_size, seed=args.seed, grad_accum=args.grad_accum,
+                              share_prompt=share_prompt),
+            PreferenceDataset(val_ex, args.batch_size * 4, share_prompt=share_prompt) if val_ex else None, stats)
 
 
 def _reference_model(args):
@@ -101,7 +102,8 @@ def precompute(args, model, train_ds, val_ds, precision: str) -> None:
             if ds is not None:
                 ds.ref_logps = precompute_ref_logps(ref, ds.examples, batch_size=args.batch_size * 4,
                                                     adapters_off=not args.ref_model and args.peft,
-                                                    progress=f"reference log-probs ({name})")
+                                                    progress=f"reference log-probs ({name})",
+                                                    share_prompt=ds.share_prompt)
 
 
 def closing_line(before, after) -> str:

@@ -19,6 +19,10 @@ skipped and counted. Malformed records raise DataError, `file:line: ...`, one li
 Tokenisation: the prompt is rendered with the template as an SFT prompt (Template.prompt_ids) and each
 answer is encoded on its own, followed by EOS: no BPE merge across the boundary. With the "none"
 template texts are used as they are (the answer right after the prompt); otherwise answers are stripped.
+
+Batches: collate_pairs puts each pair in two rows (prompt + chosen, prompt + rejected);
+collate_shared_pairs in one (prompt + chosen + rejected, the rejected answer masked from the chosen
+one and positioned right after the prompt: pair_layout), so the prompt goes through the model once.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ from .formats import ROLES, json_kind, parse_columns, rename_columns
 from .instruct import IGNORE_INDEX, length_grouped_batches
 from .readers import container_of, data_files, delimited_rows, json_rows, jsonl_rows, parquet_rows, read_text
 
-__all__ = ["PreferenceDataset", "collate_pairs", "default_preferences_path", "load_preferences", "pair_from_row",
-           "tokenize_pairs"]
+__all__ = ["PreferenceDataset", "collate_pairs", "collate_shared_pairs", "default_preferences_path", "load_preferences",
+           "pair_from_row", "pair_layout", "tokenize_pairs"]
 
 EXPECTED = ("expected preference records: 'prompt' with 'chosen' and 'rejected' (strings, or lists of messages), "
             "'chosen'/'rejected' conversations, or Chatbot Arena 'conversation_a', 'conversation_b', 'winner'")
@@ -270,21 +274,72 @@ def collate_pairs(examples: Sequence[dict], pad_id: int = 50256) -> tuple[torch.
     return ids[:, :-1], labels[:, 1:], targets[:, 1:]
 
 
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3          # collate_shared_pairs' segment ids
+
+
+def collate_shared_pairs(examples: Sequence[dict], pad_id: int = 50256) -> tuple[torch.Tensor, ...]:
+    """(x, y, targets, segments): each pair in ONE row, prompt + chosen + rejected (its last token, which
+    predicts nothing, left out), right-padded. x, segments (B, T); y, targets (2B, T) label x's rows as
+    collate_pairs' label its own: row b the chosen answer of pair b, row B + b the rejected one, the
+    last prompt token predicting the first token of both. segments: PROMPT, CHOSEN, REJECTED or PAD per
+    slot; pair_layout(segments) gives the positions and the attention mask that make every label's
+    log-prob that of collate_pairs (the rejected answer sees the prompt, not the chosen answer)."""
+    B = len(examples)
+    T = max(len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples) - 1
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    segments = torch.full((B, T), PAD, dtype=torch.int8)
+    y = torch.full((2 * B, T), IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((2 * B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        p, c, r = (torch.tensor(e[k], dtype=torch.long) for k in ("prompt", "chosen", "rejected"))
+        P, C, R = len(p), len(c), len(r)
+        row = torch.cat([p, c, r])[:-1]
+        x[b, :len(row)] = row
+        segments[b, :P], segments[b, P:P + C], segments[b, P + C:P + C + R - 1] = PROMPT, CHOSEN, REJECTED
+        targets[b, :P + C - 1] = torch.cat([p, c])[1:]                 # prompt + chosen, shifted
+        if P:                                                          # the prompt, then the rejected
+            targets[b + B, :P] = torch.cat([p[1:], r[:1]])             # answer's first token ...
+        targets[b + B, P + C:P + C + R - 1] = r[1:]                     # ... and the rest
+        lo = max(P - 1, 0)
+        y[b, lo:P + C - 1] = targets[b, lo:P + C - 1]                   # the chosen answer's tokens
+        y[b + B, lo:P] = targets[b + B, lo:P]                           # the rejected answer's
+        y[b + B, P + C:P + C + R - 1] = r[1:]
+    return x, y, targets, segments
+
+
+def pair_layout(segments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's `pos` (B, T) and `mask` (B, 1, T, T) for collate_shared_pairs' rows: positions count
+    on through prompt and chosen answer and restart after the prompt for the rejected one; causal
+    attention in which the rejected answer does not see the chosen one (padding sees what precedes it)."""
+    seg = segments.long()
+    rejected = seg == REJECTED
+    prompt_len = (seg == PROMPT).sum(1, keepdim=True)
+    pos = torch.where(rejected, prompt_len + rejected.cumsum(1) - 1, (seg <= CHOSEN).cumsum(1) - 1).clamp(min=0)
+    T = seg.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    mask = causal & ((k == PROMPT) | (k == q) | (q == PAD))              # (B, T, T)
+    return {"pos": pos, "mask": mask[:, None]}
+
+
 class PreferenceDataset:
     """Tokenised pairs in length-grouped step batches, with InstructionDataset's contract: `batch(step,
     micro)` -> (x, y, real tokens, {"targets"}) is a pure function of its arguments (exact resume, DDP);
     batch_size counts pairs (2 x batch_size rows). With `ref_logps` set ((N, 2): each pair's reference
-    log-probs, chosen and rejected, precomputed) batches also bring their rows' {"ref_logps"} (2B,)."""
+    log-probs, chosen and rejected, precomputed) batches also bring their rows' {"ref_logps"} (2B,).
+    share_prompt: one row per pair (collate_shared_pairs; batches also bring {"segments"}), for models
+    whose attention does not count slots (GPT-2; not GPT-Neo's local windows)."""
 
     ref_logps: "torch.Tensor | None" = None
 
     def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0, grad_accum: int = 1,
-                 pad_id: int = 50256):
+                 pad_id: int = 50256, share_prompt: bool = False):
         if not examples:
             raise ValueError("PreferenceDataset needs at least one pair")
         self.examples, self.batch_size, self.seed, self.grad_accum = list(examples), batch_size, seed, grad_accum
-        self.pad_id = pad_id
-        self.lengths = [len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in self.examples]
+        self.pad_id, self.share_prompt = pad_id, share_prompt
+        self.lengths = [len(e["prompt"]) + (len(e["chosen"]) + len(e["rejected"]) if share_prompt else
+                                            max(len(e["chosen"]), len(e["rejected"]))) for e in self.examples]
         self.step_size = batch_size * grad_accum
         self.per_epoch = math.ceil(len(self.examples) / self.step_size)
         self._orders: dict[int, list[list[int]]] = {}
@@ -310,10 +365,20 @@ class PreferenceDataset:
     def batch(self, step: int, micro: int = 0) -> tuple:
         part = self.indices(step, micro)
         if not part:          # a short last step batch: an empty micro-batch, one pair without labels
-            x, y, t = collate_pairs([self.examples[self.indices(step, 0)[0]]], self.pad_id)
-            return x, y.fill_(IGNORE_INDEX), 0, {"targets": t.fill_(IGNORE_INDEX)}
-        x, y, t = collate_pairs([self.examples[i] for i in part], self.pad_id)
-        return x, y, int((t != IGNORE_INDEX).sum()) + len(part) * 2, {"targets": t, **self._ref(part)}
+            x, y, kw = self._collate(self.indices(step, 0)[:1])
+            kw.pop("ref_logps", None)
+            return x, y.fill_(IGNORE_INDEX), 0, {**kw, "targets": kw["targets"].fill_(IGNORE_INDEX)}
+        x, y, kw = self._collate(part)
+        return x, y, int((kw["targets"] != IGNORE_INDEX).sum()) + len(part) * 2, kw
+
+    def _collate(self, part: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x, y, {"targets"[, "segments"][, "ref_logps"]}) of these pairs."""
+        examples = [self.examples[i] for i in part]
+        if self.share_prompt:
+            x, y, t, seg = collate_shared_pairs(examples, self.pad_id)
+            return x, y, {"targets": t, "segments": seg, **self._ref(part)}
+        x, y, t = collate_pairs(examples, self.pad_id)
+        return x, y, {"targets": t, **self._ref(part)}
 
     def _ref(self, part: Sequence[int]) -> dict:
         if self.ref_logps is None:
@@ -321,11 +386,9 @@ class PreferenceDataset:
         return {"ref_logps": torch.cat([self.ref_logps[part, 0], self.ref_logps[part, 1]])}
 
     def sequential(self, batch_size: int, max_batches: int | None = None):
-        """Every pair once, shortest first, in batches of (x, y, targets[, ref_logps]) (evaluation)."""
+        """Every pair once, shortest first, in batches of (x, y, {"targets", ...}) as `batch` (evaluation)."""
         order = sorted(range(len(self.examples)), key=lambda i: self.lengths[i])
         for n, s in enumerate(range(0, len(order), batch_size)):
             if max_batches is not None and n >= max_batches:
                 return
-            part = order[s:s + batch_size]
-            yield (*collate_pairs([self.examples[i] for i in part], self.pad_id), *self._ref(part).values())
-
+            yield self._collate(order[s:s + batch_size])

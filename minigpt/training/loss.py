@@ -158,6 +158,78 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                                          None if log_counts is None else log_counts.float())
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h @ w.T)[n, y_n] per row, the vocabulary in column chunks.
+
+    Each (N, chunk) block of logits is one matmul whose output stays in the last-level cache while
+    an online logsumexp takes it in (max and sum of exponentials carried from block to block) and
+    the targets' logits are picked out; no (N, V) tensor is formed for the log-softmax, its
+    backward or a one-hot. When a gradient is needed the blocks are kept (fp32, as autograd would
+    keep the logits) and the backward turns each into g * softmax in place: grad_h = g * (w[y] -
+    softmax @ w), grad_w likewise by rows. Matmuls run in `dtype`, the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int, dtype: torch.dtype):
+        # h (N, C), w (V, C), y (N,) -> (N,) fp32
+        N, dev = h.size(0), h.device
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        hc, wc = h.to(dtype), w.to(dtype)
+        m = torch.full((N,), float("-inf"), device=dev)
+        s = torch.zeros(N, device=dev)
+        picked = torch.zeros(N, device=dev)
+        blocks = []
+        for a in range(0, w.size(0), chunk):
+            z = torch.mm(hc, wc[a:a + chunk].t()).float()                   # (N, chunk)
+            top = torch.maximum(m, z.amax(1))
+            s = s * torch.exp(m - top) + torch.exp(z - top[:, None]).sum(1)
+            m = top
+            rows = ((y >= a) & (y < a + z.size(1))).nonzero().squeeze(1)
+            picked[rows] = z[rows, y[rows] - a]
+            if keep:
+                blocks.append(z)
+        lse = m + torch.log(s)
+        ctx.save_for_backward(hc, wc, y, lse)
+        ctx.blocks, ctx.dtypes = blocks, (h.dtype, w.dtype)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        hc, wc, y, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = g.float()
+        gh = torch.zeros(hc.shape, dtype=torch.float32, device=hc.device) if need_h else None
+        gw = torch.zeros(wc.shape, dtype=torch.float32, device=hc.device) if need_w else None
+        a = 0
+        for z in ctx.blocks:
+            n = z.size(1)
+            p = z.sub_(lse[:, None]).exp_().mul_(g[:, None])                # g * softmax, (N, n) fp32
+            pc = p if hc.dtype == torch.float32 else p.to(hc.dtype)
+            if need_h and pc.dtype == gh.dtype:
+                gh.addmm_(pc, wc[a:a + n], alpha=-1)
+            elif need_h:
+                gh -= torch.mm(pc, wc[a:a + n])
+            if need_w:
+                gw[a:a + n] -= torch.mm(pc.t(), hc)
+            a += n
+        ctx.blocks = None
+        if need_h:
+            gh += g[:, None] * wc[y].float()
+        if need_w:
+            gw.index_add_(0, y, g[:, None] * hc.float())
+        return (gh.to(ctx.dtypes[0]) if need_h else None, gw.to(ctx.dtypes[1]) if need_w else None,
+                None, None, None)
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     chunk: int = 4096) -> torch.Tensor:
+    """log softmax(hidden @ weight.T) at the targets, per row: hidden (N, C), weight (V, C), targets
+    (N,) -> (N,) fp32, without (N, V) tensors beyond the kept logits (see _LinearLogProbs). The
+    matmuls run in the autocast dtype when autocast is on; the softmax is always fp32."""
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearLogProbs.apply(hidden, weight, targets, chunk, dtype)
+
+
 class SeenVocab:
     """The tokens a training corpus uses, and a head that costs only theirs.
 

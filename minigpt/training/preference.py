@@ -10,8 +10,11 @@
     precompute_ref_logps(ref, examples)  (N, 2) the reference's log-probs of every pair, computed once
 
 A batch holds B pairs as 2B rows: the B chosen sequences, then the B rejected ones, right-padded, so
-chosen and rejected go through one forward. y (the labels, shifted like SFT's) is -100 on the prompt
-and the padding: a sequence's log-probability is the SUM over its response tokens, EOS included.
+chosen and rejected go through one forward; or, with `segments` (collate_shared_pairs: what finetune
+uses for GPT-2), as B rows of prompt + chosen + rejected, the prompt computed once and the rejected
+answer masked from the chosen one, whose 2B label rows give the same numbers. y (the labels, shifted
+like SFT's) is -100 on the prompt and the padding: a sequence's log-probability is the SUM over its
+response tokens, EOS included.
 Rewards are logged as trl logs them: rewards/chosen = beta * (pi_c - ref_c) (ORPO: beta * mean log-prob),
 rewards/rejected, rewards/margins (chosen - rejected), rewards/accuracies (chosen > rejected), and
 logps/chosen, logps/rejected (the policy's; ORPO: the means), plus logps/accuracies (logps/chosen >
@@ -33,6 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.preferences import pair_layout
+from .loss import linear_log_probs
+
 __all__ = ["OBJECTIVES", "REFERENCE_OBJECTIVES", "PreferenceLoss", "dpo_loss", "ipo_loss", "log1mexp", "orpo_loss",
            "precompute_ref_logps", "reward_metrics", "sequence_logps", "token_logps"]
 
@@ -44,14 +50,25 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
 
 
 def token_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
-    """(B, T) fp32: log p(y_t | x_<=t) where y_t != -100, else 0.
+    """(R, T) fp32: log p(y_t | x_<=t) where y_t != -100, else 0; y's row r labels x's row r % B (R = kB:
+    collate_shared_pairs' chosen and rejected labels of one row).
 
     Only the labelled positions go through the head (the prompt's and the padding's logits are never
-    formed when unlabelled); the log-softmax is fp32 whatever the autocast dtype."""
+    formed), in vocabulary chunks (minigpt.training.loss.linear_log_probs); the log-softmax is fp32
+    whatever the autocast dtype."""
     h = model.hidden_states(x, **kw)                                   # (B, T, C)
     valid = y != IGNORE_INDEX
-    logits = model.lm_head(h[valid]).float()                           # (N, V)
-    tok = logits.gather(1, y[valid][:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    if y.size(0) == h.size(0):
+        h = h[valid]                                                   # (N, C)
+    else:
+        rows, cols = valid.nonzero(as_tuple=True)
+        h = h[rows % h.size(0), cols]
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None:
+        tok = linear_log_probs(h, head.weight, y[valid])               # (N,)
+    else:                                                              # a wrapped head (e.g. LoRA on it)
+        logits = head(h).float()                                       # (N, V)
+        tok = logits.gather(1, y[valid][:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return torch.zeros(y.shape, dtype=torch.float32, device=y.device).masked_scatter(valid, tok)
 
 
@@ -151,32 +168,35 @@ class PreferenceLoss(nn.Module):
         return int((y[:y.size(0) // 2] != IGNORE_INDEX).any(1).sum())
 
     @torch.no_grad()
-    def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The reference's summed response log-probs of each row (2B,)."""
+    def reference_logps(self, x: torch.Tensor, y: torch.Tensor, **layout) -> torch.Tensor:
+        """The reference's summed response log-probs of each labelled row (2B,); layout: pair_layout's."""
         if self.ref_mode == "precomputed":
             raise ValueError("the reference log-probs are precomputed: pass them as ref_logps")
         if self.ref_mode == "model":
             ref = self._ref[0]
             if next(ref.parameters()).device != x.device:
                 ref.to(x.device)
-            return sequence_logps(ref, x, y)[0]
+            return sequence_logps(ref, x, y, **layout)[0]
         from ..methods import adapters_disabled
 
         with adapters_disabled(self.model), _eval_mode(self.model):
-            return sequence_logps(self.model, x, y)[0]
+            return sequence_logps(self.model, x, y, **layout)[0]
 
     def pair_losses(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                    ref_logps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the batch's loss, per-pair metrics) for 2B rows; ref_logps (2B,): the reference's, precomputed."""
-        B = x.size(0) // 2
+                    ref_logps: Optional[torch.Tensor] = None,
+                    segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the batch's loss, per-pair metrics) for 2B labelled rows; ref_logps (2B,): the reference's,
+        precomputed; segments: the pairs share a row each (collate_shared_pairs)."""
+        B = y.size(0) // 2
+        layout = pair_layout(segments) if segments is not None else {}
         if self.objective == "orpo":
             full = targets if targets is not None else y
-            tl = token_logps(self.model, x, full)                    # every real token: the NLL's
+            tl = token_logps(self.model, x, full, **layout)          # every real token: the NLL's
             resp = y != IGNORE_INDEX
             logps, counts = (tl * resp).sum(1), resp.sum(1).to(torch.float32)
             nll = -tl[:B].sum() / (full[:B] != IGNORE_INDEX).sum().clamp(min=1)
         else:
-            logps, counts = sequence_logps(self.model, x, y)
+            logps, counts = sequence_logps(self.model, x, y, **layout)
         pi_c, pi_r, n_c, n_r = logps[:B], logps[B:], counts[:B], counts[B:]
         if self.objective == "orpo":
             mean_c, mean_r = pi_c / n_c.clamp(min=1.0), pi_r / n_r.clamp(min=1.0)
@@ -186,7 +206,7 @@ class PreferenceLoss(nn.Module):
             m.update({"nll_loss": nll.detach().expand(B), "log_odds_chosen": log_odds.detach(),
                       "log_odds_ratio": F.logsigmoid(log_odds).detach()})
             return loss, m
-        ref = self.reference_logps(x, y) if ref_logps is None else ref_logps.to(logps.device, torch.float32)
+        ref = self.reference_logps(x, y, **layout) if ref_logps is None else ref_logps.to(logps.device, torch.float32)
         ref_c, ref_r = ref[:B], ref[B:]
         if self.objective == "dpo":
             losses = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta, self.label_smoothing)
@@ -197,10 +217,11 @@ class PreferenceLoss(nn.Module):
         return losses.mean(), m
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                ref_logps: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ref_logps: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not bool((y != IGNORE_INDEX).any()):             # an empty micro-batch (weighted 0 by the Trainer)
-            return self.model.hidden_states(x).sum() * 0.0
-        loss, m = self.pair_losses(x, y, targets, ref_logps)
+            layout = pair_layout(segments) if segments is not None else {}
+            return self.model.hidden_states(x, **layout).sum() * 0.0
+        loss, m = self.pair_losses(x, y, targets, ref_logps, segments)
         self._accumulate(m, loss.detach())
         return loss
 
@@ -227,14 +248,14 @@ class PreferenceLoss(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
-        """val_loss (mean over pairs) and the val_ metrics over (x, y, targets[, ref_logps]) batches;
-        restores training mode."""
+        """val_loss (mean over pairs) and the val_ metrics over (x, y, {"targets", ...}) batches
+        (PreferenceDataset.sequential); restores training mode."""
         total, pairs, sums = 0.0, 0, {}
         with _eval_mode(self.model):
-            for x, y, targets, *ref in batches:
+            for x, y, kw in batches:
                 dev = self.model.lm_head.weight.device
-                loss, m = self.pair_losses(x.to(dev), y.to(dev), targets.to(dev), *ref)
-                B = x.size(0) // 2
+                loss, m = self.pair_losses(x.to(dev), y.to(dev), **{k: v.to(dev) for k, v in kw.items()})
+                B = y.size(0) // 2
                 total, pairs = total + float(loss) * B, pairs + B
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v.float().sum())
@@ -245,15 +266,16 @@ class PreferenceLoss(nn.Module):
 
 @torch.no_grad()
 def precompute_ref_logps(reference: nn.Module, examples, batch_size: int = 8, adapters_off: bool = False,
-                         progress: Optional[str] = None) -> torch.Tensor:
+                         progress: Optional[str] = None, share_prompt: bool = False) -> torch.Tensor:
     """(N, 2) fp32: the reference's summed answer log-probs (chosen, rejected) of each tokenised pair
     (minigpt.data.preferences.tokenize_pairs' examples), computed once, in eval mode, under the
     caller's autocast, shortest pairs first in batches of `batch_size` pairs. adapters_off: the
     reference is `reference` with its adapter switched off (the base of a parameter-efficient run).
-    progress: a progress-bar label (None: no bar)."""
+    progress: a progress-bar label (None: no bar). share_prompt: one row per pair, as the training
+    batches (PreferenceDataset.share_prompt), so the numbers are the same bits as the policy's."""
     from tqdm import tqdm
 
-    from ..data.preferences import collate_pairs
+    from ..data.preferences import collate_pairs, collate_shared_pairs
     from ..methods import adapters_disabled
 
     examples = list(examples)
@@ -266,8 +288,10 @@ def precompute_ref_logps(reference: nn.Module, examples, batch_size: int = 8, ad
                                           leave=False) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            x, y, _ = collate_pairs([examples[i] for i in idx])
-            logps = sequence_logps(reference, x.to(dev), y.to(dev))[0].float().cpu()
+            part = [examples[i] for i in idx]
+            x, y, *_, seg = collate_shared_pairs(part) if share_prompt else (*collate_pairs(part), None)
+            layout = {k: v.to(dev) for k, v in pair_layout(seg).items()} if share_prompt else {}
+            logps = sequence_logps(reference, x.to(dev), y.to(dev), **layout)[0].float().cpu()
             out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
             bar.update(len(idx))
     return out

@@ -13,7 +13,13 @@ import pytest
 import tiny
 import torch
 
-from minigpt.data.preferences import PreferenceDataset, collate_pairs, load_preferences, tokenize_pairs
+from minigpt.data.preferences import (
+    PreferenceDataset,
+    collate_pairs,
+    collate_shared_pairs,
+    load_preferences,
+    tokenize_pairs,
+)
 from minigpt.errors import DataError
 from minigpt.methods import adapters_disabled, method_config, plain_state_dict
 from minigpt.training.preference import PreferenceLoss, dpo_loss, ipo_loss
@@ -71,10 +77,14 @@ def _trl_dpo(policy_hf, ref_hf, examples, beta, loss_type="sigmoid"):
     return loss, {k: v[-1] for k, v in fake._metrics["eval" if not policy_hf.training else "train"].items()}
 
 
-def _ours(policy, reference, examples, objective, beta, **kw):
+def _ours(policy, reference, examples, objective, beta, shared=False, **kw):
+    """Our loss and metric means on the batch: two rows a pair (collate_pairs) or one (collate_shared_pairs)."""
     loss_mod = PreferenceLoss(policy, objective, beta, reference=reference, **kw)
-    x, y, t = collate_pairs(examples, PAD)
-    loss, m = loss_mod.pair_losses(x, y, t)
+    if shared:
+        x, y, t, seg = collate_shared_pairs(examples, PAD)
+        loss, m = loss_mod.pair_losses(x, y, t, segments=seg)
+    else:
+        loss, m = loss_mod.pair_losses(*collate_pairs(examples, PAD))
     return loss, {k: float(v.float().mean()) for k, v in m.items()}
 
 
@@ -82,14 +92,15 @@ def _grads_hf_names(model) -> dict:
     return minigpt_to_hf({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["two-rows", "shared-prompt"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_ipo_equal_trl_loss_rewards_and_gradients(loss_type):
+def test_dpo_ipo_equal_trl_loss_rewards_and_gradients(loss_type, shared):
     policy, ref = tiny.gpt(n_embd=32, std=0.05, seed=1), tiny.gpt(n_embd=32, std=0.05, seed=2)
     examples, beta = _pairs(), 0.3
     objective = "dpo" if loss_type == "sigmoid" else "ipo"
     policy_hf, ref_hf = _hf(policy), _hf(ref)
     policy.train(), policy_hf.train()          # (no dropout in either: same numbers)
-    ours, m = _ours(policy, ref, examples, objective, beta)
+    ours, m = _ours(policy, ref, examples, objective, beta, shared=shared)
     theirs, tm = _trl_dpo(policy_hf, ref_hf, examples, beta, loss_type)
     assert abs(float(ours) - float(theirs)) < TOL
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -111,7 +122,8 @@ def test_label_smoothing_is_conservative_dpo():
                           ((pc - rc) / 2 - (pr - rr) / 4 - 1.0) ** 2)
 
 
-def test_lora_reference_is_the_base_and_first_step_is_ln2():
+@pytest.mark.parametrize("shared", [False, True], ids=["two-rows", "shared-prompt"])
+def test_lora_reference_is_the_base_and_first_step_is_ln2(shared):
     """The adapter switched off is the base: trl on (merged policy, base) = ours on (LoRA model, 'adapters');
     with a fresh adapter (B = 0) the DPO loss is ln 2 and every reward 0."""
     base = tiny.gpt(n_embd=32, std=0.05, seed=3)
@@ -119,13 +131,13 @@ def test_lora_reference_is_the_base_and_first_step_is_ln2():
     model = tiny.gpt(n_embd=32, std=0.05, seed=3)
     method_config("lora", r=4, dropout=0.0).apply(model)
     examples = _pairs(1)
-    loss, m = _ours(model, "adapters", examples, "dpo", 0.1)
+    loss, m = _ours(model, "adapters", examples, "dpo", 0.1, shared=shared)
     assert abs(float(loss) - math.log(2)) < 1e-6 and m["rewards/margins"] == 0.0
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    ours, m = _ours(model, "adapters", examples, "dpo", 0.1)
+    ours, m = _ours(model, "adapters", examples, "dpo", 0.1, shared=shared)
     theirs, tm = _trl_dpo(_hf(model), base_hf, examples, 0.1)
     assert abs(float(ours) - float(theirs)) < TOL and abs(m["rewards/margins"] - tm["rewards/margins"]) < TOL
 
@@ -166,11 +178,12 @@ def _trl_orpo(policy_hf, examples, beta):
     return ORPOTrainer.get_batch_loss_metrics(fake, policy_hf, {**side("chosen"), **side("rejected")})
 
 
-def test_orpo_equals_trl():
+@pytest.mark.parametrize("shared", [False, True], ids=["two-rows", "shared-prompt"])
+def test_orpo_equals_trl(shared):
     policy = tiny.gpt(n_embd=32, std=0.05, seed=5)
     policy_hf = _hf(policy)
     examples = _pairs(2)
-    ours, m = _ours(policy, None, examples, "orpo", 0.25)
+    ours, m = _ours(policy, None, examples, "orpo", 0.25, shared=shared)
     theirs, tm = _trl_orpo(policy_hf, examples, 0.25)
     assert abs(float(ours) - float(theirs)) < TOL
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",

@@ -82,24 +82,27 @@ def _metrics(out):
 
 # --- the reference, precomputed ---------------------------------------------------------------------
 
-def test_precomputed_reference_equals_the_frozen_copy():
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_precomputed_reference_equals_the_frozen_copy(share_prompt):
     """Loss, metrics and gradients with the reference's log-probs computed once beforehand equal those
-    with a frozen reference model, whatever the batch the pair is in."""
+    with a frozen reference model, whatever the batch the pair is in, in either batch layout."""
     ref = tiny.gpt(std=0.1, seed=3)
     policy = _moved(tiny.gpt(std=0.1, seed=3))
     examples = _pairs()
-    table = precompute_ref_logps(ref, examples, batch_size=3)
-    ds = PreferenceDataset(examples, 4, seed=1)
+    table = precompute_ref_logps(ref, examples, batch_size=3, share_prompt=share_prompt)
+    ds = PreferenceDataset(examples, 4, seed=1, share_prompt=share_prompt)
     ds.ref_logps = table
     x, y, _, kw = ds.batch(0)
+    seg = kw.get("segments")
+    assert (seg is not None) == share_prompt
     frozen = PreferenceLoss(policy, "dpo", 0.2, reference=ref)
     pre = PreferenceLoss(policy, "dpo", 0.2, reference="precomputed")
     assert pre._ref == [] and frozen._ref == [ref]                # no model kept
-    a, ma = frozen.pair_losses(x, y, kw["targets"])
+    a, ma = frozen.pair_losses(x, y, kw["targets"], segments=seg)
     a.backward()
     ga = _grads(policy)
     policy.zero_grad()
-    b, mb = pre.pair_losses(x, y, kw["targets"], kw["ref_logps"])
+    b, mb = pre.pair_losses(x, y, kw["targets"], kw["ref_logps"], segments=seg)
     b.backward()
     assert abs(float(a) - float(b)) < 1e-6 and float(a) != pytest.approx(math.log(2), abs=1e-3)
     assert all(torch.allclose(ma[k], mb[k], atol=1e-6) for k in ma)
