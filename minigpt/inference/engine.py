@@ -94,13 +94,20 @@ class _Row:
             self.seen[0, torch.tensor(list(req.prompt), device=device)] = True
 
 
+INITIAL_CACHE_LENGTH = 256      # positions per row the caches start with (Engine grows them on demand)
+
+
 class Engine:
     """One decoding thread serving up to `max_batch` requests at once; `max_waiting` more wait
-    (submit refuses a request once max_batch + max_waiting are admitted and unfinished)."""
+    (submit refuses a request once max_batch + max_waiting are admitted and unfinished). The KV
+    caches hold `cache_length` positions a row at first and grow (doubling, up to the context) when a
+    joining request needs more (prompt + max_new_tokens): `capacity`."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 64):
-        if max_batch < 1 or max_waiting < 0:
-            raise ConfigError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch}, {max_waiting}")
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 64,
+                 cache_length: int = INITIAL_CACHE_LENGTH):
+        if max_batch < 1 or max_waiting < 0 or cache_length < 1:
+            raise ConfigError(f"max_batch and cache_length must be >= 1 and max_waiting >= 0, got {max_batch}, "
+                              f"{cache_length}, {max_waiting}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_waiting = max_batch, max_waiting
         # real tokens a request may hold (block_size: the same number, for older callers): the
@@ -108,7 +115,10 @@ class Engine:
         # new_caches writes once, here, in front of every row
         self.block_size = self.context_length = model.context_length
         self.vocab = model.config.vocab_size
-        self.caches = model.new_caches(max_batch, self.context_length)
+        # positions held per row, grown (doubling, up to the context) when a request needs more:
+        # a GPT-Neo 1.3B at its 2048-token context would otherwise hold 6.4 GB of fp32 caches for 8 rows
+        self.capacity = min(self.context_length, cache_length)
+        self.caches = model.new_caches(max_batch, self.capacity)
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -204,6 +214,7 @@ class Engine:
             return
         r = len(self.rows)
         try:
+            self._reserve(len(req.prompt) + req.max_new_tokens)
             caches = [c.view(slice(r, r + 1)) for c in self.caches]
             idx = torch.tensor([list(req.prompt)], dtype=torch.long, device=self.model.device)
             logits = self.model(idx, caches=caches, last_only=True)[:, -1]        # (1, V)
@@ -214,9 +225,22 @@ class Engine:
         self.rows.append(row)
         self._advance([row], logits)
 
+    def _reserve(self, length: int) -> None:
+        """Make every row's caches hold `length` real tokens (the next power of two, at most the
+        context): new caches, the old ones copied in (active rows keep what they hold)."""
+        if length <= self.capacity:
+            return
+        cap = min(self.context_length, 1 << (length - 1).bit_length())
+        new = self.model.new_caches(self.max_batch, cap)
+        for old, c in zip(self.caches, new):
+            end = old.k.size(2)                                  # virtual tokens + the old capacity
+            c.k[:, :, :end].copy_(old.k)
+            c.v[:, :, :end].copy_(old.v)
+        self.caches, self.capacity = new, cap
+
     def _step(self) -> None:
         n = len(self.rows)
-        L = min(self.context_length, 1 << max(6, max(r.length for r in self.rows).bit_length()))
+        L = min(self.capacity, 1 << max(6, max(r.length for r in self.rows).bit_length()))
         device = self.model.device
         tok = torch.tensor([[r.req.tokens[-1]] for r in self.rows], dtype=torch.long, device=device)   # (n, 1)
         at = torch.tensor([r.length for r in self.rows], dtype=torch.long, device=device)               # (n,)

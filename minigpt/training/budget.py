@@ -83,12 +83,14 @@ class TimeBudget:
 
     Re-plan: from `replan_from` of the way through the planned steps, the Trainer projects the end
     at the current pace (the median step time of the last tenth of the planned steps, at least 3)
-    after every step. The first time it lands past the budget (the VM slowed down), N is chosen again
-    as above from what is measured now, once. The decay keeps its shape: from the re-plan's step k
-    on, step s runs the learning rate the old schedule gives k + (s - k)(N - k)/(N' - k), which is
-    continuous at k and reaches the final rate at the new end N'. The decision then holds N' and a
-    "replan" record (in run.json, the checkpoints and metrics.jsonl), so resume continues the same
-    schedule; a resumed session does not re-plan (its clock does not see the earlier sessions).
+    after every step. The first time it lands past the budget (the VM slowed down), or short of it by
+    more than twice the margin (the VM sped up: e.g. the warm-up steps were measured while another job
+    ran), N is chosen again as above from what is measured now, once. The decay keeps its shape:
+    from the re-plan's step k on, step s runs the learning rate the old schedule gives
+    k + (s - k)(N - k)/(N' - k), which is continuous at k and reaches the final rate at the new end
+    N'. The decision then holds N' and a "replan" record (in run.json, the checkpoints and
+    metrics.jsonl), so resume continues the same schedule; a resumed session does not re-plan (its
+    clock does not see the earlier sessions).
 
     evaluations: pick eval_interval so the run evaluates this many times (ceil(N / evaluations));
         None keeps cfg.eval_interval.
@@ -200,23 +202,28 @@ class TimeBudget:
 
     def replan(self, m: BudgetMeasurement, done: int, cfg: TrainConfig, evaluates: bool) -> Optional[dict]:
         """After `done` steps: if the run's end projected from `m` (at the current max_steps and
-        eval/save intervals of `cfg`) is past the budget, fix N again as `plan` does (never above the
-        current one) and record it in `decision` ("replan"); returns that record, or None."""
+        eval/save intervals of `cfg`) is past the budget, or before seconds x (1 - 2 margin), fix N
+        again as `plan` does (fewer steps when behind, more when ahead) and record it in `decision`
+        ("replan"); returns that record, or None."""
         d = self.decision
         n0 = int(d["chosen_max_steps"])
         cost = _cost(m, done, evaluates, lambda n: cfg.eval_interval, cfg.save_interval)
         projected = cost(n0)[0]
-        if d.get("replan") is not None or projected <= self.seconds:
+        behind, ahead = projected > self.seconds, projected < self.seconds * (1 - 2 * self.margin)
+        if d.get("replan") is not None or not (behind or ahead):
             return None
-        n = min(n0, _fit(cost, m, done, self.seconds * (1 - self.margin)))
+        n = _fit(cost, m, done, self.seconds * (1 - self.margin))
+        n = min(n0, n) if behind else max(n0, n)
+        if n == n0:
+            return None
         expected = cost(n)[0]
         d["replan"] = {
             "at_step": done, "max_steps_before": n0, "elapsed_s": round(m.elapsed_s, 3),
             "measured_step_s": round(m.step_s, 5), "planned_step_s": d.get("measured_step_s"),
             "projected_s": round(projected, 2), "expected_s": round(expected, 2),
             "reason": f"at step {done}: {m.elapsed_s:.3g}s so far + {n0 - done} steps x {m.step_s:.3g}s (now) "
-                      f"would end at {projected:.4g}s, past {self.seconds:.4g}s; {n - done} more steps end at "
-                      f"{expected:.4g}s"}
+                      f"would end at {projected:.4g}s, {'past' if behind else 'well before'} {self.seconds:.4g}s; "
+                      f"{n - done} more steps end at {expected:.4g}s"}
         d["chosen_max_steps"] = n
         return d["replan"]
 
@@ -228,7 +235,8 @@ class TimeBudget:
 
     def describe_replan(self) -> str:
         r, d = self.decision["replan"], self.decision
-        return (f"time budget {d['given']}: the pace fell behind ({r['measured_step_s']:.3g}s a step now, "
+        how = "fell behind" if d["chosen_max_steps"] < r["max_steps_before"] else "ran ahead"
+        return (f"time budget {d['given']}: the pace {how} ({r['measured_step_s']:.3g}s a step now, "
                 f"{r['planned_step_s']:.3g}s planned; projected end {format_duration(r['projected_s'])}) -> "
                 f"re-planned at step {r['at_step']:,}: {d['chosen_max_steps']:,} steps instead of "
                 f"{r['max_steps_before']:,} (expected end {format_duration(r['expected_s'])})")

@@ -391,3 +391,37 @@ def test_virtual_token_models_serve_as_they_generate(method):
             assert got == want and want != TOK.decode(alone(plain, TOK.encode(p), 12))
     finally:
         srv.close()
+
+
+def test_caches_grow_on_demand_while_rows_decode():
+    """The engine starts with short caches and grows them (doubling, up to the context) when a request
+    needs more; rows already decoding keep what they hold: every row's tokens equal the request alone."""
+    model = tiny()
+    engine = Engine(model, TOK, max_batch=3, cache_length=16).start()
+    try:
+        assert engine.capacity == 16 and engine.caches[0].k.size(2) == 16
+        ids = [TOK.encode(p) for p in PROMPTS[:3]]
+        first = Request(ids[0], 10, SamplingConfig(0.0), eos_token_id=-1)          # fits in 16
+        events = {}
+        seen_first = threading.Event()
+
+        def on_first(ev):
+            events.setdefault(0, []).append(ev)
+            if len(first.tokens) == 4:
+                seen_first.set()
+        first.on_event = on_first
+        engine.submit(first)
+        assert seen_first.wait(30)
+        long = [Request(ids[1], 60, SamplingConfig(0.0), eos_token_id=-1),            # needs 64
+                Request(ids[2], 100, SamplingConfig(0.0), eos_token_id=-1)]           # needs 128
+        run_all(engine, long)
+        deadline = time.time() + 10
+        while engine.load["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert first.tokens == alone(model, ids[0], 10)
+        for p, r in zip(ids[1:], long):
+            assert r.tokens == alone(model, p, r.max_new_tokens)
+        assert engine.capacity == 128 and engine.caches[0].k.size(2) == 128
+        assert Engine(model, TOK, max_batch=1, cache_length=10 ** 6).capacity == model.context_length
+    finally:
+        engine.stop()

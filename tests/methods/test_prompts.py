@@ -276,7 +276,8 @@ def test_greedy_generate_equals_peft_generate(tmp_path, base_dir, name):
     assert torch.equal(generate(m, x, 16), theirs)
 
 
-def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch):
+@pytest.mark.parametrize("cache_length", [256, 8], ids=["full-caches", "caches-grow"])
+def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch, cache_length):
     from minigpt.inference.engine import Engine, Request
     from minigpt.inference.sampling import SamplingConfig
     from minigpt.model.gpt import KVCache
@@ -287,8 +288,8 @@ def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch):
     randomize(m.kv_prefix, seed=11, std=0.5)
     prompts = [ids(20 + i, 1, 3 + 2 * i)[0].tolist() for i in range(5)]
     lengths = [9, 4, 12, 6, 8]                         # rows finish at different steps: rows move (copy_row)
-    engine = Engine(m, get_tokenizer(), max_batch=3).start()
-    assert engine.context_length == engine.block_size == 60
+    engine = Engine(m, get_tokenizer(), max_batch=3, cache_length=cache_length).start()
+    assert engine.context_length == engine.block_size == 60 and engine.capacity == min(60, cache_length)
     done = threading.Semaphore(0)
     try:
         reqs = [Request(p, n, SamplingConfig(0.0), eos_token_id=-1,
@@ -303,6 +304,7 @@ def test_engine_equals_generate_with_a_prefix(base_dir, monkeypatch):
     finally:
         engine.stop()
     assert moves                                       # a row moved into a freed one, prefix and all
+    assert engine.capacity == (60 if cache_length > 60 else 32)   # grown to hold prompt + tokens (<= 23)
     for p, n, r in zip(prompts, lengths, reqs):
         assert r.tokens == generate(m, torch.tensor([p]), n)[0, len(p):].tolist()
 

@@ -37,7 +37,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture
 def fixed_measurement(monkeypatch):
     """The decision made deterministic: the real probes run (they must leave the RNG and the model
-    as they were: dropout is on), then the fixed figures are reported."""
+    as they were: dropout is on), then the fixed figures are reported; and no re-plan, which would
+    compare the fixed figures with the real clock (re-plans are tested on the fake clock below)."""
     real = TimeBudget.measure
     calls = []
 
@@ -46,6 +47,7 @@ def fixed_measurement(monkeypatch):
         calls.append(trainer.step)
         return FIXED
     monkeypatch.setattr(TimeBudget, "measure", measure)
+    monkeypatch.setattr(TimeBudget, "replan", lambda *a: None)
     return calls
 
 
@@ -314,6 +316,34 @@ def test_slowdown_mid_run_replans_once_and_ends_within_budget(tmp_path, corpus, 
     for step, _, lr in tr[k:]:                                      # the lr logged at `step` is step - 1's
         assert lr == pytest.approx(lr_at(k + (step - 1 - k) * (n0 - k) / (n - k), cfg), rel=1e-12)
     assert tr[-1][2] > cfg.lr / 10 and math.isclose(lr_at(n0, cfg), cfg.lr / 10)
+
+
+def speeds_up(step):
+    return 0.25 if step < 20 else 0.125        # the warm-up was measured on a busy VM; it then doubles its pace
+
+
+def test_speedup_mid_run_replans_upwards_and_ends_within_budget(tmp_path, corpus, fake_clock, capsys):
+    """Measured at 0.25 s a step, planned N = 36 (9 s); from step 20 on 0.125 s: the run would end at
+    7 s, 30% early. At step 22 (median of the last 3 steps 0.125 s): 5.25 s + 14 x 0.125 = 7 s < 8.4 s
+    (1 - 2 x margin) -> N = 53 (5.25 + 31 x 0.125 = 9.125 <= 9.2), the decay stretched to the new end."""
+    out = tmp_path / "fast"
+    clock = fake_clock(speeds_up)
+    assert train.main(["--data", str(corpus), "--out-dir", str(out), "--time-budget", "10s", *TINY]) == 0
+    assert 0.9 * 10 <= clock.elapsed <= 10                         # without the re-plan: 7 s
+    b = json.loads((out / "run.json").read_text())["budget"]
+    r = b["replan"]
+    assert (b["chosen_max_steps"], r["at_step"], r["max_steps_before"]) == (53, 22, SLOW["n0"])
+    assert (r["measured_step_s"], r["projected_s"], r["expected_s"]) == (0.125, 7.0, 9.12)
+    assert "well before 10s" in r["reason"]
+    text = capsys.readouterr().out
+    assert "the pace ran ahead (0.125s a step now, 0.25s planned; projected end 7.0s) -> re-planned at step " \
+           "22: 53 steps instead of 36" in text
+    tr, _ = records(out)
+    assert [s for s, _, _ in tr] == list(range(1, 54))
+    cfg = TrainConfig(max_steps=SLOW["n0"], warmup_steps=20, lr=2e-3)
+    for step, _, lr in tr[22:]:
+        assert lr == pytest.approx(lr_at(22 + (step - 1 - 22) * (36 - 22) / (53 - 22), cfg), rel=1e-12)
+    assert tr[-1][2] > cfg.lr / 10
 
 
 def test_replanned_run_resumes_exactly(tmp_path, corpus, fake_clock, monkeypatch):
