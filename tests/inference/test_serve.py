@@ -2,12 +2,12 @@
 proved with the official `openai` client against a live server on loopback."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 import torch
+from serving import free_port, wait_healthy
 from tiny import gpt as tiny_gpt
 
 from minigpt import GPT, get_tokenizer
@@ -105,12 +105,6 @@ def test_cancel_frees_the_row_and_others_continue():
 
 # --- the HTTP API with the official client --------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Live:
     """create_app under uvicorn in a thread, on a free loopback port."""
 
@@ -119,7 +113,7 @@ class Live:
 
         self.model = model if model is not None else tiny()
         self.engine = Engine(self.model, TOK, max_batch=max_batch, max_waiting=max_waiting).start()
-        self.port = _free_port()
+        self.port = free_port()
         app = create_app(self.engine, "tiny", template="alpaca", api_key=api_key, scorer=scorer)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -318,19 +312,12 @@ def test_serve_command_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     import sys
 
     tiny().save_pretrained(tmp_path / "m")
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(tmp_path / "m"), "--port",
                           str(port), "--max-batch", "2", "--threads", "1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(p, f"http://127.0.0.1:{port}")
         assert httpx.get(f"http://127.0.0.1:{port}/").text.lstrip().lower().startswith("<!doctype html")
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)

@@ -182,24 +182,16 @@ def test_serve_command_scores_in_fp32_whatever_it_decodes_with(weights, weights_
     import signal
     import subprocess
     import sys
-    import time
 
-    from test_serve import _free_port
+    from serving import free_port, wait_healthy
 
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(weights[0]), "--port", str(port),
                           "--weights", weights_flag, "--threads", "1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     ids = TOK.encode_ordinary(PROMPTS[1])
     try:
-        deadline = time.time() + 60
-        while True:
-            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(p, f"http://127.0.0.1:{port}")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1,
                                                                           "max_tokens": 0}).json()
         p.send_signal(signal.SIGINT)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve import TOK, Live, _free_port, tiny
+from serving import free_port, wait_healthy
+from test_serve import TOK, Live, tiny
 
 from minigpt.inference.engine import Engine
 
@@ -189,7 +190,7 @@ def test_an_empty_api_key_is_refused_not_ignored(tmp_path, monkeypatch, capsys, 
     if env is not None:
         monkeypatch.setenv("MINIGPT_API_KEY", env)
     with pytest.raises(SystemExit) as e:                         # (a missing model: never serves)
-        serve.main(["--model", str(tmp_path / "missing"), "--port", str(_free_port()), *argv])
+        serve.main(["--model", str(tmp_path / "missing"), "--port", str(free_port()), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "empty: " in err and err.count("\n") == 1 and "Traceback" not in err, err
 
@@ -245,20 +246,13 @@ def test_cli_wiring_key_file_timeout_and_origin(model_dir, tmp_path):
     """`minigpt serve` end to end: the key from a file (absent from the process list), the request
     deadline from --request-timeout, a foreign Origin refused even with the key."""
     (tmp_path / "key").write_text("k-" + "7" * 20 + "\n")
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model_dir), "--port", str(port),
                           "--api-key-file", str(tmp_path / "key"), "--request-timeout", "1", "--threads", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert p.poll() is None and time.time() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(p, url, timeout=90)
         assert "7" * 20 not in Path(f"/proc/{p.pid}/cmdline").read_bytes().decode(errors="replace")
         auth = {"authorization": "Bearer k-" + "7" * 20}
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401

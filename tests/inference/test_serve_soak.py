@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
-from test_serve import _free_port, tiny
+from serving import free_port
+from test_serve import tiny
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -59,7 +60,7 @@ class Server:
     """`python -m minigpt serve` in a subprocess on a free loopback port; stderr goes to a file."""
 
     def __init__(self, model_dir: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serving import free_port
 
 try:
     from selenium import webdriver
@@ -41,12 +41,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 2.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read()
@@ -67,7 +61,7 @@ def start_server(model_dir, tmp_path):
     procs = []
 
     def start(*flags: str) -> str:
-        port = _free_port()
+        port = free_port()
         log = open(tmp_path / f"serve-{port}.log", "w+b")
         cmd = [sys.executable, "-m", "minigpt", "serve", "--model", str(model_dir), "--port", str(port),
                "--max-batch", "2", *flags]

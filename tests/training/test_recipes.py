@@ -8,15 +8,14 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from serving import free_port, wait_healthy
 
 from minigpt import GPT, get_tokenizer
 from minigpt.commands import finetune as ft
@@ -80,30 +79,16 @@ def recipe(tmp_path_factory):
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_answers(model_dir: Path) -> dict:
     """Start `serve.py --model model_dir` on a free loopback port, ask one chat completion, stop it."""
     httpx = pytest.importorskip("httpx")
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", str(port),
                           "--threads", "1", "--max-batch", "2", "--device", "cpu"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert p.poll() is None, p.communicate()[1][-2000:]
-            assert time.time() < deadline, "serve.py did not start in 90 s"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(p, url, timeout=90)
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0})
         p.send_signal(signal.SIGINT)
