@@ -61,6 +61,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
+        "fp32_gemm": _fp32_gemm(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -77,6 +78,13 @@ def machine_info() -> dict:
         except Exception as e:             # a broken driver must not cost the run its results
             info["cuda"] = {"error": f"{type(e).__name__}: {e}"}
     return info
+
+
+def _fp32_gemm() -> str:
+    """Which kernels minigpt's fp32 linear layers use on this CPU (minigpt.model.linear)."""
+    from minigpt.model.linear import onednn_linear_wins
+
+    return "onednn" if onednn_linear_wins() else "mkl (torch default)"
 
 
 def cuda_info() -> dict:

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.gpt import GPT, MLP, Block, CausalSelfAttention, KVCache
+from ..model.linear import is_linear
 from .decode_weights import DecodeLinear
 
 __all__ = ["LeanStep", "lean_step"]
@@ -39,7 +40,7 @@ def _fast_call(mod: nn.Module, rows: int, dtype: torch.dtype) -> tuple[Callable,
     output stays in the kernel's dtype, widened exactly by the fp32 residual stream); else the
     module's forward (no hook machinery: lean_step refuses hooked models), which takes and returns
     the residual stream's `dtype`."""
-    if type(mod) is nn.Linear:
+    if is_linear(mod):
         w, b = mod.weight, mod.bias
         return (lambda x: F.linear(x, w, b)), w.dtype
     bare = mod.row_call(rows) if type(mod) is DecodeLinear and dtype == torch.float32 else None

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..model.linear import is_linear
 from ..model.quant import QuantLinear
 from .sampling import SamplingConfig
 
@@ -149,7 +150,7 @@ def _greedy_head(model, sampling: SamplingConfig, max_new_tokens: int, compile: 
         if getattr(head, "greedy", None) is None:                  # prepared models keep theirs
             head.greedy = CertifiedArgmax(rows)
         return head.greedy
-    if type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32 \
+    if is_linear(head) and head.bias is None and head.weight.dtype == torch.float32 \
             and head.weight.device.type == "cpu":
         return CertifiedArgmax(head.weight)
     return None
@@ -319,7 +320,7 @@ def _packed_linears(model, max_new_tokens: int, compile: bool, skip_head: bool =
     if compile or max_new_tokens < PACK_MIN_TOKENS or not isinstance(model, nn.Module):
         return None
     found = [(parent, attr, mod) for _, parent, attr, mod in _linear_slots(model)
-             if type(mod) is nn.Linear and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32
+             if is_linear(mod) and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32
              and not (skip_head and parent is model and attr == "lm_head")]        # (greedy: not called)
     if not found:
         return None

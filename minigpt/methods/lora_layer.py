@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..model.linear import linear
 from .surgery import WrappedLinear, wrapped_layers
 from .table import NAMES
 
@@ -215,7 +216,7 @@ class LoRALinear(WrappedLinear):
         h = self.lora_dropout(x) if dropout_on else x
         lora = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)   # (..., out)
         if dropout_on:
-            base = F.linear(h, self.weight)                                # the dropped-out input, no bias
+            base = linear(h, self.weight)                                # the dropped-out input, no bias
         else:
             base = y if self.bias is None else y - self.bias
         return y + ((scale - 1) * base + scale * lora * self.scaling).to(y.dtype)

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import AdapterError, ConfigError
+from ..model.linear import Linear, linear
 from ..model.quant import QuantLinear
 
 __all__ = ["WrappedLinear", "GPT_NEO_TARGETS", "arch_of", "check_arch_targets",
@@ -63,14 +63,14 @@ class WrappedLinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone: (..., in) -> (..., out)."""
-        return self.quant(x) if self.quant is not None else F.linear(x, self.weight, self.bias)
+        return self.quant(x) if self.quant is not None else linear(x, self.weight, self.bias)
 
     def to_linear(self) -> nn.Module:
         """A plain nn.Linear sharing this layer's weight/bias Parameters (the wrapper's own part
         dropped); the QuantLinear itself for a quantized base."""
         if self.quant is not None:
             return self.quant
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = self.weight
         lin.bias = self.bias
         return lin

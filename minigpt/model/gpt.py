@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .config import GPTConfig
+from .linear import Linear
 
 
 def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
@@ -132,8 +133,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # fused q, k, v
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)   # fused q, k, v
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -167,10 +168,10 @@ class NeoSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
         self.window: Optional[int] = cfg.window_size if local else None
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.out_proj = Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def _window_mask(self, mask: Optional[torch.Tensor], T: int, K: int, start: int | torch.Tensor,
@@ -222,8 +223,8 @@ class NeoAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +269,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight               # tied
         self.kv_prefix: Optional[nn.Module] = None   # virtual tokens: prefix/prompt tuning (minigpt.methods)
         self.gradient_checkpointing = False

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..model.linear import mm_nt, uses_onednn
+
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     dev = "cuda" if t.is_cuda else "cpu"
@@ -50,15 +52,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # softmax is fp32 at least: bf16/fp16 logits are copied into a second, fp32 buffer
         sm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         rows = chunk if need_w else _frozen_head_rows(chunk, w.size(0), dtype, sm_dtype)
-        buf = _scratch(workspace, "logits", min(rows, hk.size(0)), w.size(0), dtype, h.device)
-        buf_sm = buf if sm_dtype == dtype else _scratch(workspace, "softmax", buf.size(0), w.size(0), sm_dtype,
-                                                        h.device)
+        n0 = min(rows, hk.size(0))
+        # oneDNN's products come as new tensors (minigpt.model.linear): no logits buffer then
+        buf = None if uses_onednn(hk[:n0], wc) else _scratch(workspace, "logits", n0, w.size(0), dtype, h.device)
+        buf_sm = None if sm_dtype == dtype else _scratch(workspace, "softmax", n0, w.size(0), sm_dtype, h.device)
         picked = torch.empty(hk.size(0), dtype=sm_dtype, device=h.device)      # log p(target) per row
         for s in range(0, hk.size(0), rows):
             hs, ys = hk[s:s + rows].to(dtype), yk[s:s + rows]
             n = hs.size(0)
-            logits = torch.mm(hs, wc.t(), out=buf[:n])                              # (n, V)
-            logp = logits if buf_sm is buf else buf_sm[:n].copy_(logits)
+            logits = mm_nt(hs, wc, out=None if buf is None else buf[:n])            # (n, V)
+            logp = logits if buf_sm is None else buf_sm[:n].copy_(logits)
             if log_counts is not None:
                 logp += log_counts
             torch.log_softmax(logp, dim=-1, out=logp)                             # in place
@@ -71,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     p = logits.copy_(p)                                            # matmul dtype
                 if need_h:
                     if p.dtype == grad_hk.dtype:
-                        torch.mm(p, wc, out=grad_hk[s:s + n])
+                        mm_nt(p, wc.t(), out=grad_hk[s:s + n])
                     else:
                         grad_hk[s:s + n] = p @ wc
                 if need_w:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..model.linear import is_linear
 
 __all__ = ["sliding_windows", "sliding_window_perplexity"]
 
@@ -53,7 +54,7 @@ def _head(model) -> nn.Module:
     """The output head to score with in fp32: the tied head's weight oneDNN-prepacked on a CPU, the
     model's own head elsewhere (its outputs are cast to fp32)."""
     head = model.lm_head
-    if type(head) is nn.Linear and head.weight.device.type == "cpu" and head.bias is None:
+    if is_linear(head) and head.weight.device.type == "cpu" and head.bias is None:
         from ..inference.decode_weights import DecodeLinear
 
         return DecodeLinear(head.weight.float(), None, "fp32")

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.preferences import pair_layout
+from ..model.linear import is_linear
 from .loss import linear_log_probs
 
 __all__ = ["OBJECTIVES", "REFERENCE_OBJECTIVES", "PreferenceLoss", "dpo_loss", "ipo_loss", "log1mexp", "orpo_loss",
@@ -64,7 +65,7 @@ def token_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> tor
         rows, cols = valid.nonzero(as_tuple=True)
         h = h[rows % h.size(0), cols]
     head = model.lm_head
-    if type(head) is nn.Linear and head.bias is None:
+    if is_linear(head) and head.bias is None:
         tok = linear_log_probs(h, head.weight, y[valid])               # (N,)
     else:                                                              # a wrapped head (e.g. LoRA on it)
         logits = head(h).float()                                       # (N, V)
