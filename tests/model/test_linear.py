@@ -82,3 +82,16 @@ def test_lora_step_gives_the_same_loss_and_gradients_on_either_kernel(gemm):
     for n in g0:
         assert g0[n].abs().max() > 0
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vendor,isa,wins", [("AuthenticAMD", "AVX512", True), ("AuthenticAMD", "AVX2", False),
+                                             ("GenuineIntel", "AVX512", False)])
+def test_auto_choice_is_onednn_on_amd_with_avx512_only(monkeypatch, vendor, isa, wins):
+    monkeypatch.delenv("MINIGPT_GEMM", raising=False)
+    monkeypatch.setattr(linear_mod, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    linear_mod.onednn_linear_wins.cache_clear()
+    try:
+        assert linear_mod.onednn_linear_wins() is (wins and torch.backends.mkldnn.is_available())
+    finally:
+        linear_mod.onednn_linear_wins.cache_clear()
