@@ -182,7 +182,7 @@ class _LinearLogProbs(torch.autograd.Function):
         picked = torch.zeros(N, device=dev)
         blocks = []
         for a in range(0, w.size(0), chunk):
-            z = torch.mm(hc, wc[a:a + chunk].t()).float()                   # (N, chunk)
+            z = mm_nt(hc, wc[a:a + chunk]).float()                          # (N, chunk)
             top = torch.maximum(m, z.amax(1))
             s = s * torch.exp(m - top) + torch.exp(z - top[:, None]).sum(1)
             m = top
@@ -207,7 +207,9 @@ class _LinearLogProbs(torch.autograd.Function):
             n = z.size(1)
             p = z.sub_(lse[:, None]).exp_().mul_(g[:, None])                # g * softmax, (N, n) fp32
             pc = p if hc.dtype == torch.float32 else p.to(hc.dtype)
-            if need_h and pc.dtype == gh.dtype:
+            if need_h and uses_onednn(pc, wc):
+                gh -= mm_nt(pc, wc[a:a + n].t())
+            elif need_h and pc.dtype == gh.dtype:
                 gh.addmm_(pc, wc[a:a + n], alpha=-1)
             elif need_h:
                 gh -= torch.mm(pc, wc[a:a + n])

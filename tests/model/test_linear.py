@@ -95,3 +95,23 @@ def test_auto_choice_is_onednn_on_amd_with_avx512_only(monkeypatch, vendor, isa,
         assert linear_mod.onednn_linear_wins() is (wins and torch.backends.mkldnn.is_available())
     finally:
         linear_mod.onednn_linear_wins.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["mkl", "onednn"])
+def test_chunked_head_log_probs_on_either_kernel(gemm, name):
+    """linear_log_probs (the preference losses' head) on oneDNN or MKL: log_softmax's values and
+    gradients."""
+    from minigpt.training.loss import linear_log_probs
+
+    gemm(name)
+    torch.manual_seed(0)
+    h = (torch.randn(40, 64) * 2).requires_grad_()
+    w = (torch.randn(5000, 64) * 0.2).requires_grad_()
+    y = torch.randint(0, 5000, (40,))
+    assert linear_mod.uses_onednn(h, w) is (name == "onednn")
+    got = linear_log_probs(h, w, y, chunk=1024)
+    ref = torch.log_softmax(h @ w.t(), -1)[torch.arange(40), y]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(40)
+    for a, r in zip(torch.autograd.grad(got, (h, w), g), torch.autograd.grad(ref, (h, w), g)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
