@@ -281,7 +281,8 @@ def worker(spec: dict) -> dict:
     return out
 
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_addmm_activation")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_addmm_activation",
+            "mkldnn::_linear_pointwise")          # the last: minigpt.model.linear's oneDNN products
 
 
 def profile_step(system, precision: str) -> dict:
