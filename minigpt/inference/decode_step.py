@@ -34,17 +34,22 @@ from .decode_weights import DecodeLinear
 __all__ = ["LeanStep", "lean_step"]
 
 
-def _fast_call(mod: nn.Module, rows: int, dtype: torch.dtype) -> tuple[Callable, torch.dtype]:
-    """(call, input dtype) of a weight layer, the cheapest call with the model's numbers: F.linear
-    for a plain nn.Linear (weight and bias bound now); a DecodeLinear's bare kernel (row_call: its
-    output stays in the kernel's dtype, widened exactly by the fp32 residual stream); else the
-    module's forward (no hook machinery: lean_step refuses hooked models), which takes and returns
-    the residual stream's `dtype`."""
+def _fast_call(mod: nn.Module, rows: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The cheapest call of a weight layer with the model's numbers, taking its input in whatever
+    dtype it comes: F.linear for a plain nn.Linear (weight and bias bound now); a DecodeLinear's
+    bare kernel (row_call: its output stays in the kernel's dtype, widened exactly by the fp32
+    residual stream); else the module's forward (no hook machinery: lean_step refuses hooked
+    models), which takes and returns the residual stream's `dtype`."""
     if is_linear(mod):
         w, b = mod.weight, mod.bias
-        return (lambda x: F.linear(x, w, b)), w.dtype
+        return _cast_in(lambda x: F.linear(x, w, b), w.dtype)
     bare = mod.row_call(rows) if type(mod) is DecodeLinear and dtype == torch.float32 else None
-    return bare if bare is not None else (mod.forward, dtype)
+    return _cast_in(*bare) if bare is not None else _cast_in(mod.forward, dtype)
+
+
+def _cast_in(kernel: Callable[[torch.Tensor], torch.Tensor], dt: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """kernel, its input cast to `dt` where it is not already (a no-op .to is still a dispatch)."""
+    return lambda x: kernel(x if x.dtype is dt else x.to(dt))
 
 
 _attend = F.scaled_dot_product_attention
@@ -94,25 +99,26 @@ class LeanStep:
         self.layers = []
         for block, cache in zip(tr.h, caches):
             a, m = block.attn, block.mlp
-            self.layers.append((block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, *_fast_call(a.c_attn, B, dt),
-                                cache.k, cache.v, *_fast_call(a.c_proj, B, dt), block.ln_2.weight, block.ln_2.bias,
-                                block.ln_2.eps, *_fast_call(m.c_fc, B, dt), *_fast_call(m.c_proj, B, dt)))
+            self.layers.append((block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, _fast_call(a.c_attn, B, dt),
+                                cache.k, cache.v, _fast_call(a.c_proj, B, dt), block.ln_2.weight, block.ln_2.bias,
+                                block.ln_2.eps, _fast_call(m.c_fc, B, dt), _fast_call(m.c_proj, B, dt)))
 
     def __call__(self, tok: torch.Tensor, start: int) -> torch.Tensor:
         if not 0 <= start < self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write position {start}")
         B, C, H, D = tok.size(0), self.n_embd, self.n_head, self.head_dim
         shape, end = (C,), start + 1
-        x = (self.wte.index_select(0, tok) + self.wpe[start]).view(B, 1, C)          # (B, 1, C)
+        x = self.wte.index_select(0, tok) + self.wpe[start]                          # (B, C)
         # a product's output stays in its kernel's dtype (fp16/bf16 modes) where the next op takes it
         # as it is: the cache writes and the residual adds widen exactly, GELU rounds once either way
-        for w1, b1, e1, qkv_proj, t1, k_buf, v_buf, out_proj, t2, w2, b2, e2, fc, t3, proj, t4 in self.layers:
-            qkv = qkv_proj(torch.layer_norm(x, shape, w1, b1, e1).to(t1)).view(B, 3, H, 1, D)
+        for w1, b1, e1, qkv_proj, k_buf, v_buf, out_proj, w2, b2, e2, fc, proj in self.layers:
+            qkv = qkv_proj(torch.layer_norm(x, shape, w1, b1, e1)).view(B, 3, H, 1, D)
             k_buf.narrow(2, start, 1).copy_(qkv[:, 1])                           # (B, H, 1, D) in place
             v_buf.narrow(2, start, 1).copy_(qkv[:, 2])
-            y = _attend(qkv[:, 0].to(k_buf.dtype), k_buf.narrow(2, 0, end), v_buf.narrow(2, 0, end))
-            x = x + out_proj(y.transpose(1, 2).reshape(B, 1, C).to(t2))
-            h = fc(torch.layer_norm(x, shape, w2, b2, e2).to(t3))
-            x = x + proj(F.gelu(h, approximate="tanh").to(t4))
+            q = qkv[:, 0] if qkv.dtype is k_buf.dtype else qkv[:, 0].to(k_buf.dtype)
+            y = _attend(q, k_buf.narrow(2, 0, end), v_buf.narrow(2, 0, end))     # (B, H, 1, D)
+            x = x + out_proj(y.transpose(1, 2).reshape(B, C))
+            h = fc(torch.layer_norm(x, shape, w2, b2, e2))
+            x = x + proj(F.gelu(h, approximate="tanh"))
         w, b, eps = self.ln_f
-        return torch.layer_norm(x, shape, w, b, eps)
+        return torch.layer_norm(x, shape, w, b, eps).view(B, 1, C)

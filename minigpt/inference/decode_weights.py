@@ -251,14 +251,23 @@ class DecodeLinear(nn.Module):
 
     def row_call(self, rows: int) -> Optional[tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype]]:
         """(kernel, dtype) for `rows` single-token rows, or None where forward is the call: the bare
-        kernel of the fp32/bf16 oneDNN and fp16 modes, taking inputs already in `dtype` and returning
-        its own output dtype, so that a caller (minigpt.inference.decode_step) can skip the casts
-        forward makes around every product where they cancel. Same numbers as forward."""
+        kernel of the fp32/bf16 oneDNN, fp16, w8a8 and (with a bias, unpadded) int8/int4 modes,
+        taking 2-D inputs already in `dtype` and returning its own output dtype, so that a caller
+        (minigpt.inference.decode_step) can skip the casts and reshapes forward makes around every
+        product where they cancel. Same numbers as forward."""
         w, b = self.weight, self.bias
         if self.kind == "mkldnn":
             return (lambda x: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")), self.dtype
         if self.kind == "fp16" and rows <= 8:                          # forward's one-row path
             return (lambda x: F.linear(x, w, b)), self.dtype
+        if self.kind == "w8a8":                                        # fp32 in and out, any shape
+            packed, reduce_range = self.packed, self.reduce_range
+            return (lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)), torch.float32
+        if self.kind in ("int8", "int4") and b is not None and self.weight.size(0) == self.out_features:
+            s = self.scale                                             # 2-D bf16 in, fp32 out (+ bias)
+            if self.kind == "int8":
+                return (lambda x: torch.add(b, torch._weight_int8pack_mm(x, w, s))), torch.bfloat16
+            return (lambda x: torch.add(b, torch._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, s))), torch.bfloat16
         return None
 
     def extra_repr(self) -> str:

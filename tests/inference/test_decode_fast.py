@@ -62,6 +62,19 @@ def test_lean_step_is_the_forward_bit_for_bit(models, mode):
             assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
+@pytest.mark.parametrize("mode", ("fp16", "w8a8", "int8", "int4"))
+def test_bare_kernels_are_forward_without_the_casts(models, mode):
+    """The kernels the lean step calls (DecodeLinear.row_call: 2-D input in the kernel's dtype) give
+    forward's numbers, widened exactly where forward casts back; every weight layer has one."""
+    m = models[mode]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    for layer in (m.transformer.h[0].attn.c_attn, m.transformer.h[1].mlp.c_fc):
+        kernel, dtype = layer.row_call(2)
+        with torch.inference_mode():
+            got, want = kernel(x.to(dtype)), layer(x[:, None])[:, 0]
+        assert got.float().equal(want) and want.abs().max() > 0, mode
+
+
 def _exact_greedy(m, idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and their logits by full forwards of the exact fp32 model (no cache, no packing)."""
     ids, logits = idx, []
