@@ -60,6 +60,10 @@ class TrainArgs(RunArgs):
                               "tie the rows of the tokens it never uses and run the head over the used ones "
                               "(the full head's loss and gradients, fewer FLOPs); full: the whole head",
                       choices=("auto", "full"))
+    spelling: str = field("auto", "auto: with fresh weights, train the embedding with spelling-shared updates (a "
+                                  "token's update also moves the tokens that share its character n-grams; the "
+                                  "saved model is a plain GPT-2); off: plain embedding updates",
+                          choices=("auto", "off"))
     time_budget: Optional[str] = field(None, "wall time for the whole run, e.g. 5m, 300s, 1.5m, 1h: the step count "
                                              "is fixed after a few measured steps to end within it (default: "
                                              f"{DEFAULT_BUDGET} unless --max-steps is given)", metavar="DURATION")
@@ -166,6 +170,24 @@ def _seen_vocab(args: TrainArgs, model, train_ds):
     return vocab
 
 
+def _spelling(args: TrainArgs, model, vocab):
+    """Spelling-shared embedding updates (minigpt.training.spelling) for fresh weights, on the rows
+    the head trains (the seen tokens; the tied unseen rows stay tied); None for --spelling off or
+    --init-from weights."""
+    from ..training.spelling import Spelling
+
+    if args.spelling == "off" or args.init_from:
+        return None
+    return Spelling(model.lm_head.weight, rows=vocab.seen if vocab is not None else None)
+
+
+def _run_info(args: TrainArgs, model, vocab, spelling) -> dict:
+    """What run.json records of the run beside the Trainer's own: data, model, seed, head, spelling."""
+    return {"kind": "pretrain", "data": args.data or "embedded:shakespeare", "model": model.config.to_dict(),
+            "seed": args.seed, "head": {"rows": len(vocab) + 1, "tied": vocab.unseen.numel()} if vocab else "full",
+            "spelling": {"buckets": spelling.buckets, "rows": spelling.rows.numel()} if spelling else "off"}
+
+
 def _eval_batch_count(args: TrainArgs, val_tokens: int, block: int, eval_text: Optional[str], tok) -> int:
     """Batches of one evaluation: the validation batches, and the --eval-text windows."""
     if not args.eval_batches:
@@ -207,6 +229,7 @@ def _banner(args: TrainArgs, model, trainer, n_train: int, n_val: int, vocab, bu
     return (f"model: {model.config.n_layer} layers x {model.config.n_embd} dims, {model.num_params() / 1e6:.1f}M "
             f"params | data: {n_train:,} train / {n_val:,} val tokens | device {trainer.device} {trainer.precision}"
             f" | {optimizer}"
+            + (" | spelling-shared embedding updates" if trainer.spelling else "")
             + (f" | head: the {len(vocab):,} tokens the corpus uses (+1 row for the {vocab.unseen.numel():,} tied)"
                if vocab else "")
             + ("" if args.eval_batches else " | no evaluation (--eval-batches 0)")
@@ -268,6 +291,7 @@ def train(args: TrainArgs) -> dict:
         return min(times)
 
     vocab = _seen_vocab(args, model, train_ds)
+    spelling = _spelling(args, model, vocab)
     tok = get_tokenizer()
     sample = _sampler(tok, args.seed)
     save, load = _weights_io(model)
@@ -275,10 +299,8 @@ def train(args: TrainArgs) -> dict:
                           sample)
     trainer = Trainer(model, cfg, train_ds, evaluate if args.eval_batches else None, save, load,
                       sample=(lambda m: "sample: " + " / ".join(sample(m).splitlines()[:4])) if args.samples else None,
-                      run_info={"kind": "pretrain", "data": args.data or "embedded:shakespeare",
-                                "model": model.config.to_dict(), "seed": args.seed,
-                                "head": {"rows": len(vocab) + 1, "tied": vocab.unseen.numel()} if vocab else "full"},
-                      loss_module=CausalLMLoss(model, vocab=vocab) if vocab else None, budget=budget)
+                      run_info=_run_info(args, model, vocab, spelling), budget=budget, spelling=spelling,
+                      loss_module=CausalLMLoss(model, vocab=vocab) if vocab else None)
     if trainer.is_main:
         print(_banner(args, model, trainer, len(train_ds), len(val_ds), vocab, budget))
     result = trainer.fit(resume=args.resume)

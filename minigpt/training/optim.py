@@ -168,12 +168,15 @@ class MuonAdamW:
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                   betas: tuple[float, float], muon_lr: Optional[float] = None):
+                   betas: tuple[float, float], muon_lr: Optional[float] = None,
+                   extra_groups: Optional[list[dict]] = None):
     """The optimizer `name` ("adamw" or "muon") over the model's trainable parameters.
-    muon_lr: Muon's peak learning rate (default MUON_LR_SCALE x lr)."""
+    muon_lr: Muon's peak learning rate (default MUON_LR_SCALE x lr). extra_groups: AdamW groups of
+    parameters outside the model (minigpt.training.spelling.Spelling's)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    extra = list(extra_groups or [])
     if name == "adamw":
-        return make_adamw(param_groups(model, weight_decay), lr, betas)
+        return make_adamw(param_groups(model, weight_decay) + extra, lr, betas)
     scale = MUON_LR_SCALE if muon_lr is None else muon_lr / lr
-    return MuonAdamW(param_groups(model, weight_decay, muon_lr_scale=scale), lr, betas)
+    return MuonAdamW(param_groups(model, weight_decay, muon_lr_scale=scale) + extra, lr, betas)

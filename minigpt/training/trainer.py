@@ -106,12 +106,14 @@ class Trainer:
         wrapped by compile / DDP as `self.fwd_model`.
     budget: a TimeBudget: cfg.max_steps (and, with budget.evaluations, cfg.eval_interval) is then
         decided after a few measured warm-up steps instead of taken from cfg.
+    spelling: a minigpt.training.spelling.Spelling over the model's embedding: its parameter is
+        stepped with the rest and folded into the embedding after every step.
     """
 
     def __init__(self, model, cfg: TrainConfig, data, evaluate: Optional[Callable],
                  save_weights: Callable, load_weights: Callable, sample: Optional[Callable] = None,
                  run_info: Optional[dict] = None, loss_module: Optional[torch.nn.Module] = None,
-                 quiet: bool = False, budget: Optional[TimeBudget] = None):
+                 quiet: bool = False, budget: Optional[TimeBudget] = None, spelling=None):
         self.cfg, self.budget, self.get_batch, self.evaluate_fn = cfg, budget, getattr(data, "batch", data), evaluate
         self.save_weights, self.load_weights, self.sample_fn = save_weights, load_weights, sample
         self.quiet, self.run_info = quiet, run_info or {}
@@ -136,8 +138,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device)  # master weights stay fp32; autocast does the rest
+        self.spelling = None if spelling is None else spelling.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                        (cfg.beta1, cfg.beta2), cfg.muon_lr)
+                                        (cfg.beta1, cfg.beta2), cfg.muon_lr,
+                                        self.spelling.param_groups() if self.spelling else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.best_val, self.bad_steps = 0, float("inf"), 0
         # the unit that computes the loss is what compile and DDP wrap: forward(x, y) -> loss
@@ -183,6 +187,7 @@ class Trainer:
             }
             if self.budget is not None:
                 state["budget"] = self.budget.decision or {"pending": True}   # (decided again on resume)
+            state["spelling"] = self.spelling is not None
             torch.save(state, tmp / STATE_FILE)
             for f in tmp.iterdir():  # make the data durable before the rename publishes it
                 with open(f, "rb") as fh:
@@ -221,6 +226,11 @@ class Trainer:
         if saved != self.cfg.optimizer:
             raise CheckpointError(f"--resume: {ckpt} was trained with --optimizer {saved}, this run uses "
                                   f"{self.cfg.optimizer}; resume with --optimizer {saved}")
+        if state.get("spelling", False) != (self.spelling is not None):
+            had = "with" if state.get("spelling", False) else "without"
+            raise CheckpointError(f"--resume: {ckpt} was trained {had} spelling-shared embedding updates, "
+                                  f"this run {'without' if had == 'with' else 'with'}; resume with "
+                                  f"--spelling {'auto' if had == 'with' else 'off'}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -352,8 +362,12 @@ class Trainer:
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.spelling is not None:
+            self.spelling.gradient()                  # P's gradient from the embedding's, clipped
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.spelling is not None:
+            self.spelling.fold()                      # P's update into the embedding, P = 0
         self.optimizer.zero_grad(set_to_none=True)
         return loss_val, tokens
 
