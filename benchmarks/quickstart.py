@@ -102,6 +102,7 @@ def run_minigpt(out: Path, threads: int, quick: bool, budget) -> dict:
     return {"command": "python train.py " + " ".join(flags), "wall_seconds": round(wall, 1),
             "time_budget_seconds": (run.get("budget") or {}).get("seconds"),
             "steps": last_val["step"], "budget": run.get("budget"), "model": run["model"], "head": run.get("head"),
+            "spelling": run.get("spelling"),
             "train": {**run["train"], "out_dir": out.name},          # no machine paths in results
             "val_loss": round(last_val["val_loss"], 4), "val_bpb": round(last_val["val_bpb"], 4)}
 
