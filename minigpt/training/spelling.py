@@ -63,14 +63,13 @@ class Spelling:
         rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         rows = rows[rows < n]
         self.weight, self.buckets = weight, buckets
-        feats = spelling_features([tok.decode_single_token_bytes(int(i)) for i in rows], buckets)
-        dev = weight.device
-        self.rows = rows.to(dev)
-        self.F = feats.to(dev)                                                   # (R, buckets)
+        self.rows = rows
+        self.F = spelling_features([tok.decode_single_token_bytes(int(i)) for i in rows], buckets)   # (R, buckets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            self.Ft = feats.to_sparse_coo().t().coalesce().to_sparse_csr().to(dev)   # (buckets, R)
-        self.P = torch.nn.Parameter(torch.zeros(buckets, weight.size(1), device=dev, dtype=weight.dtype))
+            self.Ft = self.F.to_sparse_coo().t().coalesce().to_sparse_csr()       # (buckets, R)
+        self.P = torch.nn.Parameter(torch.zeros(buckets, weight.size(1), dtype=weight.dtype))
+        self.to(weight.device)
 
     def to(self, device) -> "Spelling":
         """Features and P on `device` (before the optimizer is built; returns self)."""

@@ -226,11 +226,11 @@ class Trainer:
         if saved != self.cfg.optimizer:
             raise CheckpointError(f"--resume: {ckpt} was trained with --optimizer {saved}, this run uses "
                                   f"{self.cfg.optimizer}; resume with --optimizer {saved}")
-        if state.get("spelling", False) != (self.spelling is not None):
-            had = "with" if state.get("spelling", False) else "without"
-            raise CheckpointError(f"--resume: {ckpt} was trained {had} spelling-shared embedding updates, "
-                                  f"this run {'without' if had == 'with' else 'with'}; resume with "
-                                  f"--spelling {'auto' if had == 'with' else 'off'}")
+        spelled = state.get("spelling", False)
+        if spelled != (self.spelling is not None):
+            raise CheckpointError(f"--resume: {ckpt} was trained {'with' if spelled else 'without'} spelling-shared "
+                                  f"embedding updates, this run {'without' if spelled else 'with'}; resume with "
+                                  f"--spelling {'auto' if spelled else 'off'}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
