@@ -20,6 +20,7 @@ examples:
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +140,14 @@ def _sampler(tok, seed: int):
     return sample
 
 
-def _weights_io(model):
+def _weights_io(model, vocab, filled):
+    """save / load for the Trainer: saved models have their unseen rows filled (`filled`), a
+    resumed run ties them again (`vocab`)."""
     from ..model.gpt import GPT
 
     def save(m, d):
-        m.save_pretrained(d)
+        with filled():
+            m.save_pretrained(d)
 
     def load(m, d):
         saved = GPT.from_pretrained(d)
@@ -154,6 +158,8 @@ def _weights_io(model):
             raise CLIError(f"--resume: checkpoint {d} holds a model with {have} but this run builds "
                            f"{want}; resume with the original run's model flags")
         m.load_state_dict(saved.state_dict())
+        if vocab is not None:
+            vocab.tie(m.lm_head.weight)         # (rows filled from their spelling when saved)
     return save, load
 
 
@@ -179,6 +185,14 @@ def _spelling(args: TrainArgs, model, vocab):
     if args.spelling == "off" or args.init_from:
         return None
     return Spelling(model.lm_head.weight, rows=vocab.seen if vocab is not None else None)
+
+
+def _unseen_filler(vocab, spelling):
+    """A context factory: the unseen rows filled from their spelling while it runs (Spelling.filled:
+    saves and held-out evaluations); a no-op without a seen-rows head or spelling."""
+    if vocab is None or spelling is None:
+        return contextlib.nullcontext
+    return lambda: spelling.filled(vocab)
 
 
 def _run_info(args: TrainArgs, model, vocab, spelling) -> dict:
@@ -278,7 +292,8 @@ def train(args: TrainArgs) -> dict:
                           loss_fn=trainer.loss_module)         # the training head: chunked, no logits
         out = {"val_loss": r["loss"], "val_bpb": r["bpb"]}
         if eval_text is not None:
-            out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
+            with filled():                                     # as saved: unseen rows from their spelling
+                out["eval_text_bpb"] = evaluate_bpb(m, eval_text, block_size=block, batch_size=args.batch_size)["bpb"]
         return out
 
     def eval_batch_s(m) -> float:     # one evaluation batch, timed warm (for the time budget's plan)
@@ -294,7 +309,8 @@ def train(args: TrainArgs) -> dict:
     spelling = _spelling(args, model, vocab)
     tok = get_tokenizer()
     sample = _sampler(tok, args.seed)
-    save, load = _weights_io(model)
+    filled = _unseen_filler(vocab, spelling)
+    save, load = _weights_io(model, vocab, filled)
     budget = _time_budget(args, start, eval_batch_s, _eval_batch_count(args, len(val_ds), block, eval_text, tok),
                           sample)
     trainer = Trainer(model, cfg, train_ds, evaluate if args.eval_batches else None, save, load,
@@ -304,6 +320,8 @@ def train(args: TrainArgs) -> dict:
     if trainer.is_main:
         print(_banner(args, model, trainer, len(train_ds), len(val_ds), vocab, budget))
     result = trainer.fit(resume=args.resume)
+    if vocab is not None and spelling is not None:
+        spelling.fill(vocab)                   # the model in memory as saved (samples, notebooks)
     if trainer.is_main:
         if args.samples:
             print("\nsamples:")

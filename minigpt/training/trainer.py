@@ -188,6 +188,8 @@ class Trainer:
             if self.budget is not None:
                 state["budget"] = self.budget.decision or {"pending": True}   # (decided again on resume)
             state["spelling"] = self.spelling is not None
+            if self.spelling is not None:
+                state["spelling_total"] = self.spelling.total
             torch.save(state, tmp / STATE_FILE)
             for f in tmp.iterdir():  # make the data durable before the rename publishes it
                 with open(f, "rb") as fh:
@@ -233,6 +235,8 @@ class Trainer:
                                   f"--spelling {'auto' if spelled else 'off'}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.spelling is not None and "spelling_total" in state:
+            self.spelling.total.copy_(state["spelling_total"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -11,8 +11,9 @@ from torch.func import functional_call
 
 from minigpt.commands import train
 from minigpt.data.tokenizer import get_tokenizer
+from minigpt.model.gpt import GPT
 from minigpt.training.loss import SeenVocab
-from minigpt.training.spelling import Spelling, spelling_features
+from minigpt.training.spelling import UNSEEN_SCALE, Spelling, spelling_features
 
 TINY = tiny.train_flags(eval_batches=1, log_interval=1, precision="fp32")
 
@@ -100,6 +101,38 @@ def test_rows_outside_the_seen_vocab_stay_tied_and_untouched():
     assert not torch.equal(w[vocab.seen], before[vocab.seen])
 
 
+def test_unseen_rows_are_filled_from_their_spelling_and_tied_again():
+    """filled(): every unseen row but the representative's is u + UNSEEN_SCALE * F_j total (F_j from
+    the token's own bytes), the rows the seen-rows head reads are untouched, and leaving the block
+    restores the tied rows bit for bit."""
+    tok = get_tokenizer()
+    model = tiny.gpt(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=300, seed=0, std=0.2, train=True)
+    vocab = SeenVocab(torch.arange(0, 300, 3), 300)
+    w = model.lm_head.weight
+    vocab.tie(w)
+    spelling = Spelling(w, rows=vocab.seen, buckets=64)
+    opt = torch.optim.AdamW(list(model.parameters()) + [spelling.P], lr=1e-2)
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)) * 3
+    for _ in range(3):
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        spelling.gradient()
+        opt.step()
+        spelling.fold()
+        opt.zero_grad()
+    assert spelling.total.abs().max() > 1e-3                                 # the folded P, kept
+    vocab.tie(w)                                                            # (as the seen-rows head keeps them)
+    before = w.detach().clone()
+    rest = vocab.unseen[1:]
+    feats = spelling_features([tok.decode_single_token_bytes(int(i)) for i in rest], 64).to_dense()
+    with spelling.filled(vocab):
+        got = w.detach().clone()
+    assert torch.equal(w.detach(), before)                                   # tied again, bit for bit
+    want = before[vocab.rep] + UNSEEN_SCALE * feats @ spelling.total
+    assert torch.allclose(got[rest], want, atol=1e-6, rtol=0)
+    assert (got[rest] - before[rest]).abs().amax(1).min() > 0                # every one moved
+    assert torch.equal(got[vocab.index], before[vocab.index])                # what the head reads: unchanged
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     p = tmp_path_factory.mktemp("spell") / "c.txt"
@@ -107,11 +140,25 @@ def corpus(tmp_path_factory):
     return p
 
 
+def _train_tokens(out):
+    import numpy as np
+
+    return np.fromfile(next((out / "data").glob("*/train.bin")), dtype=np.uint16)
+
+
 def test_train_uses_it_for_fresh_weights_and_resume_checks_it(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--data", str(corpus), "--out-dir", str(out), "--max-steps", "4", *TINY]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["spelling"]["buckets"] == 8192 and info["spelling"]["rows"] == info["head"]["rows"] - 1
+    # the saved model's unseen rows come from their spelling (distinct), the checkpoint's as well;
+    # the checkpoint records the spelling total that resume needs for them
+    seen = SeenVocab.of_tokens(_train_tokens(out), 50257)
+    w = GPT.from_pretrained(out).lm_head.weight.detach()
+    moved = (w[seen.unseen] != w[seen.rep]).any(1)
+    assert moved.float().mean() > 0.9, moved.float().mean()                  # (their n-grams: in seen tokens)
+    state = torch.load(out / "checkpoints" / "step-0000004" / "trainer_state.pt", weights_only=True)
+    assert state["spelling_total"].abs().max() > 0
     assert "spelling-shared embedding updates" in capsys.readouterr().out
     assert train.main(["--data", str(corpus), "--out-dir", str(out), "--max-steps", "6", "--resume",
                        "--spelling", "off", *TINY]) == 1
