@@ -323,16 +323,21 @@ def train(args: TrainArgs) -> dict:
     if vocab is not None and spelling is not None:
         spelling.fill(vocab)                   # the model in memory as saved (samples, notebooks)
     if trainer.is_main:
-        if args.samples:
-            print("\nsamples:")
-        for i in range(args.samples):
-            print("-" * 40 + "\n" + sample(model, args.sample_tokens, seed=args.seed + i))
-        print("-" * 40)
-        print(f"saved model to {args.out_dir}  (load with GPT.from_pretrained({args.out_dir!r}) "
-              f"or chat with: minigpt chat --model {args.out_dir})")
-        if budget is not None:
-            print(budget.summary(result["step"]))
+        _report(args, model, sample, budget, result)
     return result
+
+
+def _report(args: TrainArgs, model, sample, budget, result: dict) -> None:
+    """The run's last lines: samples from the final model, where it is, and the budget's summary."""
+    if args.samples:
+        print("\nsamples:")
+    for i in range(args.samples):
+        print("-" * 40 + "\n" + sample(model, args.sample_tokens, seed=args.seed + i))
+    print("-" * 40)
+    print(f"saved model to {args.out_dir}  (load with GPT.from_pretrained({args.out_dir!r}) "
+          f"or chat with: minigpt chat --model {args.out_dir})")
+    if budget is not None:
+        print(budget.summary(result["step"]))
 
 
 def main(argv=None) -> int:
