@@ -64,11 +64,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logp = logits if buf_sm is None else buf_sm[:n].copy_(logits)
             if log_counts is not None:
                 logp += log_counts
-            torch.log_softmax(logp, dim=-1, out=logp)                             # in place
             ar = torch.arange(n, device=h.device)
-            picked[s:s + n] = logp[ar, ys]
+            if (need_h or need_w) and logp.is_cpu:
+                # one exp pass instead of log_softmax's and exp_'s: softmax in place, log p(target) from it
+                p = torch._softmax(logp, -1, False, out=logp)                      # softmax (n, V)
+                picked[s:s + n] = _log_target(p[ar, ys], hs, wc, ys, log_counts)
+            else:
+                torch.log_softmax(logp, dim=-1, out=logp)                         # in place
+                picked[s:s + n] = logp[ar, ys]
+                p = logp.exp_() if need_h or need_w else None                      # softmax (n, V)
             if need_h or need_w:
-                p = logp.exp_()                                                    # softmax (n, V)
                 p[ar, ys] -= 1.0                                                   # - onehot
                 if p is not logits:
                     p = logits.copy_(p)                                            # matmul dtype
@@ -101,6 +106,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = (grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * scale) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None, None, None, None
+
+
+TINY_PROB = 1e-30   # below: log p(target) from the row's log_softmax, not the (underflowing) softmax
+
+
+def _log_target(p_target: torch.Tensor, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+                log_counts: Optional[torch.Tensor]) -> torch.Tensor:
+    """log p(target) per row from the softmax's target entries (n,); the rare rows whose entry is
+    below TINY_PROB (a target more than ~69 nats down) get it from their log_softmax, recomputed."""
+    out = p_target.log()
+    low = (p_target < TINY_PROB).nonzero().squeeze(1)
+    if low.numel():
+        z = mm_nt(h.index_select(0, low), w).float()                       # (k, V) the rows' logits again
+        if log_counts is not None:
+            z += log_counts
+        out[low] = torch.log_softmax(z, dim=-1).gather(1, y.index_select(0, low)[:, None]).squeeze(1)
+    return out
 
 
 def _summed(picked: torch.Tensor, y: torch.Tensor, chunk: int, log_counts: Optional[torch.Tensor]) -> torch.Tensor:

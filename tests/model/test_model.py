@@ -83,6 +83,26 @@ def test_fused_loss_matches_reference_loss_and_grads(tiny_hf_gpt2):
     assert torch.allclose(gh, hidden.grad, atol=1e-7) and torch.allclose(gw, weight.grad, atol=1e-7)
 
 
+def test_fused_loss_of_a_target_far_below_the_rest():
+    """A target ~200 nats below the top logit (its softmax entry underflows to 0): the loss is still
+    the exact -log p, from the row's log_softmax, and finite; the other rows are untouched."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(50, 8) * 0.2).requires_grad_()
+    with torch.no_grad():
+        weight[7] = hidden[1].detach() * 40 / hidden[1].norm() ** 2 * 5       # row 1's logit of 7: 200
+    y = torch.tensor([3, 9, 11])
+    fused = fused_lm_loss(hidden[None], weight, y[None])
+    fused.backward()
+    ref = F.cross_entropy(hidden @ weight.T, y, reduction="none")
+    assert ref[1] > 150 and torch.isfinite(fused)
+    assert fused.item() == pytest.approx(ref.mean().item(), rel=1e-6)
+    gh = hidden.grad.clone()
+    hidden.grad = None
+    F.cross_entropy(hidden @ weight.T, y).backward()
+    assert torch.allclose(gh, hidden.grad, atol=1e-6)
+
+
 def test_loss_module_equals_transformers_loss(tiny_hf_gpt2, tmp_path):
     tiny_hf_gpt2.save_pretrained(tmp_path)
     model = GPT.from_pretrained(tmp_path)
