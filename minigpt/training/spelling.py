@@ -18,7 +18,7 @@ probability. `filled` gives each of them a row from its spelling instead: u + UN
 total, the spelling part a seen token with the same n-grams would have, shrunk by half (at full
 scale the junk tokens of the vocabulary take too much of the mass). The head never reads those rows
 in training (it reads u), so filling them changes nothing there; the saved model has them, and so do
-held-out evaluations: on the 750-step default, -0.02 bits/byte on both held-out texts and -0.005 on
+held-out evaluations: on the 750-step default, -0.02 bits/byte on both held-out texts and -0.008 on
 the validation split.
 
 Measured on the 5-minute default (README, "Quickstart"): -0.04 to -0.05 bits/byte on both held-out
