@@ -38,7 +38,7 @@ BUDGET_EVALUATIONS = 2         # mid-run and at the end
 @dataclass
 class TrainArgs(RunArgs):
     DEFAULTS = dict(max_steps=None, lr=2e-3, warmup_steps=20, eval_interval=None, seed=1337, val_fraction=0.05,
-                    sample_tokens=80, optimizer="muon")
+                    sample_tokens=80, optimizer="muon", schedule="linear")   # linear decay to 0: see README
     HELP = dict(data="text file, folder of .txt files, or uint16 .bin of token ids (default: the embedded "
                      "Shakespeare corpus)",
                 out_dir="where checkpoints, metrics and the final model go",
