@@ -60,6 +60,14 @@ def spelling_features(token_bytes: list[bytes], buckets: int = SPELLING_BUCKETS)
                                        torch.tensor(val), (len(token_bytes), buckets))
 
 
+def _token_features(ids: list[int], buckets: int) -> torch.Tensor:
+    """spelling_features of GPT-2 token ids (an id past the tokenizer's vocabulary: no bytes)."""
+    from ..data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    return spelling_features([tok.decode_single_token_bytes(i) if i < tok.n_vocab else b"" for i in ids], buckets)
+
+
 class Spelling:
     """The spelling-shared updates of `weight` (V, C), the model's (tied) embedding Parameter, on
     the token ids `rows` (default: every token the tokenizer has). Give param_groups() to the
@@ -69,13 +77,12 @@ class Spelling:
     def __init__(self, weight: torch.Tensor, rows: Optional[torch.Tensor] = None, buckets: int = SPELLING_BUCKETS):
         from ..data.tokenizer import get_tokenizer
 
-        tok = get_tokenizer()
-        n = min(weight.size(0), tok.n_vocab)
+        n = min(weight.size(0), get_tokenizer().n_vocab)
         rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         rows = rows[rows < n]
         self.weight, self.buckets = weight, buckets
         self.rows = rows
-        self.F = spelling_features([tok.decode_single_token_bytes(int(i)) for i in rows], buckets)   # (R, buckets)
+        self.F = _token_features(rows.tolist(), buckets)                          # (R, buckets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.Ft = self.F.to_sparse_coo().t().coalesce().to_sparse_csr()       # (buckets, R)
@@ -114,11 +121,7 @@ class Spelling:
         Returns (the filled row ids, u)."""
         rows = vocab.unseen[1:].to(self.weight.device)                      # all but the representative
         if self._unseen_F is None:
-            from ..data.tokenizer import get_tokenizer
-
-            tok = get_tokenizer()
-            self._unseen_F = spelling_features([tok.decode_single_token_bytes(int(i)) if i < tok.n_vocab else b""
-                                                for i in rows.tolist()], self.buckets).to(self.weight.device)
+            self._unseen_F = _token_features(rows.tolist(), self.buckets).to(self.weight.device)
         u = self.weight[vocab.rep].clone()
         self.weight[rows] = u + (UNSEEN_SCALE * torch.sparse.mm(self._unseen_F, self.total)).to(u.dtype)
         return rows, u
