@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,11 @@ from ..fileio import atomic_write
 from .tokenizer import get_tokenizer
 
 EMBEDDED_CORPUS = "shakespeare"
+TOKENS_VERSION = "2"     # in the cache key: 2 = the whole text's tokens (1 split blank lines differently)
+# Where a non-space character meets a run of ASCII whitespace that holds a blank line. GPT-2's
+# pre-tokeniser never joins the two sides of such a point (whitespace only ever leads a pre-token)
+# and looks neither behind nor past it, so text cut there tokenises exactly as the whole text.
+_PARAGRAPH_START = re.compile(r"(?<=\S)(?=[ \t\r\n]*\n\n)")
 
 
 def embedded_corpus_text() -> str:
@@ -43,10 +49,11 @@ def _text_files(path: Path) -> list[Path]:
 def _fingerprint(data: Optional[str]) -> str:
     """Cache key for a data source: its name, sizes and modification times."""
     if data is None:
-        return EMBEDDED_CORPUS + "-" + hashlib.sha1(
-            resources.files("minigpt").joinpath("assets/shakespeare.txt.gz").read_bytes()).hexdigest()[:12]
+        h = hashlib.sha1(resources.files("minigpt").joinpath("assets/shakespeare.txt.gz").read_bytes())
+        h.update(TOKENS_VERSION.encode())
+        return EMBEDDED_CORPUS + "-" + h.hexdigest()[:12]
     p = Path(data)
-    h = hashlib.sha1(str(p.resolve()).encode())
+    h = hashlib.sha1(f"{p.resolve()}:{TOKENS_VERSION}".encode())
     for f in _text_files(p) if p.suffix != ".bin" else [p]:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -57,16 +64,29 @@ def _write_tokens(path: Path, ids: np.ndarray) -> None:
     atomic_write(path, lambda tmp: ids.astype(np.uint16).tofile(tmp))
 
 
+def _pieces(text: str) -> list[str]:
+    return list(_pieces_of(text, 1 << 20))
+
+
+def _pieces_of(text: str, size: int):
+    """`text` in pieces of about `size` characters or more, cut only at _PARAGRAPH_START points."""
+    start = 0
+    while len(text) - start > size and (cut := _PARAGRAPH_START.search(text, start + size)):
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def _tokenize_texts(texts, desc: str) -> np.ndarray:
-    """Tokenise an iterable of (name, text) documents, separated by <|endoftext|>."""
+    """Tokenise an iterable of (name, text) documents, separated by <|endoftext|>. Each document's
+    tokens are those of encoding it whole (large ones in pieces: memory stays smooth)."""
     tok = get_tokenizer()
     chunks = []
     for _name, text in tqdm(texts, desc=desc, unit="file", leave=False):
-        # encode in paragraph-sized pieces so the progress bar and memory stay smooth
-        pieces = text.split("\n\n")
-        ids = tok.encode_ordinary_batch([p + "\n\n" for p in pieces[:-1]] + pieces[-1:], num_threads=2)
-        for x in ids:
-            chunks.append(np.asarray(x, dtype=np.uint16))
+        pieces = _pieces(text)
+        for i in range(0, len(pieces), 8):
+            for x in tok.encode_ordinary_batch(pieces[i: i + 8], num_threads=2):
+                chunks.append(np.asarray(x, dtype=np.uint16))
         chunks.append(np.asarray([tok.eot_token], dtype=np.uint16))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
 

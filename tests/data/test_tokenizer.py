@@ -241,3 +241,30 @@ def test_special_token_is_not_split_by_default():
     # partial-token decoding is lossless at the byte level
     ids = tok.encode("😀")
     assert b"".join(tok.decode_single_token_bytes(i) for i in ids) == "😀".encode()
+
+
+def test_pretraining_tokens_are_the_whole_texts(tmp_path, monkeypatch):
+    """prepare_data cuts large texts into pieces; the tokens must be those of the whole text, with
+    GPT-2's splits at paragraph breaks ("a.\\n\\nB" -> '.', '\\n', '\\n', 'B', never '\\n\\n' before a
+    word) and around every kind of whitespace next to the cuts."""
+    import numpy as np
+
+    from minigpt.data import corpus
+
+    tok = get_tokenizer()
+    rng = random.Random(7)
+    atoms = ["word", " word", "Word", "'s", " 12", ".", ",", " ", "  ", "\t", "\n", "\n\n", "\n\n\n", "\r\n\r\n",
+             " \n\n", "\xa0", "\x1c", "\u3000", "é", "—", "!!"]
+    texts = ["ROMEO.\n\nJULIET.\nAy me.\n\n\nEnd  \n\n  Next"] + [
+        "".join(rng.choice(atoms) for _ in range(rng.randrange(50, 400))) for _ in range(40)]
+    monkeypatch.setattr(corpus, "_pieces", lambda text: list(corpus._pieces_of(text, 16)))   # small cuts
+    for i, text in enumerate(texts):
+        pieces = list(corpus._pieces_of(text, 16))
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert [t for p in pieces for t in tok.encode_ordinary(p)] == tok.encode_ordinary(text), repr(text)
+        path = tmp_path / f"{i}.txt"
+        path.write_text(text, encoding="utf-8")
+        got = np.fromfile(corpus.prepare_data(str(path), tmp_path / "cache", 0.4) / "train.bin", dtype=np.uint16)
+        whole = tok.encode_ordinary(path.read_text(encoding="utf-8")) + [tok.eot_token]  # as read: \r\n -> \n
+        assert got.tolist() == whole[: len(got)], repr(text)
+    assert [tok.decode([t]) for t in tok.encode_ordinary("a.\n\nB")] == ["a", ".", "\n", "\n", "B"]
