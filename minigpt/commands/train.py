@@ -33,6 +33,8 @@ from .args import CLIError, RunArgs, check, command_main, field
 DEFAULT_BUDGET = "5m"          # the run's wall time when --max-steps is not given
 FIXED_EVAL_INTERVAL = 160      # with --max-steps; with a budget: BUDGET_EVALUATIONS over the chosen steps
 BUDGET_EVALUATIONS = 2         # mid-run and at the end
+BUDGET_MARGIN = 0.05           # plan to end at 95% of the budget; re-plan once if the pace would end it
+                               # past 100% or before 90% (TimeBudget: 1 - 2 margin), i.e. within -10%
 
 
 @dataclass
@@ -232,7 +234,7 @@ def _time_budget(args: TrainArgs, start: float, eval_batch_s, eval_batches: int,
         sample(model, args.sample_tokens)
         return (time.perf_counter() - t) * args.samples
 
-    return TimeBudget(seconds, args.time_budget or DEFAULT_BUDGET, start=start,
+    return TimeBudget(seconds, args.time_budget or DEFAULT_BUDGET, margin=BUDGET_MARGIN, start=start,
                       evaluations=None if args.eval_interval is not None else BUDGET_EVALUATIONS,
                       eval_cost=lambda m: eval_batch_s(m) * eval_batches, final_cost=final_cost)
 

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ TINY = tiny.train_flags(n_layer=1, n_embd=32, batch_size=2, eval_batches=2, log_
 # steps: 1 + 0.25 (N - 14) + 2 x 0.5 + 2 x 0.1 + 0.2 <= 9.2  ->  N = 41, evaluations every 21 steps
 # (plan() called directly after 8 steps: N = 35, every 18)
 FIXED = BudgetMeasurement(elapsed_s=1.0, step_s=0.25, tok_per_s=256.0, eval_s=0.5, save_s=0.1, final_s=0.2)
+
+
+SHIPPED_MARGIN = train.BUDGET_MARGIN
+
+
+@pytest.fixture(autouse=True)
+def worked_margin(monkeypatch):
+    """The figures below are worked out for an 8% margin (TimeBudget's default); train.py's own
+    margin is tested by test_train_margin_spans_the_quickstart_window."""
+    monkeypatch.setattr(train, "BUDGET_MARGIN", 0.08)
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +370,28 @@ def test_replanned_run_resumes_exactly(tmp_path, corpus, fake_clock, monkeypatch
     assert train.main(["--out-dir", str(out), "--resume", *flags]) == 0
     assert records(out) == records(ref) and same_weights(out, ref)
     assert json.loads((out / "run.json").read_text())["budget"]["chosen_max_steps"] == SLOW["n"]
+
+
+def test_train_margin_spans_the_quickstart_window():
+    """train.py plans to end at 95% of its budget and re-plans (once) when the pace would end the run
+    past the budget or before 90% of it: a 5-minute run ends within 4m30s-5m unless the pace drifts
+    again after the re-plan."""
+    assert SHIPPED_MARGIN == 0.05
+    b = TimeBudget(300, margin=SHIPPED_MARGIN)
+    cfg = TrainConfig(warmup_steps=20, eval_interval=10 ** 9)
+    m = BudgetMeasurement(elapsed_s=5.0, step_s=0.3, tok_per_s=6800.0, save_s=2.0, final_s=1.0)
+    d = b.plan(m, 14, cfg, evaluates=False)
+    assert 0.94 * 300 <= d["expected_s"] <= 0.95 * 300
+    n0 = d["chosen_max_steps"]
+
+    def projected_at(step_s):           # where the run would end at this pace, from step 300
+        return 5.0 + 300 * 0.3 + (n0 - 300) * step_s + 2 * 2.0 + 1.0
+    quick, slightly_quick = 0.3 * 0.85, 0.3 * 0.96
+    assert projected_at(quick) < 270 < projected_at(slightly_quick)
+    for step_s, replans in [(slightly_quick, False), (quick, True)]:
+        b2 = TimeBudget(300, margin=SHIPPED_MARGIN, decision=dict(d))
+        now = BudgetMeasurement(elapsed_s=5.0 + 300 * 0.3, step_s=step_s, tok_per_s=6800.0, save_s=2.0, final_s=1.0)
+        r = b2.replan(now, 300, replace(cfg, max_steps=n0), evaluates=False)
+        assert (r is not None) == replans
+        if replans:
+            assert b2.decision["chosen_max_steps"] > n0 and 270 < r["expected_s"] <= 0.95 * 300
