@@ -29,6 +29,7 @@ TOKENS_VERSION = "2"     # in the cache key: 2 = the whole text's tokens (1 spli
 # pre-tokeniser never joins the two sides of such a point (whitespace only ever leads a pre-token)
 # and looks neither behind nor past it, so text cut there tokenises exactly as the whole text.
 _PARAGRAPH_START = re.compile(r"(?<=\S)(?=[ \t\r\n]*\n\n)")
+PIECE_CHARS = 1 << 20    # characters a piece is tokenised in (memory stays smooth)
 
 
 def embedded_corpus_text() -> str:
@@ -64,14 +65,10 @@ def _write_tokens(path: Path, ids: np.ndarray) -> None:
     atomic_write(path, lambda tmp: ids.astype(np.uint16).tofile(tmp))
 
 
-def _pieces(text: str) -> list[str]:
-    return list(_pieces_of(text, 1 << 20))
-
-
-def _pieces_of(text: str, size: int):
-    """`text` in pieces of about `size` characters or more, cut only at _PARAGRAPH_START points."""
+def _pieces(text: str):
+    """`text` in pieces of PIECE_CHARS characters or more, cut only at _PARAGRAPH_START points."""
     start = 0
-    while len(text) - start > size and (cut := _PARAGRAPH_START.search(text, start + size)):
+    while len(text) - start > PIECE_CHARS and (cut := _PARAGRAPH_START.search(text, start + PIECE_CHARS)):
         yield text[start:cut.start()]
         start = cut.start()
     yield text[start:]
@@ -83,7 +80,7 @@ def _tokenize_texts(texts, desc: str) -> np.ndarray:
     tok = get_tokenizer()
     chunks = []
     for _name, text in tqdm(texts, desc=desc, unit="file", leave=False):
-        pieces = _pieces(text)
+        pieces = list(_pieces(text))
         for i in range(0, len(pieces), 8):
             for x in tok.encode_ordinary_batch(pieces[i: i + 8], num_threads=2):
                 chunks.append(np.asarray(x, dtype=np.uint16))

@@ -257,9 +257,9 @@ def test_pretraining_tokens_are_the_whole_texts(tmp_path, monkeypatch):
              " \n\n", "\xa0", "\x1c", "\u3000", "é", "—", "!!"]
     texts = ["ROMEO.\n\nJULIET.\nAy me.\n\n\nEnd  \n\n  Next"] + [
         "".join(rng.choice(atoms) for _ in range(rng.randrange(50, 400))) for _ in range(40)]
-    monkeypatch.setattr(corpus, "_pieces", lambda text: list(corpus._pieces_of(text, 16)))   # small cuts
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 16)                     # small pieces: many cuts
     for i, text in enumerate(texts):
-        pieces = list(corpus._pieces_of(text, 16))
+        pieces = list(corpus._pieces(text))
         assert "".join(pieces) == text and len(pieces) > 1
         assert [t for p in pieces for t in tok.encode_ordinary(p)] == tok.encode_ordinary(text), repr(text)
         path = tmp_path / f"{i}.txt"
