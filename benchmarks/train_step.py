@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py lora --quick      # < 1 minute: batch 1 x 128, fp32
     python benchmarks/train_step.py pretrain --quick  # < 1 minute: tiny model, fp32 + bf16
-    python benchmarks/train_step.py lora --profile    # LoRA step, GPT-2 124M, 4 x 256, fp32 + bf16
+    python benchmarks/train_step.py lora --profile    # LoRA step, GPT-2 124M, 4 x 256, fp32 (+ bf16 with native bf16)
     python benchmarks/train_step.py lora --memory-only  # the peak-RSS processes only, 4 x 256, fp32 (~2 minutes)
     python benchmarks/train_step.py pretrain --profile  # tiny 16 x 128 and GPT-2 124M 2 x 512
 
@@ -63,6 +63,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, run_worker, write_json  # noqa: E402
+
+from minigpt.device import cpu_has_native_bf16  # noqa: E402
 
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=("c_attn",))
 OPT = dict(weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0)
@@ -454,7 +456,10 @@ def print_memory(mem: dict, ratios: dict) -> None:
 def bench_lora(args, tmp) -> dict:
     batch, block = (args.batch or 1, args.block or 128) if args.quick else (args.batch or 4, args.block or 256)
     rounds = args.rounds or (2 if args.quick else 5)
-    precs = ["fp32"] if (args.quick or args.memory_only) and not args.bf16 else ["fp32", "bf16"]
+    # bf16 rows: --bf16, or a full timing run on a CPU with native bf16 (elsewhere autocast emulates
+    # it, ~30x slower than fp32, which no user would pick)
+    bf16 = args.bf16 or not (args.quick or args.memory_only or not cpu_has_native_bf16())
+    precs = ["fp32", "bf16"] if bf16 else ["fp32"]
     systems = [[lib, p] for p in precs for lib in ("minigpt", "transformers")]
     spec = dict(bench="lora", size="gpt2", weights=os.path.join(tmp, "weights-gpt2"), tmp=tmp,
                 threads=args.threads, lr=1e-4, allocator=args.allocator, mask_prompt=args.mask_prompt,
@@ -586,7 +591,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="batch size (LoRA, gpt2 pretraining)")
     ap.add_argument("--block", type=int, default=None, help="sequence length (LoRA, gpt2 pretraining)")
-    ap.add_argument("--bf16", action="store_true", help="also bf16 rows in --quick LoRA")
+    ap.add_argument("--bf16", action="store_true", help="LoRA: also bf16 rows in --quick / --memory-only runs "
+                    "and on CPUs without native bf16 (a full run has them where the CPU has native bf16)")
     ap.add_argument("--mask-prompt", type=float, default=0.0,
                     help="LoRA: label the first FRACTION of every sequence -100 in both libraries, "
                          "like an instruction prompt masked by the collator (default 0: every token counts)")
