@@ -62,6 +62,7 @@ def machine_info() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
         "fp32_gemm": _fp32_gemm(),
+        "fp16_gemv": _fp16_gemv(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -85,6 +86,13 @@ def _fp32_gemm() -> str:
     from minigpt.model.linear import onednn_linear_wins
 
     return "onednn" if onednn_linear_wins() else "mkl (torch default)"
+
+
+def _fp16_gemv() -> str:
+    """Which kernel fp16 decoding weights use on this CPU (minigpt.inference.decode_weights.fp16_kernel)."""
+    from minigpt.inference.decode_weights import fp16_kernel
+
+    return fp16_kernel()
 
 
 def cuda_info() -> dict:

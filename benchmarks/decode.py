@@ -66,7 +66,8 @@ def quality(model_dir: str, text_path: str, modes: list[str]) -> dict:
 
 # torch's own matrix-vector kernels (the weight reads) and its fused attention, by profiler name
 KERNEL_OPS = ("aten::addmm", "aten::mm", "aten::mv", "aten::addmv_", "mkldnn::_linear_pointwise",
-              "quantized::linear_dynamic", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+              "quantized::linear_dynamic", "quantized::linear_dynamic_fp16",
+              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 
 

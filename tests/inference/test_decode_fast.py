@@ -5,6 +5,8 @@ model's forward used wherever the lean step does not apply."""
 from __future__ import annotations
 
 import copy
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,16 +15,26 @@ from tiny import gpt as tiny_gpt
 
 import minigpt.inference.generate as gen
 from minigpt.inference.decode_step import LeanStep, lean_step
-from minigpt.inference.decode_weights import DECODE_MODES, prepare_for_decoding
+from minigpt.inference.decode_weights import DECODE_MODES, DecodeLinear, prepare_for_decoding
 from minigpt.inference.generate import generate, stream
 from minigpt.methods import IA3Config, LoRAConfig, PrefixConfig
 
-MODES = ("plain",) + DECODE_MODES
+# fp16 twice, once with each of its kernels (decode_weights.fp16_kernel: torch's GEMV, fbgemm's GEMM)
+FP16 = ("fp16:torch", "fp16:fbgemm")
+MODES = ("plain",) + tuple(m for mode in DECODE_MODES for m in (FP16 if mode == "fp16" else (mode,)))
 # how far each mode's logits may be from the exact fp32 ones, relative to their largest magnitude
 # (measured on this 3-layer model: 1.1e-6, 2.8e-3, 2.3e-2, 6.3e-2, 0.11, 0.48), and how many of its 40
 # greedy tokens must equal the exact path's (int4 parts after 9 here)
-LOGIT_TOL = {"plain": 1e-5, "fp32": 1e-5, "fp16": 5e-3, "bf16": 4e-2, "int8": 0.1, "w8a8": 0.2, "int4": 0.6}
+LOGIT_TOL = {"plain": 1e-5, "fp32": 1e-5, "fp16:torch": 5e-3, "fp16:fbgemm": 5e-3, "bf16": 4e-2, "int8": 0.1,
+             "w8a8": 0.2, "int4": 0.6}
 AGREE = {"int4": 5}
+
+
+def prepare(model, mode: str):
+    """prepare_for_decoding(model, "fp16") with the kernel a "fp16:<kernel>" mode names."""
+    mode, _, kernel = mode.partition(":")
+    with mock.patch.dict(os.environ, {"MINIGPT_FP16_GEMV": kernel or "auto"}):
+        return prepare_for_decoding(model, mode)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +45,12 @@ def exact():
 
 @pytest.fixture(scope="module")
 def models(exact):
-    return {mode: exact if mode == "plain" else prepare_for_decoding(copy.deepcopy(exact), mode) for mode in MODES}
+    return {mode: exact if mode == "plain" else prepare(copy.deepcopy(exact), mode) for mode in MODES}
+
+
+def test_each_fp16_kernel_is_in_place(models):
+    kinds = {mode: {x.kind for x in models[mode].modules() if isinstance(x, DecodeLinear)} for mode in FP16}
+    assert kinds == {"fp16:torch": {"fp16"}, "fp16:fbgemm": {"fbgemm_fp16"}}
 
 
 def _prompts(B: int, T: int, seed: int) -> torch.Tensor:
@@ -62,7 +79,7 @@ def test_lean_step_is_the_forward_bit_for_bit(models, mode):
             assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
-@pytest.mark.parametrize("mode", ("fp16", "w8a8", "int8", "int4"))
+@pytest.mark.parametrize("mode", FP16 + ("w8a8", "int8", "int4"))
 def test_bare_kernels_are_forward_without_the_casts(models, mode):
     """The kernels the lean step calls (DecodeLinear.row_call: 2-D input in the kernel's dtype) give
     forward's numbers, widened exactly where forward casts back; every weight layer has one."""
@@ -141,8 +158,9 @@ def test_adapted_layers_take_the_lean_step(exact, method):
     assert torch.equal(generate(m, idx, 20), generate(m, idx, 20, pack=False))
 
 
-def test_batch_rows_equal_each_row_alone(models):
-    m = models["fp16"]
+@pytest.mark.parametrize("mode", FP16)
+def test_batch_rows_equal_each_row_alone(models, mode):
+    m = models[mode]
     idx = _prompts(3, 6, seed=4)
     out = generate(m, idx, 12)
     for b in range(3):

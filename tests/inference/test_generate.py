@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import minigpt.inference.decode_weights as decode_weights
 from minigpt import GPTConfig, get_tokenizer
+from minigpt.errors import ConfigError
 from minigpt.inference.decode_weights import (
     CertifiedArgmax,
     DecodeLinear,
     dequantize_int4,
+    fp16_kernel,
     prepare_for_decoding,
     quantize_int4,
 )
@@ -436,6 +439,42 @@ def test_decode_linear_int8_quantisation():
         DecodeLinear(w, b, "fp8")
 
 
+def test_fp16_kernel_choice(monkeypatch):
+    """fbgemm's fp16 GEMM where torch's kernels are AVX2 ones, torch's fp16 GEMV elsewhere; the
+    environment forces either, and a wrong value is refused before any weight is touched."""
+    monkeypatch.delenv("MINIGPT_FP16_GEMV", raising=False)
+    for avx2, want in ((True, "fbgemm"), (False, "torch")):
+        monkeypatch.setattr(decode_weights, "_avx2_kernels", lambda avx2=avx2: avx2)
+        assert fp16_kernel() == want
+    for choice in ("torch", "fbgemm"):
+        monkeypatch.setenv("MINIGPT_FP16_GEMV", choice)
+        assert fp16_kernel() == choice
+    monkeypatch.setenv("MINIGPT_FP16_GEMV", "mkl")
+    with pytest.raises(ConfigError, match="MINIGPT_FP16_GEMV must be auto, torch or fbgemm, got 'mkl'"):
+        DecodeLinear(torch.randn(8, 16), None, "fp16")
+
+
+@pytest.mark.parametrize("kernel", ["torch", "fbgemm"])
+def test_decode_linear_fp16_kernels_read_the_same_fp16_weights(monkeypatch, kernel):
+    """Both fp16 kernels multiply by the weights rounded to fp16 (to nearest, as Tensor.half) with fp32
+    accumulation; torch's also rounds the input and output to fp16, fbgemm's keeps them fp32."""
+    monkeypatch.setenv("MINIGPT_FP16_GEMV", kernel)
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 64, generator=g) * 0.3, torch.randn(48, generator=g)
+    q = DecodeLinear(w, b, "fp16")
+    assert q.kind == ("fbgemm_fp16" if kernel == "fbgemm" else "fp16")
+    x = torch.randn(5, 64, generator=g)
+    if kernel == "fbgemm":
+        unpacked = torch.ops.quantized.linear_unpack_fp16(q.packed)[0]
+        assert torch.equal(unpacked, w.half().float())
+        want = (x.double() @ w.half().double().t() + b.double()).float()
+        torch.testing.assert_close(q(x), want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(q(x), F.linear(x.half(), w.half(), b.half()).float())
+    assert q(x[None]).shape == (1, 5, 48) and q(x).dtype == torch.float32
+    assert (q(x) - (x @ w.t() + b)).abs().max() < 1e-2                 # fp16's rounding, no more
+
+
 def test_decode_linear_w8a8_quantises_weights_and_activations():
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -481,9 +520,12 @@ def test_generate_packs_a_plain_model_for_the_call_only(models, monkeypatch):
     m.eval()
 
 
-def test_certified_argmax_is_the_fp32_argmax_even_on_near_ties():
+@pytest.mark.parametrize("kernel", ["torch", "fbgemm"])
+def test_certified_argmax_is_the_fp32_argmax_even_on_near_ties(monkeypatch, kernel):
     """The greedy pick from the fp16 copy of the head, certified, equals argmax over fp32 logits:
-    also where rows differ by about fp16's resolution and on exact duplicates (first index)."""
+    also where rows differ by about fp16's resolution and on exact duplicates (first index); with
+    either fp16 kernel."""
+    monkeypatch.setenv("MINIGPT_FP16_GEMV", kernel)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(5000, 64, generator=g) * 0.3
     d = 3e-4 * torch.randn(10, 64, generator=g)                     # ~1 fp16 step, 1e4 fp32 steps

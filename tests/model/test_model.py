@@ -205,7 +205,9 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
     from minigpt.training.trainer import make_adamw, param_groups
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    # float64 weights: AdamW's first steps are sign-like, so a gradient that is ~0 in both losses can
+    # step either way on float32 rounding alone (2 x lr apart; seen on an AVX2 CPU's kernels)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).double()
     corpus = torch.randint(0, 3000, (4000,))
     vocab = SeenVocab.of_tokens(corpus.numpy(), 50257)
     assert len(vocab) == len(corpus.unique()) and vocab.unseen.numel() == 50257 - len(vocab)
@@ -223,7 +225,7 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
         b.backward()
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
         for p, q in zip(model.parameters(), ref.parameters()):       # equal up to float rounding
-            assert (p.grad - q.grad).norm() <= 1e-3 * q.grad.norm()
+            assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm()
         for o in opts:
             o.step()
             o.zero_grad()
@@ -235,11 +237,11 @@ def test_seen_vocab_head_trains_exactly_like_the_full_head():
     CausalLMLoss(model)(x[:, :-1], x[:, 1:]).backward()
     full_fn(x[:, :-1], x[:, 1:]).backward()
     u, gm, gr = vocab.unseen, model.lm_head.weight.grad, ref.lm_head.weight.grad
-    assert (gm[u] - gr[u]).norm() <= 1e-2 * gr[u].norm() and (gm - gr).norm() <= 1e-2 * gr.norm()
+    assert (gm[u] - gr[u]).norm() <= 1e-5 * gr[u].norm() and (gm - gr).norm() <= 1e-5 * gr.norm()
     model.zero_grad()
     ref.zero_grad()
-    for p, q in zip(model.parameters(), ref.parameters()):     # (Adam's first steps magnify rounding
-        torch.testing.assert_close(p, q, rtol=0, atol=5e-4)      # where a gradient is ~0: ~1e-4 here)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     # evaluation on text with unseen tokens: the full logits' cross-entropy
     x = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
