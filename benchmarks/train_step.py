@@ -458,7 +458,7 @@ def bench_lora(args, tmp) -> dict:
     rounds = args.rounds or (2 if args.quick else 5)
     # bf16 rows: --bf16, or a full timing run on a CPU with native bf16 (elsewhere autocast emulates
     # it, ~30x slower than fp32, which no user would pick)
-    bf16 = args.bf16 or not (args.quick or args.memory_only or not cpu_has_native_bf16())
+    bf16 = args.bf16 or (not args.quick and not args.memory_only and cpu_has_native_bf16())
     precs = ["fp32", "bf16"] if bf16 else ["fp32"]
     systems = [[lib, p] for p in precs for lib in ("minigpt", "transformers")]
     spec = dict(bench="lora", size="gpt2", weights=os.path.join(tmp, "weights-gpt2"), tmp=tmp,
