@@ -286,7 +286,7 @@ def train(args: TrainArgs) -> dict:
     claim_run_dir(args.out_dir, "pretrain", **run)
 
     data_dir = prepare_data(args.data, f"{args.out_dir}/data", val_fraction=args.val_fraction)
-    train_ds = TokenDataset(data_dir / "train.bin", block, args.batch_size, args.seed)
+    train_ds = TokenDataset(data_dir / "train.bin", block, args.batch_size, args.seed, args.grad_accum)
     val_ds = TokenDataset(data_dir / "val.bin", block)
 
     def evaluate(m):

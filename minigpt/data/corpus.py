@@ -146,31 +146,62 @@ def prepare_data(data: Optional[str], cache_dir: str | os.PathLike, val_fraction
 
 @dataclass
 class TokenDataset:
-    """Fixed-length windows from a uint16 token file: random ones for training (`batch`, a pure
-    function of (step, micro), so resume and any number of processes see the same data) and
-    consecutive ones for evaluation (`sequential`)."""
+    """Fixed-length windows from a uint16 token file: for training (`batch`) the file's windows in a
+    shuffled order, epoch after epoch, and consecutive ones for evaluation (`sequential`).
+
+    Training windows are T + 1 tokens at stride T (neighbours share one token: the last target of
+    one is the first input of the next), every epoch its own order and its own offset in [0, T)
+    (both seeded by (seed, epoch)), so a run sees each token once per epoch and a run shorter than
+    an epoch never repeats one. (Windows at random starts see 1 - exp(-e) of the text in e epochs:
+    56% of it in the 0.82 epochs of a 595-step default run, some of it twice, where the shuffled
+    epoch sees 82%; two seeds: -0.016 to -0.026 bits/byte on both held-out texts, README "What was
+    tried".) `batch` is a pure function of (step, micro), so resume and any number of processes
+    see the same data; micro-batch m of grad_accum (the micro-batches of all processes) holds rows
+    m * B ... (m + 1) * B - 1 of the step's B * grad_accum, the same rows as one micro-batch of
+    B * grad_accum."""
 
     path: Path
     block_size: int
     batch_size: int = 16
     seed: int = 0
+    grad_accum: int = 1
 
     def __post_init__(self):
         self.tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
-        if len(self.tokens) <= self.block_size + 1:
-            raise DataError(f"{self.path}: {len(self.tokens)} tokens, fewer than block_size+1 "
-                            f"({self.block_size + 1}); lower --block-size")
+        T, N = self.block_size, len(self.tokens)
+        if N <= T + 1:
+            raise DataError(f"{self.path}: {N} tokens, fewer than block_size+1 "
+                            f"({T + 1}); lower --block-size")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be positive")
+        self.windows = max(1, (N - T) // T)                        # per epoch, whatever its offset
+        self.max_offset = min(T - 1, N - 1 - self.windows * T)
+        self._epochs: dict[int, tuple[int, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(offset, window order) of one epoch; the last two are kept."""
+        if epoch not in self._epochs:
+            g = np.random.default_rng([self.seed, epoch, 1])
+            if len(self._epochs) >= 2:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = (int(g.integers(0, self.max_offset + 1)), g.permutation(self.windows))
+        return self._epochs[epoch]
+
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Micro-batch `micro` of optimizer step `step`: x, y LongTensors (B, T) and the token count."""
-        g = np.random.default_rng([self.seed, step, 0, micro])     # (the 0 keeps the data order of
-        starts = g.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)  # 0.1)
-        idx = starts[:, None] + np.arange(self.block_size + 1)[None, :]
+        if not 0 <= micro < self.grad_accum:
+            raise ValueError(f"micro-batch {micro} of a dataset made for grad_accum {self.grad_accum}")
+        T, B = self.block_size, self.batch_size
+        starts = []
+        for i in range((step * self.grad_accum + micro) * B, (step * self.grad_accum + micro + 1) * B):
+            offset, order = self._epoch(i // self.windows)
+            starts.append(offset + int(order[i % self.windows]) * T)
+        idx = np.array(starts)[:, None] + np.arange(T + 1)[None, :]
         chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))   # (B, T+1)
-        return chunk[:, :-1], chunk[:, 1:], chunk.size(0) * self.block_size
+        return chunk[:, :-1], chunk[:, 1:], chunk.size(0) * T
 
     def sequential(self, batch_size: int, max_batches: Optional[int] = None):
         """Non-overlapping windows in order (for evaluation): yields x, y (B, T)."""

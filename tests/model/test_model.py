@@ -152,7 +152,7 @@ def test_prepare_data_sources(tmp_path):
     ids.tofile(tmp_path / "tokens.bin")
     b = prepare_data(str(tmp_path / "tokens.bin"), tmp_path / "cache")
     assert np.fromfile(b / "train.bin", dtype=np.uint16).tolist() == list(range(950))
-    ds = TokenDataset(b / "train.bin", 16, batch_size=4, seed=1)
+    ds = TokenDataset(b / "train.bin", 16, batch_size=4, seed=1, grad_accum=2)
     x1, y1, n = ds.batch(3)
     x2, y2, _ = ds.batch(3)
     assert n == x1.numel() == 4 * 16
